@@ -1,0 +1,1 @@
+"""Model registry and preparation (generated tiny model, converted real SLMs)."""

@@ -1,0 +1,1 @@
+"""Radio-traffic simulator: topology, traffic, KPIs, events, RAN load, query traces."""
