@@ -1,0 +1,1 @@
+"""Engines behind replicas: a narrow protocol and its vLLM adapter."""

@@ -1,0 +1,70 @@
+"""The narrow engine protocol callers depend on (after vLLM's EngineClient).
+
+Replicas and the benchmark talk to `EngineClient`, never to vLLM classes, so a
+different runtime (or a fake in unit tests) fits behind the same seam.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int
+    temperature: float = 0.0
+    seed: int | None = None
+    # a JSON schema the output must follow (structured outputs), if any
+    json_schema: dict | None = None
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """New text since the previous chunk; the last one has `finished` set."""
+
+    text_delta: str
+    completion_tokens: int  # cumulative
+    prompt_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None
+    # engine-side queueing before the request was first scheduled
+    engine_queue_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_hit_rate: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process is gone; the replica must be replaced."""
+
+
+class RequestFailedError(RuntimeError):
+    """One request failed; the engine is still fine."""
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    max_model_len: int
+
+    async def start(self) -> None: ...
+
+    def generate(
+        self, prompt_token_ids: list[int], params: GenerationParams, request_id: str
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream chunks; aborts the request if the consumer stops early."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def load(self) -> EngineLoad: ...
+
+    async def check_health(self) -> None: ...
+
+    async def shutdown(self) -> None: ...

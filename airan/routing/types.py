@@ -1,0 +1,63 @@
+"""Plain data the router works on: snapshots of replicas and sites, and the request."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class ReplicaState(str, Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class Priority(str, Enum):
+    NEAR_RT = "near_rt"
+    NON_RT = "non_rt"
+    BEST_EFFORT = "best_effort"
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    replica_id: str
+    site_id: str
+    model: str
+    state: ReplicaState = ReplicaState.READY
+    in_flight: int = 0  # dispatched by the control plane, not finished
+    running: int = 0  # engine-reported
+    waiting: int = 0  # engine-reported
+    kv_cache_usage: float = 0.0
+
+    @property
+    def queue_depth(self) -> int:
+        # the control plane's own count is fresher than the engine's polled stats
+        return max(self.in_flight, self.running + self.waiting)
+
+
+@dataclass(frozen=True)
+class SiteView:
+    site_id: str
+    drained: bool = False
+    ai_headroom: float = 1.0  # 1 - share of compute the radio needs
+    latency_ms: Mapping[str, float] = field(default_factory=dict)  # controller -> ms
+
+
+@dataclass(frozen=True)
+class RoutingRequest:
+    request_id: str
+    model: str
+    controller_id: str = ""
+    site_ids: tuple[str, ...] = ()
+    priority: Priority = Priority.BEST_EFFORT
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class RoutingContext:
+    request: RoutingRequest
+    sites: Mapping[str, SiteView]
+    min_ai_headroom: float = 0.0

@@ -1,0 +1,181 @@
+"""The control-plane core with in-process fake replicas: every query ends in one answer or one error."""
+import asyncio
+import time
+
+import pytest
+
+from airan.config import parse_config
+from airan.engine.protocol import EngineDeadError, GenerationChunk
+from airan.errors import AiranError, ErrorKind
+from airan.gateway import Answer, Delta, Gateway
+from airan.query import KpiSample, Query
+from airan.routing import ReplicaState, ReplicaView
+from airan.sites import SiteRegistry
+
+CONFIG = parse_config(
+    {
+        "sites": [{"id": "bs-01", "latency_ms": {"x": 1}}, {"id": "bs-02", "latency_ms": {"x": 5}}],
+        "models": [{"name": "m", "source": "tiny-random", "max_model_len": 256}],
+        "replicas": [{"site": "bs-01", "model": "m"}, {"site": "bs-02", "model": "m"}],
+        "limits": {"max_tokens_limit": 64, "default_max_tokens": 8},
+        "radio": {"min_ai_headroom": 0.2},
+    }
+)
+
+
+class FakeReplica:
+    def __init__(self, words=("ok",) * 4, delay=0.0, fail_before=None):
+        self.words, self.delay, self.fail_before = words, delay, fail_before
+        self.aborted, self.calls = [], 0
+
+    async def generate(self, prompt_ids, params, request_id):
+        self.calls += 1
+        finished = False
+        try:
+            if self.fail_before:
+                raise self.fail_before
+            words = self.words[: params.max_tokens]
+            for i, w in enumerate(words):
+                await asyncio.sleep(self.delay)
+                last = i == len(words) - 1
+                finished = last
+                yield GenerationChunk(w + " ", i + 1, len(prompt_ids), last, "length" if last else None, 0.5)
+        finally:
+            if not finished:
+                self.aborted.append(request_id)
+
+    async def abort(self, request_id):
+        self.aborted.append(request_id)
+
+
+class FakePool:
+    def __init__(self, replicas):
+        self.replicas = replicas  # id -> (site, FakeReplica)
+        self.failed = {}
+
+    def views(self):
+        return [
+            ReplicaView(rid, site, "m", ReplicaState.FAILED if rid in self.failed else ReplicaState.READY)
+            for rid, (site, _) in self.replicas.items()
+        ]
+
+    def client(self, rid):
+        return self.replicas[rid][1]
+
+    def mark_failed(self, rid, reason):
+        self.failed[rid] = reason
+
+
+class WordRenderer:
+    def render(self, query):
+        return list(range(len(query.question.split()) + 3 * len(query.kpis)))
+
+
+def gateway(replicas=None, config=CONFIG):
+    replicas = replicas or {"r1": ("bs-01", FakeReplica()), "r2": ("bs-02", FakeReplica())}
+    pool = FakePool(replicas)
+    sites = SiteRegistry(config.sites, config.radio.min_ai_headroom)
+    return Gateway(config, pool, sites, {"m": WordRenderer()}), pool
+
+
+def q(question="why is the cell slow", **kw):
+    return Query(question=question, request_id=kw.pop("request_id", ""), **kw)
+
+
+async def test_unary_answer_from_requested_site_with_counts_and_timings():
+    gw, _ = gateway()
+    ans = await gw.ask(q(site_ids=("bs-02",), controller_id="x", max_tokens=3))
+    assert (ans.site_id, ans.replica_id, ans.completion_tokens, ans.finish_reason) == ("bs-02", "r2", 3, "length")
+    assert ans.text == "ok ok ok " and ans.prompt_tokens == 5
+    assert 0 <= ans.queue_ms and ans.ttft_ms <= ans.total_ms
+    assert gw.in_flight == {}
+
+
+async def test_stream_yields_deltas_then_exactly_one_answer():
+    gw, _ = gateway()
+    events = [e async for e in gw.stream(q(max_tokens=4))]
+    assert [type(e) for e in events] == [Delta] * 4 + [Answer]
+    assert "".join(e.text for e in events[:-1]) == events[-1].text
+
+
+@pytest.mark.parametrize(
+    "query, kind, words",
+    [
+        (q("   "), ErrorKind.INVALID_ARGUMENT, "question is empty"),
+        (q(site_ids=("bs-99",)), ErrorKind.NOT_FOUND, "bs-99"),
+        (q(max_tokens=65), ErrorKind.INVALID_ARGUMENT, "limit of 64"),
+        (q("word " * 300), ErrorKind.INVALID_ARGUMENT, "context"),
+        (q(deadline=time.monotonic() - 1), ErrorKind.DEADLINE_EXCEEDED, "already passed"),
+        (q(temperature=float("nan")), ErrorKind.INVALID_ARGUMENT, "temperature"),
+        (q(kpis=(KpiSample("", 1.0),)), ErrorKind.INVALID_ARGUMENT, "no name"),
+        (q(model="nope"), ErrorKind.NOT_FOUND, "unknown model"),
+    ],
+)
+async def test_bad_input_maps_to_an_actionable_error(query, kind, words):
+    gw, pool = gateway()
+    with pytest.raises(AiranError) as e:
+        await gw.ask(query)
+    assert e.value.kind is kind and words in e.value.message
+    assert all(r.calls == 0 for _, r in pool.replicas.values())
+
+
+async def test_no_replica_when_all_sites_drained_or_surging():
+    gw, _ = gateway()
+    gw.sites.set_drained("bs-01", True)
+    assert gw.sites.report_ran_load("bs-02", 0.9) is True
+    with pytest.raises(AiranError) as e:
+        await gw.ask(q())
+    assert e.value.kind is ErrorKind.UNAVAILABLE and "headroom" in e.value.message
+
+
+async def test_drained_site_is_avoided_even_when_requested():
+    gw, _ = gateway()
+    gw.sites.set_drained("bs-01", True)
+    assert (await gw.ask(q(site_ids=("bs-01",)))).site_id == "bs-02"
+
+
+async def test_dead_replica_before_first_token_fails_over_and_is_marked():
+    dead = FakeReplica(fail_before=EngineDeadError("engine process exited"))
+    gw, pool = gateway({"r1": ("bs-01", dead), "r2": ("bs-02", FakeReplica())})
+    ans = await gw.ask(q(site_ids=("bs-01",)))
+    assert ans.replica_id == "r2" and "r1" in pool.failed
+
+
+async def test_deadline_during_generation_aborts_the_replica_request():
+    slow = FakeReplica(words=("w",) * 50, delay=0.05)
+    gw, _ = gateway({"r1": ("bs-01", slow)})
+    with pytest.raises(AiranError) as e:
+        await gw.ask(q(max_tokens=50, deadline=time.monotonic() + 0.12))
+    assert e.value.kind is ErrorKind.DEADLINE_EXCEEDED
+    assert len(slow.aborted) == 1 and gw.in_flight == {}
+
+
+async def test_client_cancel_aborts_and_releases_in_flight():
+    slow = FakeReplica(words=("w",) * 50, delay=0.05)
+    gw, _ = gateway({"r1": ("bs-01", slow)})
+    task = asyncio.create_task(gw.ask(q(max_tokens=50)))
+    await asyncio.sleep(0.12)
+    assert gw.in_flight["r1"] == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert slow.aborted and gw.in_flight == {}
+
+
+async def test_idempotent_retry_returns_the_same_answer_without_recomputing():
+    replica = FakeReplica(delay=0.01)
+    gw, _ = gateway({"r1": ("bs-01", replica)})
+    first, concurrent = await asyncio.gather(gw.ask(q(request_id="abc")), gw.ask(q(request_id="abc")))
+    again = await gw.ask(q(request_id="abc"))
+    assert first == concurrent == again and replica.calls == 1
+    streamed = [e async for e in gw.stream(q(request_id="abc"))]
+    assert streamed == [first]
+
+
+async def test_load_is_spread_across_replicas():
+    gw, pool = gateway(
+        {"r1": ("bs-01", FakeReplica(delay=0.02)), "r2": ("bs-01", FakeReplica(delay=0.02))}
+    )
+    answers = await asyncio.gather(*(gw.ask(q()) for _ in range(8)))
+    served = {a.replica_id for a in answers}
+    assert served == {"r1", "r2"}

@@ -1,0 +1,129 @@
+"""Router on plain data: no Ray, vLLM or gRPC."""
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from airan.config import RouterConfig, ScorerSpec
+from airan.routing import (
+    ReplicaState,
+    ReplicaView,
+    Router,
+    RoutingContext,
+    RoutingRequest,
+    SiteView,
+)
+from airan.routing.scorers import KvCacheScorer, LeastLoadedScorer, SiteLocalityScorer
+
+SITES = {
+    "bs-01": SiteView("bs-01", latency_ms={"xapp": 1.0}),
+    "bs-02": SiteView("bs-02", latency_ms={"xapp": 3.0}),
+    "bs-03": SiteView("bs-03", latency_ms={"xapp": 20.0}),
+}
+
+
+def replica(rid, site, model="m", **kw):
+    return ReplicaView(rid, site, model, **kw)
+
+
+def ctx(site_ids=(), model="m", sites=SITES, min_headroom=0.0, controller="xapp"):
+    req = RoutingRequest("r1", model, controller_id=controller, site_ids=tuple(site_ids))
+    return RoutingContext(req, sites, min_ai_headroom=min_headroom)
+
+
+def router(**cfg):
+    return Router.from_config(RouterConfig(**cfg), rng=random.Random(0))
+
+
+def test_prefers_requested_site_when_loads_equal():
+    reps = [replica("a", "bs-01"), replica("b", "bs-02"), replica("c", "bs-03")]
+    decision = router().choose_replicas(ctx(["bs-02"]), reps)
+    assert decision.ranked[0].replica_id == "b"
+    assert [r.replica_id for r in decision.ranked] == ["b", "a", "c"]  # then by controller latency
+
+
+def test_least_loaded_wins_over_locality_when_target_is_saturated():
+    reps = [replica("a", "bs-01", in_flight=16), replica("b", "bs-02")]
+    decision = router().choose_replicas(ctx(["bs-01"]), reps)
+    assert decision.ranked[0].replica_id == "b"
+
+
+def test_equal_candidates_form_one_tier_with_random_tie_break():
+    reps = [replica("a", "bs-01"), replica("b", "bs-01")]
+    firsts = {
+        Router.from_config(RouterConfig(), rng=random.Random(seed)).choose_replicas(ctx(), reps).ranked[0].replica_id
+        for seed in range(20)
+    }
+    assert firsts == {"a", "b"}
+    assert len(router().choose_replicas(ctx(), reps).tiers) == 1
+
+
+@pytest.mark.parametrize(
+    "reps, context, reason",
+    [
+        ([], ctx(), "no replicas are deployed"),
+        ([replica("a", "bs-01", state=ReplicaState.STARTING)], ctx(), "no replica is ready"),
+        ([replica("a", "bs-01", model="other")], ctx(), "model 'm'"),
+        (
+            [replica("a", "bs-01")],
+            ctx(sites={"bs-01": SiteView("bs-01", drained=True)}),
+            "drained",
+        ),
+        (
+            [replica("a", "bs-01")],
+            ctx(sites={"bs-01": SiteView("bs-01", ai_headroom=0.05)}, min_headroom=0.15),
+            "headroom",
+        ),
+    ],
+)
+def test_empty_result_explains_which_filter_rejected(reps, context, reason):
+    decision = router().choose_replicas(context, reps)
+    assert decision.tiers == []
+    assert reason in decision.rejection
+
+
+def test_surged_site_is_skipped_but_others_serve():
+    sites = dict(SITES, **{"bs-01": SiteView("bs-01", ai_headroom=0.05, latency_ms={"xapp": 1.0})})
+    reps = [replica("a", "bs-01"), replica("b", "bs-02")]
+    decision = router().choose_replicas(ctx(["bs-01"], sites=sites, min_headroom=0.15), reps)
+    assert [r.replica_id for r in decision.ranked] == ["b"]
+
+
+def test_scorers_table():
+    reps = [replica("a", "bs-01", waiting=8, kv_cache_usage=0.25), replica("b", "bs-03", in_flight=20)]
+    c = ctx(["bs-01"])
+    np.testing.assert_allclose(LeastLoadedScorer(saturation=16).score(c, reps), [0.5, 0.0])
+    np.testing.assert_allclose(KvCacheScorer().score(c, reps), [0.75, 1.0])
+    loc = SiteLocalityScorer(latency_scale_ms=10).score(c, reps)
+    assert loc[0] == 1.0 and 0 < loc[1] < 0.5
+
+
+def test_weights_from_config_change_the_winner():
+    reps = [replica("a", "bs-01", in_flight=8), replica("b", "bs-02")]
+    local_heavy = router(scorers=[ScorerSpec(type="site_locality", weight=5), ScorerSpec(type="least_loaded")])
+    load_heavy = router(scorers=[ScorerSpec(type="site_locality"), ScorerSpec(type="least_loaded", weight=5)])
+    assert local_heavy.choose_replicas(ctx(["bs-01"]), reps).ranked[0].replica_id == "a"
+    assert load_heavy.choose_replicas(ctx(["bs-01"]), reps).ranked[0].replica_id == "b"
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(list(SITES)), st.integers(0, 40), st.floats(0, 1), st.booleans()),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_ranking_is_a_permutation_of_eligible_replicas_with_scores_in_unit_range(rows):
+    reps = [
+        replica(f"r{i}", site, in_flight=load, kv_cache_usage=kv, state=ReplicaState.READY if ok else ReplicaState.FAILED)
+        for i, (site, load, kv, ok) in enumerate(rows)
+    ]
+    r = router(scorers=[ScorerSpec(type="least_loaded"), ScorerSpec(type="kv_cache"), ScorerSpec(type="site_locality")])
+    decision = r.choose_replicas(ctx(["bs-02"]), reps)
+    eligible = {x.replica_id for x in reps if x.state is ReplicaState.READY}
+    assert {x.replica_id for x in decision.ranked} == eligible
+    assert all(0.0 <= s <= 1.0 for s in decision.scores.values())
+    ranked_scores = [decision.scores[x.replica_id] for x in decision.ranked]
+    assert ranked_scores == sorted(ranked_scores, reverse=True)
