@@ -15,7 +15,13 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from airan.config import AiranConfig
-from airan.engine.protocol import EngineDeadError, GenerationChunk, GenerationParams, RequestFailedError
+from airan.engine.protocol import (
+    EngineDeadError,
+    GenerationChunk,
+    GenerationParams,
+    ReplicaUnavailableError,
+    RequestFailedError,
+)
 from airan.errors import AiranError, ErrorKind, invalid
 from airan.query import Query, validate_query
 from airan.routing import ReplicaView, Router, RoutingContext, RoutingRequest
@@ -270,7 +276,3 @@ class Gateway:
         )
         self._cache.store(answer)
         yield answer
-
-
-class ReplicaUnavailableError(RuntimeError):
-    """The replica cannot be reached (actor dead, node gone)."""

@@ -45,6 +45,10 @@ class EngineDeadError(RuntimeError):
     """The engine process is gone; the replica must be replaced."""
 
 
+class ReplicaUnavailableError(RuntimeError):
+    """The replica cannot be reached (actor dead, node gone)."""
+
+
 class RequestFailedError(RuntimeError):
     """One request failed; the engine is still fine."""
 

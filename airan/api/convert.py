@@ -1,0 +1,86 @@
+"""Proto <-> domain conversion; the only module that knows both."""
+from __future__ import annotations
+
+import time
+
+from airan.gateway import Answer
+from airan.query import KpiSample, Query
+from airan.routing import Priority, ReplicaState
+from airan.v1 import control_pb2, netops_pb2
+
+_PRIORITY = {
+    netops_pb2.PRIORITY_CLASS_UNSPECIFIED: Priority.BEST_EFFORT,
+    netops_pb2.NEAR_RT: Priority.NEAR_RT,
+    netops_pb2.NON_RT: Priority.NON_RT,
+    netops_pb2.BEST_EFFORT: Priority.BEST_EFFORT,
+}
+REPLICA_STATE = {
+    ReplicaState.STARTING: control_pb2.REPLICA_STARTING,
+    ReplicaState.READY: control_pb2.REPLICA_READY,
+    ReplicaState.DRAINING: control_pb2.REPLICA_DRAINING,
+    ReplicaState.FAILED: control_pb2.REPLICA_FAILED,
+    ReplicaState.STOPPED: control_pb2.REPLICA_STOPPED,
+}
+
+
+def query_from_proto(req: netops_pb2.AskRequest, now_monotonic: float, grpc_remaining_s: float | None) -> Query:
+    """The effective deadline is the earlier of the request's own and the gRPC call's."""
+    deadlines = []
+    if req.HasField("deadline"):
+        deadlines.append(now_monotonic + (req.deadline.ToNanoseconds() / 1e9 - time.time()))
+    if grpc_remaining_s is not None:
+        deadlines.append(now_monotonic + grpc_remaining_s)
+    return Query(
+        question=req.question,
+        request_id=req.request_id,
+        controller_id=req.controller_id,
+        site_ids=tuple(req.site_ids),
+        cell_ids=tuple(req.cell_ids),
+        kpis=tuple(
+            KpiSample(
+                k.name,
+                k.value,
+                k.unit,
+                k.cell_id,
+                k.time.ToNanoseconds() / 1e9 if k.HasField("time") else None,
+            )
+            for k in req.kpi_context
+        ),
+        priority=_PRIORITY.get(req.priority, Priority.BEST_EFFORT),
+        max_tokens=req.max_tokens,
+        temperature=req.temperature,
+        deadline=min(deadlines) if deadlines else None,
+    )
+
+
+def timings(a: Answer) -> netops_pb2.Timings:
+    return netops_pb2.Timings(queue_ms=a.queue_ms, ttft_ms=a.ttft_ms, total_ms=a.total_ms)
+
+
+def answer_to_response(a: Answer) -> netops_pb2.AskResponse:
+    return netops_pb2.AskResponse(
+        request_id=a.request_id,
+        text=a.text,
+        prompt_tokens=a.prompt_tokens,
+        completion_tokens=a.completion_tokens,
+        replica_id=a.replica_id,
+        site_id=a.site_id,
+        model=a.model,
+        finish_reason=a.finish_reason,
+        timings=timings(a),
+    )
+
+
+def answer_to_final_chunk(a: Answer, include_text: bool = False) -> netops_pb2.AskChunk:
+    return netops_pb2.AskChunk(
+        request_id=a.request_id,
+        text_delta=a.text if include_text else "",
+        final=True,
+        prompt_tokens=a.prompt_tokens,
+        completion_tokens=a.completion_tokens,
+        replica_id=a.replica_id,
+        site_id=a.site_id,
+        model=a.model,
+        finish_reason=a.finish_reason,
+        timings=timings(a),
+    )
