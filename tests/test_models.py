@@ -72,6 +72,16 @@ def test_tiny_model_is_idempotent_and_atomic(cache):
     assert [p.name for p in (cache / "models").iterdir()] == [path.name]
 
 
+def test_tiny_model_concurrent_callers_share_one_copy(cache):
+    from concurrent.futures import ThreadPoolExecutor
+
+    # several replicas starting at once on a cold cache
+    with ThreadPoolExecutor(3) as pool:
+        paths = set(pool.map(lambda _: ensure_tiny_model(), range(3)))
+    assert len(paths) == 1
+    assert [p.name for p in (cache / "models").iterdir()] == [paths.pop().name]
+
+
 def test_tiny_model_loads_with_transformers_and_renders_chat(shared_tiny):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -247,7 +257,8 @@ def test_smollm2_corrupt_gguf_fails_clearly(cache, tmp_path, content, reason):
 
 def test_smollm2_truncated_gguf_fails_clearly(cache, tmp_path):
     whole = _small_gguf(tmp_path / "whole.gguf").read_bytes()
-    assert smollm2.check_gguf(tmp_path / "whole.gguf")["tensors"] == 1  # the intact one parses
+    facts = smollm2.check_gguf(tmp_path / "whole.gguf")  # the intact one parses
+    assert facts["tensors"] == 1 and facts["architecture"] == "llama"
     truncated = tmp_path / GGUF_FILENAME
     truncated.write_bytes(whole[: len(whole) - 1024])
     with pytest.raises(ModelPrepareError, match="corrupt or truncated"):
@@ -338,6 +349,7 @@ def test_smollm2_prepare_for_real(cache):
     assert manifest["context_length"] >= 2048
     assert manifest["parent"] is None and manifest["method"] is None
     assert len(manifest["source_sha256"]) == 64
+    assert "Q4_1" in manifest["converted_from"]
     assert describe(path)["parameters"] == manifest["parameters"]
 
     start = time.perf_counter()

@@ -223,7 +223,12 @@ def check_gguf(path: Path) -> dict:
         raise ModelPrepareError(f"{path}: expected a llama-architecture GGUF, found '{architecture}'")
     if tensor_count == 0:
         raise ModelPrepareError(f"{path}: the GGUF has no tensors")
-    return {"architecture": architecture, "tensors": tensor_count}
+    file_type = reader.get_field("general.file_type")
+    try:
+        quantization = gguf.LlamaFileType(file_type.contents()).name.removeprefix("MOSTLY_")
+    except (AttributeError, ValueError):  # optional field, or a type this gguf release lacks
+        quantization = "unknown"
+    return {"architecture": architecture, "tensors": tensor_count, "quantization": quantization}
 
 
 # --- conversion ---------------------------------------------------------------------
@@ -339,8 +344,6 @@ def prepare_smollm2(
     A complete earlier preparation is returned at once unless `force`
     (also when `source` names another file: pass force=True to rebuild from it).
     """
-    from airan.models.registry import describe
-
     models_dir = models_dir or cache_dir() / "models"
     # a named source that is not there is a mistake even when a copy is prepared
     if source is not None and not Path(source).expanduser().is_file():
@@ -349,13 +352,35 @@ def prepare_smollm2(
         )
     if not force and (done := find_prepared_smollm2(models_dir)) is not None:
         return done
-    final = prepared_dir(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
+    # one preparation at a time per cache: a second caller waits, then reuses the result
+    with _exclusive_lock(models_dir / f".{SMOLLM2_NAME}.lock"):
+        if not force and (done := find_prepared_smollm2(models_dir)) is not None:
+            return done
+        return _prepare_locked(source, models_dir, downloads or download_dir(), show_progress)
+
+
+@contextmanager
+def _exclusive_lock(lock_file: Path) -> Iterator[None]:
+    import fcntl
+
+    with open(lock_file, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepare_locked(source, models_dir: Path, downloads: Path, show_progress: bool) -> Path:
+    from airan.models.registry import describe
+
+    final = prepared_dir(models_dir)
     steps = _Steps(total=4, enabled=show_progress)
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{SMOLLM2_NAME}-", dir=models_dir))
     try:
         gguf_path, sha256, provenance = _resolve_source(
-            Path(source) if source is not None else None, downloads or download_dir(), work, steps, show_progress
+            Path(source) if source is not None else None, downloads, work, steps, show_progress
         )
         with steps.step("parsing the GGUF"):
             gguf_facts = check_gguf(gguf_path)
@@ -386,7 +411,7 @@ def prepare_smollm2(
             "vocab_size": facts["vocab_size"],
             "source_sha256": sha256,
             **provenance,
-            "converted_from": f"GGUF Q4_1 ({gguf_facts['tensors']} tensors), dequantized",
+            "converted_from": f"GGUF {gguf_facts['quantization']} ({gguf_facts['tensors']} tensors), dequantized",
             "parent": None,
             "method": None,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
