@@ -21,6 +21,111 @@ ConfigOption = Annotated[
 ]
 
 
+def _load(config: Path | None):
+    try:
+        return load_config(config)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    port: Annotated[Optional[int], typer.Option(help="override server.port (0 = any free port)")] = None,
+    log_level: Annotated[str, typer.Option(help="Python log level")] = "INFO",
+) -> None:
+    """Start the control plane and the replicas; serve until Ctrl-C or SIGTERM."""
+    import asyncio
+    import logging
+    import signal
+
+    from airan.server import ControlPlane
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _load(config)
+    if port is not None:
+        cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"port": port})})
+
+    async def run() -> None:
+        async with ControlPlane(cfg) as plane:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            typer.echo(f"airan serving on {plane.address} (startup {sum(plane.startup_s.values()):.0f} s)")
+            await stop.wait()
+            typer.echo("shutting down: health NOT_SERVING, finishing in-flight queries")
+
+    asyncio.run(run())
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="the network-operations question")],
+    site: Annotated[list[str], typer.Option("--site", "-s", help="target site id (repeatable)")] = [],
+    cell: Annotated[list[str], typer.Option("--cell", help="target cell id (repeatable)")] = [],
+    kpi: Annotated[
+        list[str], typer.Option("--kpi", "-k", help="KPI sample NAME=VALUE[unit][@CELL], e.g. DRB.UEThpDl=850kbit/s@bs-01/c1")
+    ] = [],
+    target: Annotated[str, typer.Option(help="control plane host:port")] = "127.0.0.1:50051",
+    stream: Annotated[bool, typer.Option("--stream", help="print tokens as they arrive")] = False,
+    priority: Annotated[str, typer.Option(help="near_rt | non_rt | best_effort")] = "best_effort",
+    max_tokens: Annotated[int, typer.Option(help="0 = server default")] = 0,
+    deadline_ms: Annotated[Optional[float], typer.Option(help="answer budget from now")] = None,
+    controller: Annotated[str, typer.Option(help="controller id")] = "airan-cli",
+) -> None:
+    """Ask a running control plane a question, as a RAN controller would."""
+    import grpc
+
+    from airan.client import AiranClient, build_request, parse_kpi
+
+    try:
+        request = build_request(
+            question,
+            site_ids=site,
+            cell_ids=cell,
+            kpis=[parse_kpi(k) for k in kpi],
+            priority=priority,
+            max_tokens=max_tokens,
+            controller_id=controller,
+            deadline_s=deadline_ms / 1000 if deadline_ms is not None else None,
+        )
+    except (ValueError, KeyError) as e:
+        typer.echo(f"bad argument: {e}", err=True)
+        raise typer.Exit(2)
+    timeout = None if deadline_ms is None else deadline_ms / 1000 + 5
+    with AiranClient(target) as client:
+        try:
+            if stream:
+                for chunk in client.ask_stream(request, timeout_s=timeout):
+                    typer.echo(chunk.text_delta, nl=False)
+                    if chunk.final:
+                        final = chunk
+                typer.echo("")
+            else:
+                final = client.ask(request, timeout_s=timeout)
+                typer.echo(final.text)
+        except grpc.RpcError as e:
+            typer.echo(f"error {e.code().name}: {e.details()}", err=True)
+            raise typer.Exit(1)
+    t = final.timings
+    typer.echo(
+        f"-- served by {final.replica_id} at site {final.site_id} ({final.model}); "
+        f"tokens {final.prompt_tokens} in / {final.completion_tokens} out; "
+        f"queue {t.queue_ms:.0f} ms, first token {t.ttft_ms:.0f} ms, total {t.total_ms:.0f} ms",
+        err=True,
+    )
+
+
+@app.command()
+def demo(config: ConfigOption = None) -> None:
+    """Start 3 simulated sites on local Ray, place replicas, ask a few questions, shut down."""
+    from airan.demo import run_demo
+
+    raise typer.Exit(run_demo(_load(config)))
+
+
 @config_app.command("validate")
 def config_validate(file: Annotated[Path, typer.Argument(help="YAML config to check")]) -> None:
     """Exit 0 if FILE is a valid airan config, else print every problem and exit 1."""
@@ -38,11 +143,7 @@ def config_validate(file: Annotated[Path, typer.Argument(help="YAML config to ch
 @config_app.command("show")
 def config_show(config: ConfigOption = None) -> None:
     """Print the config with every default filled in."""
-    try:
-        typer.echo(dump_config(load_config(config)))
-    except ConfigError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(1)
+    typer.echo(dump_config(_load(config)))
 
 
 if __name__ == "__main__":

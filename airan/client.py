@@ -19,6 +19,17 @@ def kpi(name: str, value: float, unit: str = "", cell_id: str = "", time_s: floa
     return sample
 
 
+def parse_kpi(text: str) -> netops_pb2.KpiSample:
+    """`NAME=VALUE[unit][@CELL]`, e.g. `DRB.UEThpDl=850kbit/s@bs-01/c1` (the CLI's --kpi)."""
+    import re
+
+    match = re.fullmatch(r"\s*([^=\s]+)\s*=\s*([-+0-9.eE]+)\s*([^@]*?)\s*(?:@(\S+))?\s*", text)
+    if not match:
+        raise ValueError(f"KPI '{text}' is not NAME=VALUE[unit][@CELL]")
+    name, value, unit, cell = match.groups()
+    return kpi(name, float(value), unit, cell or "")
+
+
 def build_request(
     question: str,
     *,

@@ -1,0 +1,130 @@
+"""`airan demo`: the whole product in one command on this machine.
+
+Starts one Ray node per configured site, places the replicas, serves gRPC on
+127.0.0.1, asks what RAN controllers ask (with KPI context), shows a drain and
+an error, and shuts everything down.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+from rich.console import Console
+from rich.table import Table
+
+from airan.client import AsyncAiranClient, build_request, kpi
+from airan.config import AiranConfig
+from airan.server import ControlPlane
+
+console = Console()
+
+
+def _questions(sites: list[str]) -> list[dict]:
+    s1, s2, s3 = (sites * 3)[:3]
+    now = time.time()
+    return [
+        dict(
+            question=f"Why did downlink throughput drop on {s1}/c1 in the last minute?",
+            site_ids=[s1],
+            cell_ids=[f"{s1}/c1"],
+            controller_id="xapp-ts",
+            priority="near_rt",
+            kpis=[
+                kpi("DRB.UEThpDl", 38_000, "kbit/s", f"{s1}/c1", now - 60),
+                kpi("DRB.UEThpDl", 9_500, "kbit/s", f"{s1}/c1", now),
+                kpi("RRU.PrbUsedDl", 271, "PRB", f"{s1}/c1", now),
+                kpi("RRU.PrbAvailDl", 2, "PRB", f"{s1}/c1", now),
+                kpi("RRC.ConnMean", 412, "UE", f"{s1}/c1", now),
+            ],
+        ),
+        dict(
+            question=f"Summarise the load of {s2} and say if a cell can sleep for energy saving.",
+            site_ids=[s2],
+            controller_id="rapp-energy",
+            priority="non_rt",
+            kpis=[
+                kpi("RRU.PrbUsedDl", 12, "PRB", f"{s2}/c1", now),
+                kpi("RRU.PrbUsedDl", 9, "PRB", f"{s2}/c2", now),
+                kpi("RRC.ConnMean", 14, "UE", f"{s2}/c2", now),
+                kpi("PEE.AvgPower", 310, "W", f"{s2}/c2", now),
+            ],
+        ),
+        dict(
+            question=f"Handover failures rose on {s3}/c2; propose a handover offset change.",
+            site_ids=[s3],
+            cell_ids=[f"{s3}/c2"],
+            controller_id="xapp-mro",
+            priority="near_rt",
+            kpis=[
+                kpi("MM.HoExeInterReq", 320, "", f"{s3}/c2", now),
+                kpi("MM.HoExeInterSucc", 212, "", f"{s3}/c2", now),
+                kpi("MM.HoExeInterFail", 108, "", f"{s3}/c2", now),
+            ],
+        ),
+    ]
+
+
+async def _demo(config: AiranConfig) -> int:
+    with console.status(
+        f"starting {len(config.sites)} Ray site nodes and {sum(r.count for r in config.replicas)} vLLM replicas..."
+    ):
+        plane = await ControlPlane(config).__aenter__()
+    try:
+        console.print(
+            f"[green]serving on {plane.address}[/] — startup: "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in plane.startup_s.items())
+        )
+        sites = [s.id for s in config.sites]
+        async with AsyncAiranClient(plane.address) as client:
+            table = Table(title="network-ops queries (unary)", show_lines=True)
+            for col in ("controller", "question", "served by", "tokens in/out", "TTFT ms", "total ms", "answer"):
+                table.add_column(col, overflow="fold")
+            for q in _questions(sites):
+                r = await client.ask(build_request(max_tokens=48, deadline_s=30, **q), timeout_s=60)
+                table.add_row(
+                    q["controller_id"],
+                    q["question"],
+                    f"{r.site_id}\n{r.replica_id}",
+                    f"{r.prompt_tokens}/{r.completion_tokens}",
+                    f"{r.timings.ttft_ms:.0f}",
+                    f"{r.timings.total_ms:.0f}",
+                    r.text.strip()[:240] or "(empty)",
+                )
+            console.print(table)
+
+            console.print(f"[bold]streaming[/] from {sites[-1]}: ", end="")
+            async for chunk in client.ask_stream(
+                build_request("List the KPIs you would watch for congestion.", site_ids=[sites[-1]], max_tokens=32)
+            ):
+                console.print(chunk.text_delta.replace("\n", " "), end="", markup=False, highlight=False)
+                if chunk.final:
+                    console.print(f"\n  -> {chunk.site_id}, {chunk.completion_tokens} tokens, TTFT {chunk.timings.ttft_ms:.0f} ms")
+
+            drained = await client.drain_site(sites[0])
+            r = await client.ask(build_request("Is the site healthy?", site_ids=[sites[0]], max_tokens=8))
+            console.print(
+                f"[bold]drain[/] {drained.site.site_id}: a query about it is now served by {r.site_id} "
+                "(the radio or the operator comes first)"
+            )
+            await client.drain_site(sites[0], resume=True)
+
+            try:
+                await client.ask(build_request("What is wrong?", site_ids=["bs-99"]))
+            except grpc.aio.AioRpcError as e:
+                console.print(f"[bold]error example[/]: {e.code().name}: {e.details()}")
+
+            replicas = await client.replicas()
+            console.print(
+                "replicas: "
+                + ", ".join(f"{x.replica_id}@{x.site_id}({x.ray_node_id[:8]})" for x in replicas.replicas)
+            )
+        return 0
+    finally:
+        with console.status("shutting down replicas and Ray nodes..."):
+            await plane.stop()
+        console.print("[green]demo finished, everything stopped[/]")
+
+
+def run_demo(config: AiranConfig) -> int:
+    return asyncio.run(_demo(config))

@@ -1,0 +1,28 @@
+"""Shared fixtures: configs for the real stack (tiny generated model, 127.0.0.1, free port)."""
+from __future__ import annotations
+
+import pytest
+
+from airan.config import AiranConfig, parse_config
+
+
+def tiny_stack_config(n_sites: int = 2, **overrides) -> AiranConfig:
+    """`n_sites` Ray site nodes, one tiny-model replica each, gRPC on a free 127.0.0.1 port."""
+    sites = [
+        {"id": f"bs-0{i + 1}", "cpus": 1, "latency_ms": {"xapp-test": 1.0 + 2 * i}} for i in range(n_sites)
+    ]
+    raw = {
+        "sites": sites,
+        "models": [{"name": "tiny-llama", "source": "tiny-random", "max_model_len": 512, "dtype": "float32"}],
+        "replicas": [{"site": s["id"], "model": "tiny-llama"} for s in sites],
+        "engine": {"kv_cache_gb": 0.25, "max_num_seqs": 8},
+        "limits": {"max_tokens_limit": 256},
+        "server": {"host": "127.0.0.1", "port": 0, "grace_s": 1},
+    }
+    raw.update(overrides)
+    return parse_config(raw)
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> AiranConfig:
+    return tiny_stack_config()
