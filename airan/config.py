@@ -126,6 +126,19 @@ class ServerConfig(_Strict):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0 = no metrics endpoint
     grace_s: Annotated[float, Field(ge=0)] = 5.0
     default_model: str | None = None
+    # PEM files; set together to serve TLS (the Helm chart mounts them from a Secret)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # set to require client certificates signed by this CA (mutual TLS)
+    tls_client_ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_files_paired(self) -> ServerConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("server.tls_cert_file and server.tls_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("server.tls_client_ca_file needs server.tls_cert_file and server.tls_key_file")
+        return self
 
 
 class ClusterConfig(_Strict):
