@@ -1,0 +1,311 @@
+"""SLO report of a replay: tables (pure statistics) and PNG plots (matplotlib, no display)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from sims.events import EVENT_KINDS
+from sims.queries import PRIORITIES
+from sims.replay import Results
+from sims.trace import Trace
+
+EVENT_COLOURS = dict(zip(EVENT_KINDS, ("#d62728", "#9467bd", "#ff7f0e", "#8c564b", "#7f7f7f", "#e377c2")))
+CLASS_COLOURS = {"NEAR_RT": "#1f77b4", "NON_RT": "#2ca02c", "BEST_EFFORT": "#ff7f0e"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a summary table."""
+
+    key: str
+    count: int
+    served: int
+    met: int
+    shed: int
+    errors: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ran_share: float = float("nan")
+    served_here: int = 0
+
+    @property
+    def attainment(self) -> float:
+        """Share of all queries answered within their deadline (shed and errors count as misses)."""
+        return self.met / self.count if self.count else float("nan")
+
+    @property
+    def shed_rate(self) -> float:
+        return self.shed / self.count if self.count else float("nan")
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.count if self.count else float("nan")
+
+
+def _columns(outcomes: pa.Table) -> dict[str, np.ndarray]:
+    return {name: outcomes[name].to_numpy(zero_copy_only=False) for name in outcomes.column_names}
+
+
+def _row(key: str, c: dict[str, np.ndarray], mask: np.ndarray, site: str | None = None) -> Row:
+    served = mask & (c["outcome"] == "served")
+    lat = c["latency_ms"][served].astype(np.float64)
+    p50, p95, p99 = np.percentile(lat, [50, 95, 99]) if lat.size else (np.nan,) * 3
+    share = c["ran_share"][mask].astype(np.float64)
+    share = share[np.isfinite(share)]
+    return Row(
+        key=key,
+        count=int(mask.sum()),
+        served=int(served.sum()),
+        met=int((served & c["met_deadline"].astype(bool)).sum()),
+        shed=int((mask & (c["outcome"] == "shed")).sum()),
+        errors=int((mask & (c["outcome"] == "error")).sum()),
+        p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99),
+        mean_ran_share=float(share.mean()) if share.size else float("nan"),
+        served_here=int((c["served_site_id"] == site).sum()) if site is not None else 0,
+    )
+
+
+def per_class(outcomes: pa.Table) -> list[Row]:
+    c = _columns(outcomes)
+    rows = [_row(p, c, c["priority"] == p) for p in PRIORITIES if (c["priority"] == p).any()]
+    return rows + [_row("all", c, np.ones(len(c["priority"]), dtype=bool))]
+
+
+def per_site(outcomes: pa.Table) -> list[Row]:
+    c = _columns(outcomes)
+    sites = sorted(set(c["site_id"].tolist()) | (set(c["served_site_id"].tolist()) - {""}))
+    return [_row(s or "(none)", c, c["site_id"] == s, site=s) for s in sites]
+
+
+def per_kind(outcomes: pa.Table) -> list[Row]:
+    c = _columns(outcomes)
+    return [_row(k, c, c["kind"] == k) for k in sorted(set(c["kind"].tolist()))]
+
+
+def reasons(outcomes: pa.Table) -> list[tuple[str, str, str, int]]:
+    """(priority, outcome, reason, count), most frequent first: why queries missed."""
+    c = _columns(outcomes)
+    keys, counts = np.unique(
+        np.stack([c["priority"], c["outcome"], c["reason"]], axis=1).astype(str), axis=0, return_counts=True
+    ) if len(c["priority"]) else (np.empty((0, 3), str), np.empty(0, int))
+    out = [(str(a), str(b), str(r), int(n)) for (a, b, r), n in zip(keys, counts)]
+    return sorted(out, key=lambda x: (-x[3], x[0], x[1], x[2]))
+
+
+def attainment_over_time(outcomes: pa.Table, bins: int = 30) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Bin edges over trace time and, per class, the attainment in each bin (NaN where empty)."""
+    c = _columns(outcomes)
+    t = c["t_s"].astype(np.float64)
+    if t.size == 0:
+        return np.array([0.0, 1.0]), {}
+    edges = np.linspace(t.min(), t.max() + 1e-9, max(2, min(bins, t.size)) + 1)
+    idx = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, len(edges) - 2)
+    met = (c["outcome"] == "served") & c["met_deadline"].astype(bool)
+    out = {}
+    for p in PRIORITIES:
+        m = c["priority"] == p
+        if not m.any():
+            continue
+        n = np.bincount(idx[m], minlength=len(edges) - 1)
+        k = np.bincount(idx[m], weights=met[m], minlength=len(edges) - 1)
+        out[p] = np.where(n > 0, k / np.maximum(n, 1), np.nan)
+    return edges, out
+
+
+# -- rendering -------------------------------------------------------------------------------------
+
+def _pct(x: float) -> str:
+    return "-" if not np.isfinite(x) else f"{100 * x:.1f} %"
+
+
+def _ms(x: float) -> str:
+    return "-" if not np.isfinite(x) else (f"{x:,.0f}" if x >= 100 else f"{x:.1f}")
+
+
+def render_tables(results: Results, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    out = results.outcomes
+    m = results.meta
+    console.print(
+        f"[bold]Replay of[/] {m.get('trace')} against {m.get('target')} at speed {m.get('options', {}).get('speed')}"
+        f" — {m.get('n_queries')} queries, {m.get('wall_s')} s"
+        + (" [red](interrupted)[/]" if m.get("interrupted") else "")
+    )
+    for title, rows, first, site_cols in (
+        ("Per class", per_class(out), "class", False),
+        ("Per site (the query's preferred site)", per_site(out), "site", True),
+        ("Per query kind", per_kind(out), "kind", False),
+    ):
+        t = Table(title=title, title_justify="left")
+        for col in (first, "count", "attainment", "p50 ms", "p95 ms", "p99 ms", "shed", "error"):
+            t.add_column(col, justify="left" if col == first else "right")
+        if site_cols:
+            t.add_column("served here", justify="right")
+            t.add_column("mean RAN share", justify="right")
+        for r in rows:
+            cells = [r.key, str(r.count), _pct(r.attainment), _ms(r.p50_ms), _ms(r.p95_ms), _ms(r.p99_ms),
+                     _pct(r.shed_rate), _pct(r.error_rate)]
+            if site_cols:
+                cells += [str(r.served_here), _pct(r.mean_ran_share)]
+            t.add_row(*cells)
+        console.print(t)
+    t = Table(title="Outcomes by reason", title_justify="left")
+    for col in ("class", "outcome", "reason", "count"):
+        t.add_column(col, justify="right" if col == "count" else "left")
+    for p, o, r, n in reasons(out):
+        t.add_row(p, o, r, str(n))
+    console.print(t)
+
+
+def _pick_cells(trace: Trace, n: int) -> list[str]:
+    """Cells with events first (they are what the queries are about), then the most asked-about."""
+    picked: list[str] = []
+    for c in trace.topology.cell_ids[trace.events.cell]:
+        if str(c) not in picked:
+            picked.append(str(c))
+    asked: dict[str, int] = {}
+    for q in trace.queries:
+        for c in q.cell_ids[:1]:
+            asked[c] = asked.get(c, 0) + 1
+    for c, _ in sorted(asked.items(), key=lambda kv: (-kv[1], kv[0])):
+        if c not in picked:
+            picked.append(c)
+    for c in trace.topology.cell_ids:
+        if len(picked) >= n:
+            break
+        if str(c) not in picked:
+            picked.append(str(c))
+    return picked[:n]
+
+
+def plot_cell_load(trace: Trace, path: Path, max_cells: int = 6, min_ai_headroom: float = 0.15) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = _pick_cells(trace, max_cells)
+    table = trace.kpi_table(["RRU.PrbTotDl"], cell_ids=cells)
+    t = table["t_s"].to_numpy()
+    cell_col = np.asarray(table["cell_id"].cast(pa.string()).to_pylist())
+    prb = table["RRU.PrbTotDl"].to_numpy()
+    scale, unit = (3600.0, "h") if trace.duration_s > 4 * 3600 else (60.0, "min")
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, height_ratios=[3, 2])
+    for c in cells:
+        m = cell_col == c
+        ax.plot(t[m] / scale, prb[m], lw=1.2, label=c)
+    ev = trace.events
+    seen = set()
+    cell_rank = {c: i for i, c in enumerate(cells)}
+    for e in range(len(ev)):  # bounded by the number of events
+        cid = str(trace.topology.cell_ids[ev.cell[e]])
+        if cid not in cell_rank:
+            continue
+        kind = EVENT_KINDS[ev.kind[e]]
+        ax.axvspan(ev.start_s[e] / scale, ev.end_s[e] / scale, color=EVENT_COLOURS[kind], alpha=0.15,
+                   label=None if kind in seen else f"event: {kind}")
+        ax.text(ev.start_s[e] / scale, 102 + 5 * (cell_rank[cid] % 3), f"{kind} {cid}", fontsize=7,
+                color=EVENT_COLOURS[kind])
+        seen.add(kind)
+    ax.set_ylim(0, 120)
+    ax.set_ylabel("RRU.PrbTotDl (%)")
+    ax.set_title(f"Cell load with events ({trace.topology.n_cells} cells, interval {trace.interval_s:g} s)")
+    ax.legend(fontsize=7, ncol=4, loc="lower left")
+    shares = trace.ran_share_array()
+    lt = np.unique(trace.ran_load["t_s"].to_numpy())
+    sites = list(dict.fromkeys(str(trace.topology.site_ids[trace.topology.cell_site[
+        int(np.flatnonzero(trace.topology.cell_ids == c)[0])]]) for c in cells))
+    for s in sites:
+        i = int(np.flatnonzero(trace.topology.site_ids == s)[0])
+        ax2.plot(lt / scale, shares[:, i], lw=1.2, label=s)
+    ax2.axhline(1 - min_ai_headroom, color="k", ls="--", lw=0.8, label=f"AI headroom floor ({min_ai_headroom:g})")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_ylabel("RAN compute share")
+    ax2.set_xlabel(f"trace time ({unit})")
+    ax2.legend(fontsize=7, ncol=4, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_latency_cdf(outcomes: pa.Table, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = _columns(outcomes)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in per_class(outcomes):
+        if r.key == "all":
+            continue
+        m = (c["priority"] == r.key) & (c["outcome"] == "served")
+        lat = np.sort(c["latency_ms"][m].astype(np.float64))
+        if lat.size:
+            # y counts every query of the class, so the curve tops out at the served share
+            y = np.arange(1, lat.size + 1) / r.count
+            ax.step(lat, y, where="post", color=CLASS_COLOURS[r.key],
+                    label=f"{r.key}: {r.served}/{r.count} served, {_pct(r.attainment)} in deadline")
+        budgets = c["budget_ms"][c["priority"] == r.key].astype(np.float64)
+        ax.axvline(np.median(budgets), color=CLASS_COLOURS[r.key], ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("latency seen by the controller (ms, log); dotted: median deadline budget")
+    ax.set_ylabel("share of the class's queries answered")
+    ax.set_title("Latency CDF per priority class")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_attainment(outcomes: pa.Table, path: Path, bins: int = 30) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges, series = attainment_over_time(outcomes, bins)
+    mids = 0.5 * (edges[:-1] + edges[1:])
+    scale, unit = (3600.0, "h") if edges[-1] - edges[0] > 4 * 3600 else (60.0, "min")
+    c = _columns(outcomes)
+    t = c["t_s"].astype(np.float64)
+    idx = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, len(edges) - 2)
+    shed = np.bincount(idx, weights=c["outcome"] == "shed", minlength=len(mids))
+    n = np.bincount(idx, minlength=len(mids))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for p, y in series.items():
+        ax.plot(mids / scale, y, marker="o", ms=3, color=CLASS_COLOURS[p], label=f"{p} attainment")
+    ax.bar(mids / scale, np.where(n > 0, shed / np.maximum(n, 1), 0), width=(edges[1] - edges[0]) / scale * 0.9,
+           color="#d62728", alpha=0.25, label="shed share (all classes)")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_xlabel(f"trace time ({unit})")
+    ax.set_ylabel("share of queries")
+    ax.set_title("Deadline attainment over time")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(results: Results, trace: Trace | None, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [
+        plot_latency_cdf(results.outcomes, out_dir / "latency_cdf.png"),
+        plot_attainment(results.outcomes, out_dir / "attainment.png"),
+    ]
+    if trace is not None:
+        files.insert(0, plot_cell_load(trace, out_dir / "cell_load.png"))
+    return files
