@@ -42,6 +42,9 @@ def build_request(
     controller_id: str = "",
     request_id: str = "",
     deadline_s: float | None = None,
+    diagnosis: bool = False,
+    model: str = "",
+    recent_events: Iterable[str] = (),
 ) -> netops_pb2.AskRequest:
     """`deadline_s` is a budget from now, carried as an absolute deadline in the request."""
     request = netops_pb2.AskRequest(
@@ -54,6 +57,9 @@ def build_request(
         max_tokens=max_tokens,
         temperature=temperature,
         request_id=request_id,
+        response_mode=netops_pb2.DIAGNOSIS if diagnosis else netops_pb2.FREE_TEXT,
+        model=model,
+        recent_events=list(recent_events),
     )
     if deadline_s is not None:
         deadline = Timestamp()

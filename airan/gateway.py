@@ -22,7 +22,9 @@ from airan.engine.protocol import (
     ReplicaUnavailableError,
     RequestFailedError,
 )
-from airan.errors import AiranError, ErrorKind, invalid
+from airan.diagnosis import Diagnosis, InvalidDiagnosis, diagnosis_schema, parse_diagnosis
+from airan.errors import AiranError, ErrorKind
+from airan.prompting import RenderedPrompt
 from airan.query import Query, validate_query
 from airan.routing import ReplicaView, Router, RoutingContext, RoutingRequest
 from airan.sites import SiteRegistry
@@ -45,7 +47,7 @@ class ReplicaPool(Protocol):
 
 
 class PromptRendererLike(Protocol):
-    def render(self, query: Query) -> list[int]: ...
+    def render(self, query: Query, budget_tokens: int) -> RenderedPrompt: ...
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,9 @@ class Answer:
     queue_ms: float
     ttft_ms: float
     total_ms: float
+    prompt: RenderedPrompt | None = None
+    diagnosis: Diagnosis | None = None
+    attempts: int = 1
 
 
 class _IdempotencyCache:
@@ -167,8 +172,8 @@ class Gateway:
                 f"unknown model '{model}'; served models: {', '.join(self.renderers)}",
             )
         query = replace(query, model=model)
-        prompt_ids = self.renderers[model].render(query)
-        self._check_prompt_fits(query, len(prompt_ids))
+        max_len = self.config.model(model).max_model_len
+        prompt = self.renderers[model].render(query, budget_tokens=max_len - query.max_tokens)
 
         request = RoutingRequest(
             request_id=query.request_id,
@@ -176,7 +181,7 @@ class Gateway:
             controller_id=query.controller_id,
             site_ids=query.site_ids,
             priority=query.priority,
-            prompt_tokens=len(prompt_ids),
+            prompt_tokens=len(prompt.token_ids),
             max_tokens=query.max_tokens,
         )
         ctx = RoutingContext(request, self.sites.views(), self.sites.min_ai_headroom)
@@ -184,12 +189,56 @@ class Gateway:
         if not decision.tiers:
             raise AiranError(ErrorKind.UNAVAILABLE, f"no replica can take this query: {decision.rejection}")
 
-        params = GenerationParams(max_tokens=query.max_tokens, temperature=query.temperature)
+        if query.mode != "diagnosis":
+            params = GenerationParams(max_tokens=query.max_tokens, temperature=query.temperature)
+            async for event in self._dispatch(query, decision.ranked, prompt, params, arrival):
+                if isinstance(event, Answer):
+                    self._cache.store(event)
+                yield event
+            return
+
+        # Diagnosis: decode under the schema, check every rule, retry once (sampling,
+        # so the retry can differ) while the deadline allows; never return an invalid one.
+        cells = query.context_cells
+        params = GenerationParams(query.max_tokens, query.temperature, json_schema=diagnosis_schema(cells))
+        problems = []
+        for attempt in (1, 2):
+            answer = None
+            async for event in self._dispatch(query, decision.ranked, prompt, params, arrival, attempt):
+                if isinstance(event, Answer):
+                    answer = event  # diagnosis mode streams no text deltas: only checked answers leave
+            try:
+                answer = replace(answer, diagnosis=parse_diagnosis(answer.text, cells), attempts=attempt)
+            except InvalidDiagnosis as e:
+                problems.append(str(e))
+                if query.deadline is not None and query.deadline <= self.clock():
+                    break
+                params = replace(params, temperature=max(0.7, query.temperature), seed=attempt)
+                continue
+            self._cache.store(answer)
+            yield answer
+            return
+        raise AiranError(
+            ErrorKind.INTERNAL,
+            f"model '{model}' gave no valid diagnosis in {len(problems)} attempt(s) "
+            f"({'; '.join(problems)}); retry, or ask in free-text mode",
+        )
+
+    async def _dispatch(
+        self,
+        query: Query,
+        ranked: list[ReplicaView],
+        prompt: RenderedPrompt,
+        params: GenerationParams,
+        arrival: float,
+        attempt: int = 1,
+    ) -> AsyncIterator[Delta | Answer]:
+        """Run on the best replica; fail over to the next if one fails before its first token."""
         failures: list[str] = []
-        for replica in decision.ranked[: self.MAX_ATTEMPTS]:
+        for replica in ranked[: self.MAX_ATTEMPTS]:
             started = False
             try:
-                async for event in self._on_replica(query, replica, prompt_ids, params, arrival):
+                async for event in self._on_replica(query, replica, prompt, params, arrival, attempt):
                     started = True
                     yield event
                 return
@@ -205,31 +254,25 @@ class Gateway:
                 failures.append(f"{replica.replica_id}: {e}")
         raise AiranError(ErrorKind.UNAVAILABLE, "every chosen replica failed: " + "; ".join(failures))
 
-    def _check_prompt_fits(self, query: Query, prompt_tokens: int) -> None:
-        max_len = self.config.model(query.model).max_model_len
-        if prompt_tokens + query.max_tokens > max_len:
-            raise invalid(
-                f"prompt is {prompt_tokens} tokens and max_tokens is {query.max_tokens}, over the "
-                f"{max_len}-token context of model '{query.model}': shorten the question or "
-                "kpi_context, or lower max_tokens"
-            )
-
     async def _on_replica(
         self,
         query: Query,
         replica: ReplicaView,
-        prompt_ids: list[int],
+        prompt: RenderedPrompt,
         params: GenerationParams,
         arrival: float,
+        attempt: int,
     ) -> AsyncIterator[Delta | Answer]:
         client = self.pool.client(replica.replica_id)
+        # a retry is a new engine request; the id the caller sees stays the same
+        engine_request_id = query.request_id if attempt == 1 else f"{query.request_id}#{attempt}"
         dispatched = self.clock()
         first_token_at = None
         engine_queue_ms = 0.0
         text: list[str] = []
         last: GenerationChunk | None = None
         self.in_flight[replica.replica_id] += 1
-        chunks = aiter(client.generate(prompt_ids, params, query.request_id))
+        chunks = aiter(client.generate(prompt.token_ids, params, engine_request_id))
         try:
             while True:
                 # the deadline bounds the replica's work, not the caller's time at `yield`
@@ -273,6 +316,7 @@ class Gateway:
             queue_ms=1000 * (dispatched - arrival) + engine_queue_ms,
             ttft_ms=1000 * ((first_token_at or done) - arrival),
             total_ms=1000 * (done - arrival),
+            prompt=prompt,
+            attempts=attempt,
         )
-        self._cache.store(answer)
         yield answer

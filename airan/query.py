@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from airan.config import LimitsConfig
+from airan.diagnosis import DIAGNOSIS_MAX_TOKENS, DIAGNOSIS_MIN_TOKENS
 from airan.errors import AiranError, ErrorKind, invalid
 from airan.routing.types import Priority
 
@@ -36,7 +37,13 @@ class Query:
     temperature: float = 0.0
     deadline: float | None = None  # monotonic seconds; None = no deadline
     model: str = ""
-    extra: dict = field(default_factory=dict, compare=False)
+    mode: str = "free_text"  # or "diagnosis"
+    recent_events: tuple[str, ...] = ()
+
+    @property
+    def context_cells(self) -> list[str]:
+        """Cells a diagnosis may name: the ones the request mentions, nothing else."""
+        return sorted({*self.cell_ids, *(k.cell_id for k in self.kpis if k.cell_id)})
 
 
 def validate_query(
@@ -57,7 +64,15 @@ def validate_query(
             ErrorKind.NOT_FOUND,
             f"unknown site(s) {', '.join(map(repr, unknown))}; known sites: {', '.join(sorted(known_sites))}",
         )
-    max_tokens = query.max_tokens or limits.default_max_tokens
+    if query.mode not in ("free_text", "diagnosis"):
+        raise invalid(f"unknown response mode '{query.mode}'")
+    diagnosis = query.mode == "diagnosis"
+    max_tokens = query.max_tokens or (DIAGNOSIS_MAX_TOKENS if diagnosis else limits.default_max_tokens)
+    if diagnosis and max_tokens < DIAGNOSIS_MIN_TOKENS:
+        raise invalid(
+            f"diagnosis mode needs max_tokens >= {DIAGNOSIS_MIN_TOKENS} to complete its JSON answer "
+            f"(got {max_tokens}); leave it 0 for the default of {DIAGNOSIS_MAX_TOKENS}"
+        )
     if max_tokens > limits.max_tokens_limit:
         raise invalid(
             f"max_tokens {max_tokens} exceeds this server's limit of {limits.max_tokens_limit}; "

@@ -1,5 +1,6 @@
 """The control-plane core with in-process fake replicas: every query ends in one answer or one error."""
 import asyncio
+import json
 import time
 
 import pytest
@@ -10,31 +11,38 @@ from airan.errors import AiranError, ErrorKind
 from airan.gateway import Answer, Delta, Gateway
 from airan.query import KpiSample, Query
 from airan.routing import ReplicaState, ReplicaView
+from airan.models.tiny import ensure_tiny_model
+from airan.prompting import PromptRenderer
 from airan.sites import SiteRegistry
 
 CONFIG = parse_config(
     {
         "sites": [{"id": "bs-01", "latency_ms": {"x": 1}}, {"id": "bs-02", "latency_ms": {"x": 5}}],
-        "models": [{"name": "m", "source": "tiny-random", "max_model_len": 256}],
+        "models": [{"name": "m", "source": "tiny-random", "max_model_len": 1024}],
         "replicas": [{"site": "bs-01", "model": "m"}, {"site": "bs-02", "model": "m"}],
-        "limits": {"max_tokens_limit": 64, "default_max_tokens": 8},
+        "limits": {"max_tokens_limit": 900, "default_max_tokens": 8},
         "radio": {"min_ai_headroom": 0.2},
     }
 )
 
 
 class FakeReplica:
-    def __init__(self, words=("ok",) * 4, delay=0.0, fail_before=None):
+    """Streams `words` one per chunk (or each of `answers` whole, one per call)."""
+
+    def __init__(self, words=("ok",) * 4, delay=0.0, fail_before=None, answers=None):
         self.words, self.delay, self.fail_before = words, delay, fail_before
+        self.answers = list(answers or [])
+        self.params = []
         self.aborted, self.calls = [], 0
 
     async def generate(self, prompt_ids, params, request_id):
         self.calls += 1
+        self.params.append(params)
         finished = False
         try:
             if self.fail_before:
                 raise self.fail_before
-            words = self.words[: params.max_tokens]
+            words = [self.answers.pop(0)] if self.answers else self.words[: params.max_tokens]
             for i, w in enumerate(words):
                 await asyncio.sleep(self.delay)
                 last = i == len(words) - 1
@@ -66,32 +74,37 @@ class FakePool:
         self.failed[rid] = reason
 
 
-class WordRenderer:
-    def render(self, query):
-        return list(range(len(query.question.split()) + 3 * len(query.kpis)))
+@pytest.fixture(scope="module")
+def renderer():
+    # the real renderer with the generated tiny model's tokenizer and chat template
+    return PromptRenderer(ensure_tiny_model())
 
 
-def gateway(replicas=None, config=CONFIG):
-    replicas = replicas or {"r1": ("bs-01", FakeReplica()), "r2": ("bs-02", FakeReplica())}
-    pool = FakePool(replicas)
-    sites = SiteRegistry(config.sites, config.radio.min_ai_headroom)
-    return Gateway(config, pool, sites, {"m": WordRenderer()}), pool
+@pytest.fixture
+def gateway(renderer):
+    def make(replicas=None, config=CONFIG):
+        replicas = replicas or {"r1": ("bs-01", FakeReplica()), "r2": ("bs-02", FakeReplica())}
+        pool = FakePool(replicas)
+        sites = SiteRegistry(config.sites, config.radio.min_ai_headroom)
+        return Gateway(config, pool, sites, {"m": renderer}), pool
+
+    return make
 
 
 def q(question="why is the cell slow", **kw):
     return Query(question=question, request_id=kw.pop("request_id", ""), **kw)
 
 
-async def test_unary_answer_from_requested_site_with_counts_and_timings():
+async def test_unary_answer_from_requested_site_with_counts_and_timings(gateway):
     gw, _ = gateway()
     ans = await gw.ask(q(site_ids=("bs-02",), controller_id="x", max_tokens=3))
     assert (ans.site_id, ans.replica_id, ans.completion_tokens, ans.finish_reason) == ("bs-02", "r2", 3, "length")
-    assert ans.text == "ok ok ok " and ans.prompt_tokens == 5
+    assert ans.text == "ok ok ok " and ans.prompt_tokens == len(ans.prompt.token_ids) > 20
     assert 0 <= ans.queue_ms and ans.ttft_ms <= ans.total_ms
     assert gw.in_flight == {}
 
 
-async def test_stream_yields_deltas_then_exactly_one_answer():
+async def test_stream_yields_deltas_then_exactly_one_answer(gateway):
     gw, _ = gateway()
     events = [e async for e in gw.stream(q(max_tokens=4))]
     assert [type(e) for e in events] == [Delta] * 4 + [Answer]
@@ -103,8 +116,9 @@ async def test_stream_yields_deltas_then_exactly_one_answer():
     [
         (q("   "), ErrorKind.INVALID_ARGUMENT, "question is empty"),
         (q(site_ids=("bs-99",)), ErrorKind.NOT_FOUND, "bs-99"),
-        (q(max_tokens=65), ErrorKind.INVALID_ARGUMENT, "limit of 64"),
-        (q("word " * 300), ErrorKind.INVALID_ARGUMENT, "-token context"),
+        (q(max_tokens=901), ErrorKind.INVALID_ARGUMENT, "limit of 900"),
+        (q("word " * 300, max_tokens=900), ErrorKind.INVALID_ARGUMENT, "-token prompt"),
+        (q(mode="diagnosis", max_tokens=20), ErrorKind.INVALID_ARGUMENT, "max_tokens >= 64"),
         (q("word " * 900), ErrorKind.INVALID_ARGUMENT, "characters"),
         (q(deadline=time.monotonic() - 1), ErrorKind.DEADLINE_EXCEEDED, "already passed"),
         (q(temperature=float("nan")), ErrorKind.INVALID_ARGUMENT, "temperature"),
@@ -112,7 +126,7 @@ async def test_stream_yields_deltas_then_exactly_one_answer():
         (q(model="nope"), ErrorKind.NOT_FOUND, "unknown model"),
     ],
 )
-async def test_bad_input_maps_to_an_actionable_error(query, kind, words):
+async def test_bad_input_maps_to_an_actionable_error(gateway, query, kind, words):
     gw, pool = gateway()
     with pytest.raises(AiranError) as e:
         await gw.ask(query)
@@ -120,7 +134,7 @@ async def test_bad_input_maps_to_an_actionable_error(query, kind, words):
     assert all(r.calls == 0 for _, r in pool.replicas.values())
 
 
-async def test_no_replica_when_all_sites_drained_or_surging():
+async def test_no_replica_when_all_sites_drained_or_surging(gateway):
     gw, _ = gateway()
     gw.sites.set_drained("bs-01", True)
     assert gw.sites.report_ran_load("bs-02", 0.9) is True
@@ -129,20 +143,20 @@ async def test_no_replica_when_all_sites_drained_or_surging():
     assert e.value.kind is ErrorKind.UNAVAILABLE and "headroom" in e.value.message
 
 
-async def test_drained_site_is_avoided_even_when_requested():
+async def test_drained_site_is_avoided_even_when_requested(gateway):
     gw, _ = gateway()
     gw.sites.set_drained("bs-01", True)
     assert (await gw.ask(q(site_ids=("bs-01",)))).site_id == "bs-02"
 
 
-async def test_dead_replica_before_first_token_fails_over_and_is_marked():
+async def test_dead_replica_before_first_token_fails_over_and_is_marked(gateway):
     dead = FakeReplica(fail_before=EngineDeadError("engine process exited"))
     gw, pool = gateway({"r1": ("bs-01", dead), "r2": ("bs-02", FakeReplica())})
     ans = await gw.ask(q(site_ids=("bs-01",)))
     assert ans.replica_id == "r2" and "r1" in pool.failed
 
 
-async def test_deadline_during_generation_aborts_the_replica_request():
+async def test_deadline_during_generation_aborts_the_replica_request(gateway):
     slow = FakeReplica(words=("w",) * 50, delay=0.05)
     gw, _ = gateway({"r1": ("bs-01", slow)})
     with pytest.raises(AiranError) as e:
@@ -151,7 +165,7 @@ async def test_deadline_during_generation_aborts_the_replica_request():
     assert len(slow.aborted) == 1 and gw.in_flight == {}
 
 
-async def test_client_cancel_aborts_and_releases_in_flight():
+async def test_client_cancel_aborts_and_releases_in_flight(gateway):
     slow = FakeReplica(words=("w",) * 50, delay=0.05)
     gw, _ = gateway({"r1": ("bs-01", slow)})
     task = asyncio.create_task(gw.ask(q(max_tokens=50)))
@@ -163,7 +177,7 @@ async def test_client_cancel_aborts_and_releases_in_flight():
     assert slow.aborted and gw.in_flight == {}
 
 
-async def test_idempotent_retry_returns_the_same_answer_without_recomputing():
+async def test_idempotent_retry_returns_the_same_answer_without_recomputing(gateway):
     replica = FakeReplica(delay=0.01)
     gw, _ = gateway({"r1": ("bs-01", replica)})
     first, concurrent = await asyncio.gather(gw.ask(q(request_id="abc")), gw.ask(q(request_id="abc")))
@@ -173,10 +187,66 @@ async def test_idempotent_retry_returns_the_same_answer_without_recomputing():
     assert streamed == [first]
 
 
-async def test_load_is_spread_across_replicas():
+async def test_load_is_spread_across_replicas(gateway):
     gw, pool = gateway(
         {"r1": ("bs-01", FakeReplica(delay=0.02)), "r2": ("bs-01", FakeReplica(delay=0.02))}
     )
     answers = await asyncio.gather(*(gw.ask(q()) for _ in range(8)))
     served = {a.replica_id for a in answers}
     assert served == {"r1", "r2"}
+
+
+def _diag(cause="CONGESTION", cells=("bs-01/c1",), **kw):
+    body = {
+        "cause": cause,
+        "affected_cells": list(cells),
+        "severity": "HIGH",
+        "actions": [{"type": "OFFLOAD_TRAFFIC", "target_cell": cells[0] if cells else "x", "share_pct": 20}],
+        "confidence_pct": 70,
+        "rationale": "PRB use at 99%",
+    }
+    body.update(kw)
+    return json.dumps(body)
+
+
+DIAG_KPIS = (KpiSample("RRU.PrbTotDl", 99.0, "%", "bs-01/c1", 1000.0), KpiSample("RRC.ConnMean", 50, "UE", "bs-01/c2", 1000.0))
+
+
+async def test_diagnosis_is_parsed_into_typed_fields_under_a_schema_of_context_cells(gateway):
+    replica = FakeReplica(answers=[_diag()])
+    gw, _ = gateway({"r1": ("bs-01", replica)})
+    ans = await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS))
+    assert ans.diagnosis.cause == "CONGESTION" and ans.diagnosis.affected_cell_ids == ("bs-01/c1",)
+    assert ans.diagnosis.actions[0].value == 20 and ans.diagnosis.confidence == 0.7 and ans.attempts == 1
+    schema = replica.params[0].json_schema
+    assert schema["properties"]["affected_cells"]["items"]["enum"] == ["bs-01/c1", "bs-01/c2"]
+    assert replica.params[0].max_tokens == 160
+
+
+async def test_invalid_diagnosis_is_retried_once_with_sampling(gateway):
+    replica = FakeReplica(answers=[_diag(cells=("bs-07/c9",)), _diag()])
+    gw, _ = gateway({"r1": ("bs-01", replica)})
+    ans = await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS))
+    assert ans.attempts == 2 and replica.calls == 2 and replica.params[1].temperature >= 0.7
+
+
+async def test_invalid_diagnosis_twice_is_an_error_never_a_success(gateway):
+    replica = FakeReplica(answers=['{"cause": "CONGESTION"', _diag(cause="ALIENS")])
+    gw, _ = gateway({"r1": ("bs-01", replica)})
+    with pytest.raises(AiranError) as e:
+        await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS))
+    assert e.value.kind is ErrorKind.INTERNAL and "2 attempt(s)" in e.value.message and "not JSON" in e.value.message
+
+
+async def test_diagnosis_stream_sends_only_the_checked_answer(gateway):
+    gw, _ = gateway({"r1": ("bs-01", FakeReplica(answers=[_diag()]))})
+    events = [e async for e in gw.stream(q(mode="diagnosis", kpis=DIAG_KPIS))]
+    assert len(events) == 1 and events[0].diagnosis.cause == "CONGESTION"
+
+
+async def test_oldest_kpi_rows_are_dropped_to_fit_and_reported(gateway):
+    gw, _ = gateway()
+    kpis = tuple(KpiSample("DRB.UEThpDl", 100.0 + i, "kbit/s", "bs-01/c1", 1000.0 + i) for i in range(60))
+    ans = await gw.ask(q(kpis=kpis, max_tokens=8))
+    assert ans.prompt.context_rows == 60 and 0 < ans.prompt.context_rows_dropped < 60
+    assert ans.prompt_tokens <= 1024 - 8

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from airan.diagnosis import Diagnosis
 from airan.gateway import Answer
 from airan.query import KpiSample, Query
 from airan.routing import Priority, ReplicaState
@@ -50,7 +51,42 @@ def query_from_proto(req: netops_pb2.AskRequest, now_monotonic: float, grpc_rema
         max_tokens=req.max_tokens,
         temperature=req.temperature,
         deadline=min(deadlines) if deadlines else None,
+        model=req.model,
+        mode="diagnosis" if req.response_mode == netops_pb2.DIAGNOSIS else "free_text",
+        recent_events=tuple(req.recent_events),
     )
+
+
+def diagnosis_to_proto(d: Diagnosis) -> netops_pb2.Diagnosis:
+    return netops_pb2.Diagnosis(
+        cause=netops_pb2.Cause.Value(f"CAUSE_{d.cause}"),
+        affected_cell_ids=list(d.affected_cell_ids),
+        severity=netops_pb2.Severity.Value(f"SEVERITY_{d.severity}"),
+        actions=[
+            netops_pb2.RecommendedAction(
+                type=netops_pb2.ActionType.Value(f"ACTION_{a.type}"),
+                target_cell_id=a.target_cell_id,
+                value=a.value,
+                unit=a.unit,
+            )
+            for a in d.actions
+        ],
+        confidence=d.confidence,
+        rationale=d.rationale,
+    )
+
+
+def _extras(a: Answer) -> dict:
+    out = {}
+    if a.diagnosis is not None:
+        out["diagnosis"] = diagnosis_to_proto(a.diagnosis)
+    if a.prompt is not None:
+        out["prompt"] = netops_pb2.PromptInfo(
+            prompt_version=a.prompt.version,
+            context_rows=a.prompt.context_rows,
+            context_rows_dropped=a.prompt.context_rows_dropped,
+        )
+    return out
 
 
 def timings(a: Answer) -> netops_pb2.Timings:
@@ -68,6 +104,7 @@ def answer_to_response(a: Answer) -> netops_pb2.AskResponse:
         model=a.model,
         finish_reason=a.finish_reason,
         timings=timings(a),
+        **_extras(a),
     )
 
 
@@ -83,4 +120,5 @@ def answer_to_final_chunk(a: Answer, include_text: bool = False) -> netops_pb2.A
         model=a.model,
         finish_reason=a.finish_reason,
         timings=timings(a),
+        **_extras(a),
     )

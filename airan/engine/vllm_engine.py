@@ -90,6 +90,7 @@ class VllmEngine:
         self._stats = _LatestSchedulerStats()
 
     async def start(self) -> None:
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -105,6 +106,8 @@ class VllmEngine:
             kv_cache_memory_bytes=int(s.kv_cache_gb * GIB),
             seed=s.seed,
             disable_log_stats=False,
+            # compact JSON: whitespace between tokens would only spend the token budget
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         )
         # vLLM's CPU backend reads its KV size from the environment too.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(s.kv_cache_gb))))

@@ -1,0 +1,61 @@
+"""Prompt budgeting on the real tokenizer/chat template of the generated tiny model."""
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from airan.errors import AiranError
+from airan.models.tiny import ensure_tiny_model
+from airan.prompting import PromptRenderer, build_messages, kpi_rows
+from airan.query import KpiSample, Query
+
+KPI_NAMES = ["DRB.UEThpDl", "RRU.PrbUsedDl", "RRC.ConnMean", "DRB.RlcSduDelayDl", "TB.BlerDl"]
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    return PromptRenderer(ensure_tiny_model())
+
+
+def test_rows_are_grouped_per_cell_and_time_oldest_first():
+    kpis = (
+        KpiSample("DRB.UEThpDl", 900, "kbit/s", "bs-01/c1", 120.0),
+        KpiSample("RRU.PrbUsedDl", 270, "PRB", "bs-01/c1", 120.0),
+        KpiSample("DRB.UEThpDl", 38000, "kbit/s", "bs-01/c1", 60.0),
+    )
+    assert kpi_rows(kpis) == [
+        "bs-01/c1 @00:01:00: DRB.UEThpDl=3.8e+04 kbit/s",
+        "bs-01/c1 @00:02:00: DRB.UEThpDl=900 kbit/s; RRU.PrbUsedDl=270 PRB",
+    ]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    question=st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"]), min_size=1, max_size=200).filter(str.strip),
+    n_rows=st.integers(0, 80),
+    budget=st.integers(120, 1500),
+)
+def test_budget_keeps_the_question_and_the_newest_rows(renderer, question, n_rows, budget):
+    kpis = tuple(
+        KpiSample(KPI_NAMES[i % 5], float(i), "", f"bs-01/c{i % 3 + 1}", 1000.0 + i) for i in range(n_rows)
+    )
+    query = Query(question=question, request_id="r", kpis=kpis)
+    try:
+        prompt = renderer.render(query, budget)
+    except AiranError as e:  # only when the question alone cannot fit
+        assert "question alone" in e.message
+        assert len(renderer.render(Query(question=question, request_id="r"), 10**6).token_ids) > budget
+        return
+    assert len(prompt.token_ids) <= budget
+    text = renderer.tokenizer.decode(prompt.token_ids)
+    assert question.strip() in text or question in text
+    kept = prompt.context_rows - prompt.context_rows_dropped
+    rows = kpi_rows(kpis)
+    # the kept rows are exactly the newest ones
+    assert all(r in text for r in rows[len(rows) - kept :])
+    if prompt.context_rows_dropped:
+        assert rows[len(rows) - kept - 1] not in text
+
+
+def test_diagnosis_mode_adds_the_cause_guide():
+    msgs = build_messages(Query(question="why?", request_id="r", mode="diagnosis"))
+    assert "CONGESTION" in msgs[0]["content"] and "JSON" in msgs[0]["content"]
