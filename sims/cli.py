@@ -225,7 +225,7 @@ def report(
         res = read_results(results)
     except ValueError as e:
         raise _fail(str(e)) from None
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 130)  # tables stay readable in logs and pipes
     render_tables(res, console)
     out = out or results / "plots"
     out.mkdir(parents=True, exist_ok=True)

@@ -125,7 +125,9 @@ def random_events(
     dur = np.exp(rng.uniform(np.log(lo), np.log(hi)))
     # fit into short traces: at most 30 % of the trace, at least min_duration_s
     dur = np.maximum(np.minimum(dur, 0.3 * duration_s), min_duration_s)
-    start = rng.uniform(0.05, 0.95, n_events) * np.maximum(duration_s - dur, 0.0)
+    # stratified starts: one random start per n-th of the trace, so events spread out, in random kind order
+    slot = rng.permutation(n_events)
+    start = (slot + rng.uniform(0.05, 0.95, n_events)) / n_events * np.maximum(duration_s - dur, 0.0)
     severity = rng.uniform(0.4, 1.0, n_events)
     return EventTable.build(k, cell, np.round(start, 3), np.round(dur, 3), severity)
 
@@ -231,10 +233,10 @@ def effects(events: EventTable, t_s: np.ndarray, interval_s: float, n_cells: int
 
     demand = None
     if (m := has(CONGESTION)) is not None:
-        demand = scatter(m, 1.0 + 2.5 * sev[m] * cover[:, m], np.multiply, 1.0)
+        demand = scatter(m, 1.0 + 5.0 * sev[m] * cover[:, m], np.multiply, 1.0)
     if (m := has(FLASH)) is not None:
         u = ((0.5 * (t0 + t1))[:, None] - ev_start[m]) / (ev_end[m] - ev_start[m])
-        gain = 1.0 + 6.0 * sev[m] * _flash_shape(u) * cover[:, m]
+        gain = 1.0 + 8.0 * sev[m] * _flash_shape(u) * cover[:, m]
         flash = scatter(m, gain, np.multiply, 1.0)
         demand = flash if demand is None else demand * flash
     out.demand_mult = demand

@@ -119,7 +119,7 @@ def attainment_over_time(outcomes: pa.Table, bins: int = 30) -> tuple[np.ndarray
 # -- rendering -------------------------------------------------------------------------------------
 
 def _pct(x: float) -> str:
-    return "-" if not np.isfinite(x) else f"{100 * x:.1f} %"
+    return "-" if not np.isfinite(x) else f"{100 * x:.1f}%"
 
 
 def _ms(x: float) -> str:
@@ -145,10 +145,10 @@ def render_tables(results: Results, console=None) -> None:
     ):
         t = Table(title=title, title_justify="left")
         for col in (first, "count", "attainment", "p50 ms", "p95 ms", "p99 ms", "shed", "error"):
-            t.add_column(col, justify="left" if col == first else "right")
+            t.add_column(col, justify="left" if col == first else "right", no_wrap=True)
         if site_cols:
-            t.add_column("served here", justify="right")
-            t.add_column("mean RAN share", justify="right")
+            t.add_column("served here", justify="right", no_wrap=True)
+            t.add_column("RAN share", justify="right", no_wrap=True)
         for r in rows:
             cells = [r.key, str(r.count), _pct(r.attainment), _ms(r.p50_ms), _ms(r.p95_ms), _ms(r.p99_ms),
                      _pct(r.shed_rate), _pct(r.error_rate)]
@@ -197,7 +197,7 @@ def plot_cell_load(trace: Trace, path: Path, max_cells: int = 6, min_ai_headroom
     cell_col = np.asarray(table["cell_id"].cast(pa.string()).to_pylist())
     prb = table["RRU.PrbTotDl"].to_numpy()
     scale, unit = (3600.0, "h") if trace.duration_s > 4 * 3600 else (60.0, "min")
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, height_ratios=[3, 2])
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(12, 6.5), sharex=True, height_ratios=[3, 2])
     for c in cells:
         m = cell_col == c
         ax.plot(t[m] / scale, prb[m], lw=1.2, label=c)
@@ -211,13 +211,12 @@ def plot_cell_load(trace: Trace, path: Path, max_cells: int = 6, min_ai_headroom
         kind = EVENT_KINDS[ev.kind[e]]
         ax.axvspan(ev.start_s[e] / scale, ev.end_s[e] / scale, color=EVENT_COLOURS[kind], alpha=0.15,
                    label=None if kind in seen else f"event: {kind}")
-        ax.text(ev.start_s[e] / scale, 102 + 5 * (cell_rank[cid] % 3), f"{kind} {cid}", fontsize=7,
-                color=EVENT_COLOURS[kind])
+        ax.text(ev.start_s[e] / scale, 102 + 5 * (e % 3), f"{kind} {cid}", fontsize=7, color=EVENT_COLOURS[kind])
         seen.add(kind)
     ax.set_ylim(0, 120)
     ax.set_ylabel("RRU.PrbTotDl (%)")
     ax.set_title(f"Cell load with events ({trace.topology.n_cells} cells, interval {trace.interval_s:g} s)")
-    ax.legend(fontsize=7, ncol=4, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     shares = trace.ran_share_array()
     lt = np.unique(trace.ran_load["t_s"].to_numpy())
     sites = list(dict.fromkeys(str(trace.topology.site_ids[trace.topology.cell_site[
@@ -229,7 +228,7 @@ def plot_cell_load(trace: Trace, path: Path, max_cells: int = 6, min_ai_headroom
     ax2.set_ylim(0, 1.05)
     ax2.set_ylabel("RAN compute share")
     ax2.set_xlabel(f"trace time ({unit})")
-    ax2.legend(fontsize=7, ncol=4, loc="lower left")
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
