@@ -57,7 +57,7 @@ def _questions(sites: list[str]) -> list[dict]:
             question=f"Handover failures rose on {s3}/c2; propose a handover offset change.",
             site_ids=[s3],
             cell_ids=[f"{s3}/c2"],
-            controller_id="xapp-mro",
+            controller_id="xapp-ts",
             priority="near_rt",
             kpis=[
                 kpi("MM.HoExeInterReq", 320, "", f"{s3}/c2", now),
