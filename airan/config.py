@@ -64,7 +64,14 @@ class ModelSpec(_Strict):
     def _local_needs_path(self) -> ModelSpec:
         if self.source == "local" and self.path is None:
             raise ValueError(f"model '{self.name}': source 'local' needs a path")
+        if self.is_adapter and (self.source != "local" or not self.parent):
+            raise ValueError(f"model '{self.name}': a LoRA adapter needs source 'local', a path and a parent")
         return self
+
+    @property
+    def is_adapter(self) -> bool:
+        """A LoRA adapter served on top of its parent model by replicas that hold it."""
+        return self.method == "lora"
 
 
 class EngineConfig(_Strict):
@@ -77,12 +84,17 @@ class EngineConfig(_Strict):
     # CPU threads per replica; None = share the site's cpus among its replicas
     cpu_threads: Annotated[int, Field(ge=1)] | None = None
     seed: int = 0
+    # LoRA: only replicas that list adapters pay for them
+    max_lora_rank: Annotated[int, Field(ge=1, le=256)] = 16
+    max_loras: Annotated[int, Field(ge=1, le=64)] = 4
 
 
 class ReplicaSpec(_Strict):
     site: str
     model: str
     count: Annotated[int, Field(ge=0, le=64)] = 1
+    # LoRA adapters (model names with method 'lora' whose parent is `model`) held by this replica
+    adapters: list[str] = Field(default_factory=list)
 
 
 class ScorerSpec(_Strict):
@@ -178,6 +190,13 @@ class AiranConfig(_Strict):
                 raise ValueError(f"replica site '{r.site}' is not in sites ({', '.join(site_ids)})")
             if r.model not in model_names:
                 raise ValueError(f"replica model '{r.model}' is not in models ({', '.join(model_names)})")
+            if self.model(r.model).is_adapter:
+                raise ValueError(f"replica model '{r.model}' is a LoRA adapter: list it under adapters of a replica of its parent")
+            for a in r.adapters:
+                if a not in model_names or not self.model(a).is_adapter:
+                    raise ValueError(f"replica adapter '{a}' is not a LoRA model (method: lora) in models")
+                if self.model(a).parent != r.model:
+                    raise ValueError(f"adapter '{a}' has parent '{self.model(a).parent}', not the replica's model '{r.model}'")
         if self.server.default_model and self.server.default_model not in model_names:
             raise ValueError(f"server.default_model '{self.server.default_model}' is not in models")
         return self

@@ -172,7 +172,9 @@ class Gateway:
                 f"unknown model '{model}'; served models: {', '.join(self.renderers)}",
             )
         query = replace(query, model=model)
-        max_len = self.config.model(model).max_model_len
+        spec = self.config.model(model)
+        max_len = self.config.model(spec.parent).max_model_len if spec.is_adapter else spec.max_model_len
+        lora = model if spec.is_adapter else None
         prompt = self.renderers[model].render(query, budget_tokens=max_len - query.max_tokens)
 
         request = RoutingRequest(
@@ -190,7 +192,7 @@ class Gateway:
             raise AiranError(ErrorKind.UNAVAILABLE, f"no replica can take this query: {decision.rejection}")
 
         if query.mode != "diagnosis":
-            params = GenerationParams(max_tokens=query.max_tokens, temperature=query.temperature)
+            params = GenerationParams(max_tokens=query.max_tokens, temperature=query.temperature, lora=lora)
             async for event in self._dispatch(query, decision.ranked, prompt, params, arrival):
                 if isinstance(event, Answer):
                     self._cache.store(event)
@@ -200,7 +202,7 @@ class Gateway:
         # Diagnosis: decode under the schema, check every rule, retry once (sampling,
         # so the retry can differ) while the deadline allows; never return an invalid one.
         cells = query.context_cells
-        params = GenerationParams(query.max_tokens, query.temperature, json_schema=diagnosis_schema(cells))
+        params = GenerationParams(query.max_tokens, query.temperature, json_schema=diagnosis_schema(cells), lora=lora)
         problems = []
         for attempt in (1, 2):
             answer = None
@@ -311,7 +313,7 @@ class Gateway:
             completion_tokens=last.completion_tokens,
             replica_id=replica.replica_id,
             site_id=replica.site_id,
-            model=replica.model,
+            model=query.model,
             finish_reason=last.finish_reason or "stop",
             queue_ms=1000 * (dispatched - arrival) + engine_queue_ms,
             ttft_ms=1000 * ((first_token_at or done) - arrival),

@@ -48,8 +48,14 @@ class ControlPlane:
     async def start(self) -> ControlPlane:
         t0 = time.monotonic()
         used = {r.model for r in self.config.replicas} | {self.config.default_model}
+        used |= {a for r in self.config.replicas for a in r.adapters}
         model_paths = {m.name: materialize(m) for m in self.config.models if m.name in used}
-        renderers = {name: PromptRenderer(path) for name, path in model_paths.items()}
+        # an adapter shares its parent's tokenizer and chat template
+        renderers = {
+            m.name: PromptRenderer(model_paths[m.parent if m.is_adapter else m.name])
+            for m in self.config.models
+            if m.name in used
+        }
         self.startup_s["models"] = time.monotonic() - t0
 
         t0 = time.monotonic()

@@ -127,3 +127,16 @@ def test_ranking_is_a_permutation_of_eligible_replicas_with_scores_in_unit_range
     assert all(0.0 <= s <= 1.0 for s in decision.scores.values())
     ranked_scores = [decision.scores[x.replica_id] for x in decision.ranked]
     assert ranked_scores == sorted(ranked_scores, reverse=True)
+
+
+def test_lora_requests_go_only_to_replicas_holding_the_adapter():
+    reps = [
+        replica("a", "bs-01"),
+        replica("b", "bs-02", adapters=frozenset({"m-netops-lora"})),
+    ]
+    decision = router().choose_replicas(ctx(["bs-01"], model="m-netops-lora"), reps)
+    assert [r.replica_id for r in decision.ranked] == ["b"]
+    base = router().choose_replicas(ctx(["bs-01"], model="m"), reps)
+    assert {r.replica_id for r in base.ranked} == {"a", "b"}
+    none = router().choose_replicas(ctx(model="other-lora"), reps)
+    assert "adapter" in none.rejection

@@ -158,6 +158,9 @@ class RayReplicaPool:
                     enforce_eager=eng.enforce_eager,
                     enable_prefix_caching=eng.enable_prefix_caching,
                     seed=eng.seed,
+                    adapters=tuple((a, str(self.model_paths[a])) for a in spec.adapters),
+                    max_lora_rank=eng.max_lora_rank,
+                    max_loras=eng.max_loras,
                 )
                 env = cpu_engine_env(cpu_plan[k])
                 env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(eng.kv_cache_gb)))
@@ -169,7 +172,9 @@ class RayReplicaPool:
                     runtime_env={"env_vars": env},
                     max_concurrency=1000,
                 ).remote(replica_id, spec.site, settings)
-                view = ReplicaView(replica_id, spec.site, spec.model, ReplicaState.STARTING)
+                view = ReplicaView(
+                    replica_id, spec.site, spec.model, ReplicaState.STARTING, adapters=frozenset(spec.adapters)
+                )
                 self._replicas[replica_id] = _Replica(view, actor)
                 starts.append(self._start_one(replica_id))
         await asyncio.gather(*starts)

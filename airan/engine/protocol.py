@@ -17,6 +17,8 @@ class GenerationParams:
     seed: int | None = None
     # a JSON schema the output must follow (structured outputs), if any
     json_schema: dict | None = None
+    # name of the LoRA adapter to apply; the replica must hold it
+    lora: str | None = None
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,10 @@ class VllmSettings:
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
     seed: int = 0
+    # LoRA adapters this engine may apply (name -> path); empty = LoRA off
+    adapters: tuple[tuple[str, str], ...] = ()
+    max_lora_rank: int = 16
+    max_loras: int = 4
 
 
 def cpu_engine_env(cpu_ids: list[int] | None) -> dict[str, str]:
@@ -88,6 +92,8 @@ class VllmEngine:
         self.max_model_len = settings.max_model_len
         self._llm = None
         self._stats = _LatestSchedulerStats()
+        # vLLM identifies adapters by a positive int id
+        self._loras = {name: (i + 1, path) for i, (name, path) in enumerate(settings.adapters)}
 
     async def start(self) -> None:
         from vllm.config import StructuredOutputsConfig
@@ -105,6 +111,9 @@ class VllmEngine:
             enable_prefix_caching=s.enable_prefix_caching,
             kv_cache_memory_bytes=int(s.kv_cache_gb * GIB),
             seed=s.seed,
+            enable_lora=bool(s.adapters),
+            max_lora_rank=s.max_lora_rank,
+            max_loras=s.max_loras,
             disable_log_stats=False,
             # compact JSON: whitespace between tokens would only spend the token budget
             structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
@@ -136,12 +145,20 @@ class VllmEngine:
             if params.json_schema
             else None,
         )
+        lora_request = None
+        if params.lora is not None:
+            from vllm.lora.request import LoRARequest
+
+            if params.lora not in self._loras:
+                raise RequestFailedError(f"adapter '{params.lora}' is not loaded on this replica")
+            lora_id, path = self._loras[params.lora]
+            lora_request = LoRARequest(params.lora, lora_id, path)
         completion_tokens = 0
         queue_ms = None
         finished = False
         try:
             async for out in llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id
+                TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id, lora_request=lora_request
             ):
                 completion = out.outputs[0]
                 completion_tokens += len(completion.token_ids)

@@ -52,7 +52,7 @@ def materialize(spec: ModelSpec) -> Path:
     if spec.source == "tiny-random":
         return ensure_tiny_model(spec.name, tiny_params_for(spec))
     if spec.source == "local":
-        return _check_local_dir(spec.name, Path(spec.path).expanduser())
+        return _check_local_dir(spec.name, Path(spec.path).expanduser(), spec.is_adapter)
     if spec.source == "smollm2":
         from airan.models.smollm2 import find_prepared_smollm2
 
@@ -66,7 +66,7 @@ def materialize(spec: ModelSpec) -> Path:
     raise ModelNotAvailable(f"model '{spec.name}': unknown source '{spec.source}'")
 
 
-def _check_local_dir(name: str, path: Path) -> Path:
+def _check_local_dir(name: str, path: Path, adapter: bool = False) -> Path:
     path = path.resolve()
     if not path.exists():
         raise ModelNotAvailable(
@@ -76,6 +76,13 @@ def _check_local_dir(name: str, path: Path) -> Path:
         )
     if not path.is_dir():
         raise ModelNotAvailable(f"model '{name}': local path {path} is a file, expected a model directory")
+    if adapter:
+        if not (path / "adapter_config.json").is_file():
+            raise ModelNotAvailable(
+                f"model '{name}': {path} has no adapter_config.json, so it is not a PEFT LoRA adapter "
+                "directory; rebuild it with `airan model build` or fix models[].path"
+            )
+        return path
     if not (path / "config.json").is_file():
         raise ModelNotAvailable(
             f"model '{name}': {path} has no config.json, so it is not a Hugging Face model "

@@ -31,10 +31,10 @@ class ModelFilter:
     name = "model"
 
     def filter(self, ctx, replicas):
-        return [r for r in replicas if r.model == ctx.request.model]
+        return [r for r in replicas if r.serves(ctx.request.model)]
 
     def explain(self, ctx):
-        return f"no ready replica serves model '{ctx.request.model}'"
+        return f"no ready replica serves model '{ctx.request.model}' (or holds it as an adapter)"
 
 
 class SiteActiveFilter:

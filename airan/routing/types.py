@@ -30,6 +30,10 @@ class ReplicaView:
     running: int = 0  # engine-reported
     waiting: int = 0  # engine-reported
     kv_cache_usage: float = 0.0
+    adapters: frozenset[str] = frozenset()  # LoRA adapters held on top of `model`
+
+    def serves(self, model: str) -> bool:
+        return model == self.model or model in self.adapters
 
     @property
     def queue_depth(self) -> int:
