@@ -196,11 +196,12 @@ class QueryGenerator:
         for e in ev_here:  # bounded by the number of events
             by_interval.setdefault(int(det[e]) - i0, []).append(int(e))
         self._acc_from = 0
+        scores = self._anomaly_scores(kpis)
         for r in range(T):  # bounded by the window length
             i = i0 + r
             for e in by_interval.get(r, ()):
                 self._event_queries(e, i, r, kpis)
-            self._anomalies(i, r, kpis)
+            self._anomalies(i, r, kpis, scores)
             if (i + 1) * self.dt >= self._next_summary:
                 self._accumulate(kpis, ran_share, r + 1)
                 self._summaries((i + 1) * self.dt)
@@ -270,13 +271,13 @@ class QueryGenerator:
                 max_tokens=MAX_TOKENS[prio], kpi_context=list(context), event_id=str(ev.event_ids[e]),
             ))
 
-    def _anomalies(self, i: int, r: int, kpis: dict[str, np.ndarray]) -> None:
+    def _anomaly_scores(self, kpis: dict[str, np.ndarray]) -> np.ndarray:
+        """(3, T, C) threshold exceedance (0 = normal) for the whole window at once."""
         p = self.p
-        t_report = (i + 1) * self.dt
-        prb = kpis["RRU.PrbTotDl"][r]
-        bler = kpis["TB.BlerDl"][r]
-        req = kpis["MM.HoExeInterReq"][r]
-        fail = kpis["MM.HoExeInterFail"][r]
+        prb = kpis["RRU.PrbTotDl"]
+        bler = kpis["TB.BlerDl"]
+        req = kpis["MM.HoExeInterReq"]
+        fail = kpis["MM.HoExeInterFail"]
         fail_ratio = np.divide(fail, req, out=np.zeros_like(fail), where=req > 0)
         with np.errstate(invalid="ignore"):  # NaN for cells that were off: never anomalous
             scores = np.stack([
@@ -284,12 +285,18 @@ class QueryGenerator:
                 np.where(bler >= p.bler_pct, bler / p.bler_pct, 0.0),
                 np.where((fail >= p.ho_fail_min) & (fail_ratio >= p.ho_fail_ratio), fail_ratio / p.ho_fail_ratio, 0.0),
             ])
-        scores = np.nan_to_num(scores)
-        best = scores.max(axis=0)
-        best[self._cooldown_until > t_report] = 0.0
-        hits = np.flatnonzero(best > 0)
+        return np.nan_to_num(scores, copy=False)
+
+    def _anomalies(self, i: int, r: int, kpis: dict[str, np.ndarray], window_scores: np.ndarray) -> None:
+        p = self.p
+        t_report = (i + 1) * self.dt
+        scores = window_scores[:, r]
+        hits = np.flatnonzero(scores.max(axis=0) > 0)
+        hits = hits[self._cooldown_until[hits] <= t_report]
         if hits.size == 0:
             return
+        best = np.zeros(self.topo.n_cells, dtype=np.float32)
+        best[hits] = scores[:, hits].max(axis=0)
         if hits.size > p.max_anomalies_per_interval:  # worst cells first, the rest wait for the next report
             top = np.argpartition(-best[hits], p.max_anomalies_per_interval - 1)[: p.max_anomalies_per_interval]
             hits = hits[top]

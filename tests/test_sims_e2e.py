@@ -22,12 +22,17 @@ pytestmark = pytest.mark.slow
 
 
 def two_site_config():
-    """airan/configs/default.yaml with its first two sites, on a free port."""
+    """airan/configs/default.yaml with its first two sites serving the tiny random model, on a free port."""
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw["sites"] = raw["sites"][:2]
-    keep = {s["id"] for s in raw["sites"]}
-    raw["replicas"] = [r for r in raw["replicas"] if r["site"] in keep]
-    raw["server"] = {**raw.get("server", {}), "host": "127.0.0.1", "port": 0, "grace_s": 1}
+    tiny = next((m for m in raw["models"] if m.get("source") == "tiny-random"), None)
+    if tiny is None:
+        tiny = {"name": "tiny-llama", "source": "tiny-random", "max_model_len": 1024, "dtype": "float32"}
+        raw["models"].append(tiny)
+    raw["models"] = [tiny]
+    raw["replicas"] = [{"site": s["id"], "model": tiny["name"]} for s in raw["sites"]]
+    raw["server"] = {**raw.get("server", {}), "host": "127.0.0.1", "port": 0, "grace_s": 1,
+                     "default_model": tiny["name"]}
     return parse_config(raw)
 
 
