@@ -6,8 +6,11 @@ import pytest
 from airan.config import AiranConfig, parse_config
 
 
-def tiny_stack_config(n_sites: int = 2, **overrides) -> AiranConfig:
-    """`n_sites` Ray site nodes, one tiny-model replica each, gRPC on a free 127.0.0.1 port."""
+def tiny_stack_config(n_sites: int = 2, adapter_dir=None, **overrides) -> AiranConfig:
+    """`n_sites` Ray site nodes, one tiny-model replica each, gRPC on a free 127.0.0.1 port.
+
+    With `adapter_dir`, the last site's replica also holds the LoRA adapter `tiny-lora`.
+    """
     sites = [
         {"id": f"bs-0{i + 1}", "cpus": 1, "latency_ms": {"xapp-test": 1.0 + 2 * i}} for i in range(n_sites)
     ]
@@ -19,10 +22,18 @@ def tiny_stack_config(n_sites: int = 2, **overrides) -> AiranConfig:
         "limits": {"max_tokens_limit": 256},
         "server": {"host": "127.0.0.1", "port": 0, "grace_s": 1},
     }
+    if adapter_dir is not None:
+        raw["models"].append(
+            {"name": "tiny-lora", "source": "local", "path": str(adapter_dir), "method": "lora", "parent": "tiny-llama"}
+        )
+        raw["replicas"][-1]["adapters"] = ["tiny-lora"]
     raw.update(overrides)
     return parse_config(raw)
 
 
 @pytest.fixture(scope="session")
-def tiny_config() -> AiranConfig:
-    return tiny_stack_config()
+def tiny_config(tmp_path_factory) -> AiranConfig:
+    from airan.models.tiny import ensure_tiny_model, write_random_lora
+
+    adapter = write_random_lora(ensure_tiny_model(), tmp_path_factory.mktemp("lora") / "tiny-lora")
+    return tiny_stack_config(adapter_dir=adapter)

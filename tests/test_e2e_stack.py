@@ -156,3 +156,19 @@ async def test_health_is_serving_and_reflection_lists_the_services(stack):
     services, ask_output = await asyncio.to_thread(discover)
     assert {"airan.v1.NetOpsService", "airan.v1.ControlService", "grpc.health.v1.Health"} <= services
     assert ask_output == "airan.v1.AskChunk"
+
+
+async def test_adapter_queries_are_served_only_where_the_adapter_is_loaded(client):
+    replicas = {r.site_id: r for r in (await client.replicas()).replicas}
+    r = await client.ask(build_request("Summarise bs-01.", site_ids=["bs-01"], model="tiny-lora", max_tokens=4))
+    assert r.site_id == "bs-02" and r.model == "tiny-lora" and r.completion_tokens == 4
+    base = await client.ask(build_request("Summarise bs-01.", site_ids=["bs-01"], max_tokens=4))
+    assert base.site_id == "bs-01" and base.model == "tiny-llama"
+    await client.drain_site("bs-02")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await client.ask(build_request("Summarise.", model="tiny-lora", max_tokens=4))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await client.drain_site("bs-02", resume=True)
+    assert set(replicas) == {"bs-01", "bs-02"}

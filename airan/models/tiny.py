@@ -376,3 +376,41 @@ def ensure_tiny_model(name: str = "tiny-llama", params: TinyModelParams | None =
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def write_random_lora(base_dir: Path, out_dir: Path, rank: int = 8, seed: int = 0) -> Path:
+    """A PEFT-format LoRA adapter (q/v projections) with random weights for `base_dir`.
+
+    For mechanics tests of adapter serving and routing, as the tiny model is for engines.
+    """
+    from safetensors.numpy import save_file
+
+    config = json.loads((Path(base_dir) / "config.json").read_text())
+    hidden = config["hidden_size"]
+    head_dim = hidden // config["num_attention_heads"]
+    out_features = {"q_proj": hidden, "v_proj": config["num_key_value_heads"] * head_dim}
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for proj, out in out_features.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[f"{prefix}.lora_A.weight"] = rng.normal(0, 0.02, (rank, hidden)).astype(np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = rng.normal(0, 0.02, (out, rank)).astype(np.float32)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    _write_json(
+        out_dir / "adapter_config.json",
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": str(base_dir),
+            "r": rank,
+            "lora_alpha": 2 * rank,
+            "lora_dropout": 0.0,
+            "target_modules": list(out_features),
+            "bias": "none",
+            "fan_in_fan_out": False,
+        },
+    )
+    return out_dir
