@@ -81,6 +81,9 @@ class RadioParams:
     holding_s: float = 90.0  # RRC-connected time per UE session
 
 
+_DB_TO_LN = np.float32(np.log(10.0) / 10.0)  # 10^(x/10) = exp(x * ln10/10); exp is ~4x faster than power
+
+
 def _avg_var_factor(dt: float, holding_s: float) -> float:
     """Variance of an M/M/inf occupancy averaged over dt, relative to its mean."""
     x = dt / holding_s
@@ -181,11 +184,11 @@ def radio_kpis(
 
     # SINR: interference rise from the site's unsaturated load (neighbour cells interfere)
     sinr0 = st.base_sinr_db if sinr_delta_db is None else st.base_sinr_db + sinr_delta_db
-    se0 = np.minimum(f32(p.impl_loss) * np.log2(1.0 + np.power(f32(10.0), sinr0 * f32(0.1))), f32(p.se_cap))
+    se0 = np.minimum(f32(p.impl_loss) * np.log2(1.0 + np.exp(sinr0 * _DB_TO_LN)), f32(p.se_cap))
     rho0 = np.minimum(np.divide(a_dl, bw_khz * se0 * f32(p.dl_duty) + f32(1e-3)), 1.0)
     iot_db = f32(10.0) * np.log10(1.0 + f32(p.iot_gain) * site_mean(rho0, st))
     sinr = sinr0 - iot_db + f32(0.5) * z_sinr
-    se = np.minimum(f32(p.impl_loss) * np.log2(1.0 + np.power(f32(10.0), sinr * f32(0.1))), f32(p.se_cap))
+    se = np.minimum(f32(p.impl_loss) * np.log2(1.0 + np.exp(sinr * _DB_TO_LN)), f32(p.se_cap))
     bler = f32(0.08) + f32(0.42) / (1.0 + np.exp((sinr - f32(2.0)) * f32(1.0 / 1.5)))
     good = 1.0 - bler
     cap_dl = bw_khz * se * good * f32(p.dl_duty) + f32(1e-3)  # kbit/s; epsilon keeps rho finite when off
@@ -223,14 +226,14 @@ def radio_kpis(
         if sleep is not None:
             power_on += f32(p.psleep_w) * sleep
     cqi = np.clip(f32(1.0) + (sinr + f32(6.0)) * f32(14.0 / 26.0), 1.0, 15.0)
-    if on is not None:  # no UE reports while the cell was off the whole interval
-        nan = f32(np.nan)
-        sinr = np.where(on, sinr, nan)
-        cqi = np.where(on, cqi, nan)
-        bler = np.where(on, bler, nan)
-        thp_dl = np.where(on, thp_dl, nan)
-        thp_ul = np.where(on, thp_ul, nan)
-        delay = np.where(on, delay, nan)
+    if on is not None and not on.all():  # no UE reports while the cell was off the whole interval
+        gate = np.where(on, f32(1.0), f32(np.nan))  # x * gate: NaN where off; one masked pass, not six
+        sinr = sinr * gate
+        cqi = cqi * gate
+        bler = bler * gate
+        thp_dl = thp_dl * gate
+        thp_ul = thp_ul * gate
+        delay = delay * gate
     prb_full = np.broadcast_to(prb_avail, ues.shape)
     return {
         "RRC.ConnMean": ues,

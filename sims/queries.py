@@ -16,6 +16,7 @@ Every query maps onto airan.v1.AskRequest (see `replay.ask_request`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -70,6 +71,7 @@ _PROPOSAL = {
 }
 _ANOMALY_KPIS = ("RRU.PrbTotDl", "RRC.ConnMean", "DRB.UEThpDl", "DRB.RlcSduDelayDl", "TB.BlerDl",
                  "L1M.SS-SINR", "MM.HoExeInterReq", "MM.HoExeInterFail")
+_MAYBE_NAN = ("DRB.UEThpDl", "DRB.RlcSduDelayDl")  # quality KPIs: NaN while a cell is off air
 _SUMMARY_KPIS = ("RRC.ConnMean", "RRU.PrbTotDl", "DRB.UEThpDl", "DRB.RlcSduDelayDl", "MM.HoExeInterFail",
                  "PEE.AvgPower")
 
@@ -85,7 +87,7 @@ class QueryParams:
     ho_fail_ratio: float = 0.2
     ho_fail_min: float = 5.0
     cooldown_s: float = 900.0  # per cell, between triggered questions
-    max_anomalies_per_interval: int = 20
+    max_anomalies_per_min: float = 10.0  # network-wide: the xApp asks about the worst cells first
     energy_saving_prb_pct: float = 10.0  # site load under which the energy rApp proposes sleep
     max_queries: int = 1_000_000
 
@@ -112,7 +114,7 @@ class Query:
 
 
 def _fmt(value: float) -> str:
-    if not np.isfinite(value):
+    if not math.isfinite(value):
         return "n/a"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
@@ -154,6 +156,7 @@ class QueryGenerator:
         self._ev_detect = visible_at(events, self.dt)
         self._ev_before = np.floor(events.start_s / self.dt).astype(np.int64) - 1
         self._ctrl = {prio: self._controller_for(prio) for prio in PRIORITIES}
+        self._anomaly_cap = max(1, int(round(params.max_anomalies_per_min * self.dt / 60.0)))
         first = np.zeros(topology.n_cells, dtype=bool)
         first[topology.site_start] = True
         self._is_coverage_cell = first
@@ -196,12 +199,12 @@ class QueryGenerator:
         for e in ev_here:  # bounded by the number of events
             by_interval.setdefault(int(det[e]) - i0, []).append(int(e))
         self._acc_from = 0
-        scores = self._anomaly_scores(kpis)
+        flags = self._anomaly_flags(kpis)
         for r in range(T):  # bounded by the window length
             i = i0 + r
             for e in by_interval.get(r, ()):
                 self._event_queries(e, i, r, kpis)
-            self._anomalies(i, r, kpis, scores)
+            self._anomalies(i, r, kpis, flags)
             if (i + 1) * self.dt >= self._next_summary:
                 self._accumulate(kpis, ran_share, r + 1)
                 self._summaries((i + 1) * self.dt)
@@ -271,42 +274,50 @@ class QueryGenerator:
                 max_tokens=MAX_TOKENS[prio], kpi_context=list(context), event_id=str(ev.event_ids[e]),
             ))
 
-    def _anomaly_scores(self, kpis: dict[str, np.ndarray]) -> np.ndarray:
-        """(3, T, C) threshold exceedance (0 = normal) for the whole window at once."""
+    def _anomaly_flags(self, kpis: dict[str, np.ndarray]) -> np.ndarray:
+        """(T, C) cells over any threshold, for the whole window; NaN (cell off) compares False."""
         p = self.p
-        prb = kpis["RRU.PrbTotDl"]
-        bler = kpis["TB.BlerDl"]
-        req = kpis["MM.HoExeInterReq"]
         fail = kpis["MM.HoExeInterFail"]
-        fail_ratio = np.divide(fail, req, out=np.zeros_like(fail), where=req > 0)
-        with np.errstate(invalid="ignore"):  # NaN for cells that were off: never anomalous
+        flags = kpis["RRU.PrbTotDl"] >= p.prb_overload_pct
+        flags |= kpis["TB.BlerDl"] >= p.bler_pct
+        flags |= (fail >= p.ho_fail_min) & (fail >= p.ho_fail_ratio * kpis["MM.HoExeInterReq"])
+        return flags
+
+    def _scores(self, kpis: dict[str, np.ndarray], r: int, cells: np.ndarray) -> np.ndarray:
+        """(3, n) exceedance of each threshold (0 = under it) for a few cells."""
+        p = self.p
+        prb = kpis["RRU.PrbTotDl"][r, cells].astype(np.float64)
+        bler = kpis["TB.BlerDl"][r, cells].astype(np.float64)
+        req = kpis["MM.HoExeInterReq"][r, cells].astype(np.float64)
+        fail = kpis["MM.HoExeInterFail"][r, cells].astype(np.float64)
+        ratio = np.divide(fail, req, out=np.zeros_like(fail), where=req > 0)
+        with np.errstate(invalid="ignore"):
             scores = np.stack([
                 np.where(prb >= p.prb_overload_pct, prb / p.prb_overload_pct, 0.0),
                 np.where(bler >= p.bler_pct, bler / p.bler_pct, 0.0),
-                np.where((fail >= p.ho_fail_min) & (fail_ratio >= p.ho_fail_ratio), fail_ratio / p.ho_fail_ratio, 0.0),
+                np.where((fail >= p.ho_fail_min) & (ratio >= p.ho_fail_ratio), ratio / p.ho_fail_ratio, 0.0),
             ])
-        return np.nan_to_num(scores, copy=False)
+        return np.nan_to_num(scores)
 
-    def _anomalies(self, i: int, r: int, kpis: dict[str, np.ndarray], window_scores: np.ndarray) -> None:
+    def _anomalies(self, i: int, r: int, kpis: dict[str, np.ndarray], flags: np.ndarray) -> None:
         p = self.p
         t_report = (i + 1) * self.dt
-        scores = window_scores[:, r]
-        hits = np.flatnonzero(scores.max(axis=0) > 0)
+        hits = np.flatnonzero(flags[r])
         hits = hits[self._cooldown_until[hits] <= t_report]
         if hits.size == 0:
             return
-        best = np.zeros(self.topo.n_cells, dtype=np.float32)
-        best[hits] = scores[:, hits].max(axis=0)
-        if hits.size > p.max_anomalies_per_interval:  # worst cells first, the rest wait for the next report
-            top = np.argpartition(-best[hits], p.max_anomalies_per_interval - 1)[: p.max_anomalies_per_interval]
-            hits = hits[top]
-        hits = hits[np.lexsort((hits, -best[hits]))]
+        scores = self._scores(kpis, r, hits)
+        best, worst_kind = scores.max(axis=0), scores.argmax(axis=0)
+        cap = self._anomaly_cap
+        if hits.size > cap:  # worst cells first, the rest wait for the next report
+            top = np.argpartition(-best, cap - 1)[:cap]
+            hits, best, worst_kind = hits[top], best[top], worst_kind[top]
+        order = np.lexsort((hits, -best))
+        hits, worst_kind = hits[order], worst_kind[order]
         rng = stream_rng(self.seed, STREAM_ANOMALY_Q, i)
         names = ("prb_overload", "high_bler", "ho_failures")
         symptom = ("its DL PRBs are saturated", "its DL BLER is high", "many handovers fail")
-        for c in hits:  # bounded by max_anomalies_per_interval
-            c = int(c)
-            a = int(np.argmax(scores[:, c]))
+        for c, a in zip(hits.tolist(), worst_kind.tolist()):  # bounded by the per-interval cap
             context = []
             for name in _ANOMALY_KPIS:
                 v = float(kpis[name][r, c])
@@ -334,7 +345,11 @@ class QueryGenerator:
         if b <= a:
             return
         for name in _SUMMARY_KPIS:
-            self._acc[name] += np.nansum(kpis[name][a:b], axis=0, dtype=np.float64)  # an off cell adds 0
+            rows = kpis[name][a:b]
+            if name in _MAYBE_NAN:  # fmax(NaN, 0) = 0: an off cell adds 0, in one pass without a mask
+                rows = np.fmax(rows, 0.0)
+            # float64: float32 values add up exactly, so sums do not depend on where windows are cut
+            self._acc[name] += rows.sum(axis=0, dtype=np.float64)
         self._acc_ran += ran_share[a:b].sum(axis=0, dtype=np.float64)
         self._acc_n += b - a
         self._acc_from = b
