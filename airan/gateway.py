@@ -121,30 +121,14 @@ class Gateway:
     async def ask(self, query: Query, arrival: float | None = None) -> Answer:
         """Unary: the whole answer; a retried request_id shares the first call's answer."""
         rid = query.request_id
-        if rid and rid in self._cache.completed:
-            return self._cache.completed[rid]
-        if rid and rid in self._cache.in_flight:
+        if rid in self._cache.in_flight:
             return await asyncio.shield(self._cache.in_flight[rid])
-        future = asyncio.get_running_loop().create_future() if rid else None
-        if future is not None:
-            self._cache.in_flight[rid] = future
-        try:
-            answer = None
-            async for event in self._run(query, arrival):
-                if isinstance(event, Answer):
-                    answer = event
-            assert answer is not None, "a run always ends in an Answer or an error"
-            if future is not None:
-                future.set_result(answer)
-            return answer
-        except BaseException as e:
-            if future is not None:
-                future.set_exception(e if isinstance(e, Exception) else AiranError(ErrorKind.CANCELLED, "request cancelled"))
-                future.exception()  # mark retrieved: waiters may not exist
-            raise
-        finally:
-            if future is not None:
-                self._cache.in_flight.pop(rid, None)
+        answer = None
+        async for event in self.stream(query, arrival):
+            if isinstance(event, Answer):
+                answer = event
+        assert answer is not None, "a run always ends in an Answer or an error"
+        return answer
 
     async def stream(self, query: Query, arrival: float | None = None) -> AsyncIterator[Delta | Answer]:
         """Streaming: deltas, then exactly one final Answer (or an AiranError)."""
@@ -157,8 +141,29 @@ class Gateway:
                 ErrorKind.ALREADY_EXISTS,
                 f"request_id '{rid}' is already being answered; wait for it or use a new request_id",
             )
-        async for event in self._run(query, arrival):
-            yield event
+        if not rid:
+            async for event in self._run(query, arrival):
+                yield event
+            return
+        # claim the id so a concurrent retry waits for this answer instead of recomputing it
+        future = asyncio.get_running_loop().create_future()
+        self._cache.in_flight[rid] = future
+        try:
+            async for event in self._run(query, arrival):
+                if isinstance(event, Answer):
+                    future.set_result(event)
+                yield event
+        except BaseException as e:
+            if not future.done():
+                cause = e if isinstance(e, Exception) else AiranError(ErrorKind.CANCELLED, "request cancelled")
+                future.set_exception(cause)
+                future.exception()  # mark retrieved: there may be no waiter
+            raise
+        finally:
+            if not future.done():  # the consumer stopped reading before the end
+                future.set_exception(AiranError(ErrorKind.CANCELLED, "request cancelled"))
+                future.exception()
+            self._cache.in_flight.pop(rid, None)
 
     # -- the pipeline ------------------------------------------------------------
     async def _run(self, query: Query, arrival: float | None) -> AsyncIterator[Delta | Answer]:

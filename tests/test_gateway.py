@@ -250,3 +250,16 @@ async def test_oldest_kpi_rows_are_dropped_to_fit_and_reported(gateway):
     ans = await gw.ask(q(kpis=kpis, max_tokens=8))
     assert ans.prompt.context_rows == 60 and 0 < ans.prompt.context_rows_dropped < 60
     assert ans.prompt_tokens <= 1024 - 8
+
+
+async def test_a_request_id_being_streamed_is_not_computed_twice(gateway):
+    replica = FakeReplica(delay=0.02)
+    gw, _ = gateway({"r1": ("bs-01", replica)})
+    stream = gw.stream(q(request_id="s1"))
+    first = await anext(stream)  # the stream now holds the id
+    waiter = asyncio.create_task(gw.ask(q(request_id="s1")))
+    with pytest.raises(AiranError) as e:
+        await anext(gw.stream(q(request_id="s1")))
+    assert e.value.kind is ErrorKind.ALREADY_EXISTS
+    rest = [ev async for ev in stream]
+    assert isinstance(first, Delta) and await waiter == rest[-1] and replica.calls == 1
