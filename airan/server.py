@@ -5,7 +5,6 @@ benchmarks start and stop the real stack the same way.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 

@@ -93,10 +93,10 @@ def timings(a: Answer) -> netops_pb2.Timings:
     return netops_pb2.Timings(queue_ms=a.queue_ms, ttft_ms=a.ttft_ms, total_ms=a.total_ms)
 
 
-def answer_to_response(a: Answer) -> netops_pb2.AskResponse:
-    return netops_pb2.AskResponse(
+def _answer_fields(a: Answer) -> dict:
+    """Fields AskResponse and the final AskChunk share."""
+    return dict(
         request_id=a.request_id,
-        text=a.text,
         prompt_tokens=a.prompt_tokens,
         completion_tokens=a.completion_tokens,
         replica_id=a.replica_id,
@@ -106,19 +106,11 @@ def answer_to_response(a: Answer) -> netops_pb2.AskResponse:
         timings=timings(a),
         **_extras(a),
     )
+
+
+def answer_to_response(a: Answer) -> netops_pb2.AskResponse:
+    return netops_pb2.AskResponse(text=a.text, **_answer_fields(a))
 
 
 def answer_to_final_chunk(a: Answer, include_text: bool = False) -> netops_pb2.AskChunk:
-    return netops_pb2.AskChunk(
-        request_id=a.request_id,
-        text_delta=a.text if include_text else "",
-        final=True,
-        prompt_tokens=a.prompt_tokens,
-        completion_tokens=a.completion_tokens,
-        replica_id=a.replica_id,
-        site_id=a.site_id,
-        model=a.model,
-        finish_reason=a.finish_reason,
-        timings=timings(a),
-        **_extras(a),
-    )
+    return netops_pb2.AskChunk(text_delta=a.text if include_text else "", final=True, **_answer_fields(a))

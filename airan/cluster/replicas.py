@@ -19,7 +19,7 @@ from airan.engine.protocol import (
     ReplicaUnavailableError,
     RequestFailedError,
 )
-from airan.engine.vllm_engine import VllmEngine, VllmSettings, cpu_engine_env
+from airan.engine.vllm_engine import VllmEngine, VllmSettings, cpu_engine_env, settings_for
 from airan.routing import ReplicaState, ReplicaView
 
 log = logging.getLogger(__name__)
@@ -143,33 +143,19 @@ class RayReplicaPool:
     async def start(self) -> None:
         eng = self.config.engine
         starts = []
-        cpu_plan = self._cpu_plan()
-        k = 0
+        cpu_plan = iter(self._cpu_plan())
         for spec in self.config.replicas:
             model = self.config.model(spec.model)
             for ordinal in range(spec.count):
                 replica_id = f"{spec.site}-{spec.model}-{ordinal}"
-                settings = VllmSettings(
-                    model_path=self.model_paths[spec.model],
-                    max_model_len=model.max_model_len,
-                    dtype=model.dtype,
-                    kv_cache_gb=eng.kv_cache_gb,
-                    max_num_seqs=eng.max_num_seqs,
-                    enforce_eager=eng.enforce_eager,
-                    enable_prefix_caching=eng.enable_prefix_caching,
-                    seed=eng.seed,
-                    adapters=tuple((a, str(self.model_paths[a])) for a in spec.adapters),
-                    max_lora_rank=eng.max_lora_rank,
-                    max_loras=eng.max_loras,
-                )
-                env = cpu_engine_env(cpu_plan[k])
-                env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(eng.kv_cache_gb)))
-                k += 1
+                adapters = tuple((a, str(self.model_paths[a])) for a in spec.adapters)
+                settings = settings_for(model, eng, self.model_paths[spec.model], adapters)
+                cpus = next(cpu_plan)
                 actor = ReplicaActor.options(
                     name=replica_id,
-                    num_cpus=len(cpu_plan[k - 1]) if cpu_plan[k - 1] else 1,
+                    num_cpus=len(cpus) if cpus else 1,
                     resources={site_resource(spec.site): 1},
-                    runtime_env={"env_vars": env},
+                    runtime_env={"env_vars": cpu_engine_env(cpus)},
                     max_concurrency=1000,
                 ).remote(replica_id, spec.site, settings)
                 view = ReplicaView(

@@ -40,6 +40,23 @@ class VllmSettings:
     max_loras: int = 4
 
 
+def settings_for(model, engine, model_path: Path, adapters: tuple[tuple[str, str], ...] = ()) -> VllmSettings:
+    """Engine settings of one replica from the typed config (ModelSpec + EngineConfig)."""
+    return VllmSettings(
+        model_path=model_path,
+        max_model_len=model.max_model_len,
+        dtype=model.dtype,
+        kv_cache_gb=engine.kv_cache_gb,
+        max_num_seqs=engine.max_num_seqs,
+        enforce_eager=engine.enforce_eager,
+        enable_prefix_caching=engine.enable_prefix_caching,
+        seed=engine.seed,
+        adapters=adapters,
+        max_lora_rank=engine.max_lora_rank,
+        max_loras=engine.max_loras,
+    )
+
+
 def cpu_engine_env(cpu_ids: list[int] | None) -> dict[str, str]:
     """Environment for a CPU engine pinned to `cpu_ids` (None = vLLM's default)."""
     env = {"VLLM_CPU_OMP_THREADS_BIND": "auto"}
@@ -118,8 +135,8 @@ class VllmEngine:
             # compact JSON: whitespace between tokens would only spend the token budget
             structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         )
-        # vLLM's CPU backend reads its KV size from the environment too.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(s.kv_cache_gb))))
+        # vLLM's CPU backend lets this legacy variable override kv_cache_memory_bytes (whole GiB only)
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.factory])
 
     def _engine(self):
