@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from airan.config import ConfigError, dump_config, load_config
+from airan.evaluation.cli import app as eval_app
 from airan.models.cli import app as model_app
 from sims.cli import app as sim_app
 
@@ -15,6 +16,7 @@ config_app = typer.Typer(help="Inspect and validate airan config files.", no_arg
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
 app.add_typer(sim_app, name="sim")
+app.add_typer(eval_app, name="eval")
 
 ConfigOption = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="airan YAML config (default: the built-in 3-site config)")
