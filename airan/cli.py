@@ -59,7 +59,13 @@ def serve(
             await stop.wait()
             typer.echo("shutting down: health NOT_SERVING, finishing in-flight queries")
 
-    asyncio.run(run())
+    from airan.models.registry import ModelNotAvailable
+
+    try:
+        asyncio.run(run())
+    except ModelNotAvailable as e:
+        typer.echo(f"cannot serve: {e}", err=True)
+        raise typer.Exit(2)
 
 
 @app.command()
