@@ -224,7 +224,21 @@ def load_config(path: str | os.PathLike | None = None) -> AiranConfig:
         raise ConfigError(f"config file not found: {path}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    return parse_config(raw, source=str(path))
+    return parse_config(_model_paths_beside(raw, path.parent), source=str(path))
+
+
+def _model_paths_beside(raw: object, base: Path) -> object:
+    """A relative models[].path in a config file names a place beside that file, not the caller's
+    working directory (so the packaged config can name the adapter the package ships)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("models"), list):
+        return raw
+    models = []
+    for m in raw["models"]:
+        if isinstance(m, dict) and isinstance(m.get("path"), str) and m["path"] \
+                and not Path(m["path"]).expanduser().is_absolute():  # fmt: skip
+            m = {**m, "path": str((base / m["path"]).resolve())}
+        models.append(m)
+    return {**raw, "models": models}
 
 
 def parse_config(raw: object, source: str = "<config>") -> AiranConfig:

@@ -112,7 +112,12 @@ def read_safetensors_header(file: Path) -> dict:
 def describe(path: str | Path) -> dict:
     """Registry facts of a model directory, read without loading the weights."""
     path = Path(path)
-    config = json.loads((path / "config.json").read_text())
+    adapter = path / "adapter_config.json"
+    if adapter.is_file() and not (path / "config.json").is_file():  # a PEFT LoRA adapter: no model config
+        lora = json.loads(adapter.read_text())
+        config = {"architectures": [f"LoRA adapter r={lora.get('r')} of {lora.get('base_model_name_or_path')}"]}
+    else:
+        config = json.loads((path / "config.json").read_text())
     # multimodal/wrapped configs keep the language model's settings in text_config
     text_config = config.get("text_config") or config
     parameters = 0
