@@ -1,6 +1,7 @@
 """`airan model ...` commands."""
 from __future__ import annotations
 
+import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -119,9 +120,91 @@ def _spec_row(spec: ModelSpec) -> tuple[str, Path | None, dict | None]:
         return f"unreadable: {e}", path, None
 
 
+@app.command("build")
+def build(
+    variant: Annotated[str, typer.Argument(help="a variant name from `airan model list`, or 'all'")],
+    seed: Annotated[int, typer.Option(help="seeds the simulator's calibration prompts and any training")] = 0,
+    calib_items: Annotated[
+        Optional[int], typer.Option(help="calibration prompts from the simulator (default: the recipe's)", min=1)
+    ] = None,
+    heldout_items: Annotated[int, typer.Option(help="held-out prompts for the perplexity check", min=1)] = 16,
+    force: Annotated[bool, typer.Option(help="rebuild even when the same build is in the cache")] = False,
+    threads: Annotated[
+        int, typer.Option(help="torch threads; 1 keeps builds bitwise repeatable and is faster on a busy box", min=1)
+    ] = 1,
+    export: Annotated[
+        Optional[Path], typer.Option(help="also copy each manifest to DIR/<variant>.json (to commit it)")
+    ] = None,
+) -> None:
+    """Make a lighter variant (quantised or pruned) of its parent into the model cache."""
+    if variant == "smollm2-netops-lora":  # a trained LoRA adapter (its own builder; --export copies the adapter)
+        from airan.models.variants.lora_netops import build_cli
+
+        return build_cli(seed=seed, train_items=calib_items, force=force, export_to=export)
+    from airan.models.variants import RECIPES, VariantBuildError, build_variant
+
+    names = list(RECIPES) if variant == "all" else [variant]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        typer.echo(f"error: unknown variant '{unknown[0]}'; known: {', '.join(RECIPES)} or all", err=True)
+        raise typer.Exit(2)
+    for name in names:
+        try:
+            path = build_variant(
+                name, seed=seed, calib_items=calib_items, heldout_items=heldout_items, force=force,
+                threads=threads,
+            )
+        except VariantBuildError as e:
+            typer.echo(f"error: {name}: {e}", err=True)
+            raise typer.Exit(1)
+        manifest = json.loads((path / "manifest.json").read_text())
+        ppl = manifest["heldout"]["perplexity"]
+        typer.echo(
+            f"{name}: {path}\n"
+            f"  {manifest['format']}, {_count(manifest['parameters'])} parameters "
+            f"(parent {_count(manifest['parent_parameters'])}), weights {_size(manifest['weight_bytes'])}, "
+            f"held-out perplexity {ppl['variant']:.2f} (parent {ppl['parent']:.2f}), "
+            f"built in {manifest['build_seconds']:.0f} s"
+        )
+        if export is not None:
+            export.mkdir(parents=True, exist_ok=True)
+            (export / f"{name}.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _variant_rows(table: Table) -> set[Path]:
+    """One row per variant recipe, built or not; returns the built directories."""
+    from airan.models.variants import RECIPES, load_variant_manifest, variant_dir
+
+    built: set[Path] = set()
+    for name, recipe in RECIPES.items():
+        manifest = load_variant_manifest(name)
+        if manifest is None:
+            table.add_row(
+                name, f"variant of {recipe.parent}", f"not built: airan model build {name}", "-", "-",
+                recipe.format, "-", str(variant_dir(name)),
+            )  # fmt: skip
+            continue
+        path = Path(manifest["path"])
+        built.add(path.resolve())
+        ppl = manifest["heldout"]["perplexity"]
+        details = manifest.get("details", {})
+        dtype = manifest["dtype"]
+        if details.get("bits"):  # quantised: weight/activation integer widths
+            dtype = f"int{details['bits']} weights, " + (
+                f"int{details['activation_bits']} activations" if details.get("activation_bits") else f"{dtype} activations"
+            )
+        context = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
+        table.add_row(
+            name, f"{manifest['method']} of {manifest['parent']}",
+            f"built (held-out ppl {ppl['variant']:.1f}, parent {ppl['parent']:.1f})",
+            _count(manifest["parameters"]), _size(manifest["weight_bytes"]), dtype, str(context or "-"), str(path),
+        )  # fmt: skip
+    return built
+
+
 @app.command("list")
 def list_models(config: ConfigOption = None) -> None:
-    """The registry: models the config names, plus whatever else is in the cache."""
+    """The registry: models the config names, the variant recipes, and whatever else is in the cache."""
     from airan.models.registry import cached_models, describe
 
     table = Table(title=f"models (cache: {cache_dir() / 'models'})")
@@ -144,6 +227,7 @@ def list_models(config: ConfigOption = None) -> None:
             str(facts.get("context_length") or spec.max_model_len),
             str(path or spec.path or "-"),
         )
+    seen |= _variant_rows(table)
     for path in cached_models():
         if path.resolve() in seen:
             continue

@@ -1,0 +1,81 @@
+"""The registry of variant recipes: what `airan model build NAME` makes from which parent."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Literal
+
+Method = Literal["w8a8", "w4a16", "prune-mlp", "drop-layers", "wanda"]
+
+FORMATS = {
+    "w8a8": "compressed-tensors/int-quantized",
+    "w4a16": "compressed-tensors/pack-quantized",
+    "prune-mlp": "safetensors",
+    "drop-layers": "safetensors",
+    "wanda": "safetensors",
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    method: Method
+    params: Mapping[str, object] = field(default_factory=dict)
+    # "smollm2" = the prepared SmolLM2-135M-Instruct; tests point this at other directories
+    parent: str = "smollm2"
+    summary: str = ""
+    # 16 simulator prompts + answers (~9.6k SmolLM2 tokens): every variant builds within the
+    # ~30 min budget on a shared 2-core box; the layer passes cost ~0.25 s per 1k tokens per layer
+    calib_items: int = 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+    @property
+    def format(self) -> str:
+        return FORMATS[self.method]
+
+    def with_params(self, **updates) -> Recipe:
+        return replace(self, params={**self.params, **updates})
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "smollm2-w8a8",
+            "w8a8",
+            {"smooth_alpha": 0.5, "damp": 0.01},
+            summary="int8 weights (per channel, GPTQ) and int8 dynamic per-token activations, "
+            "SmoothQuant 0.5; vLLM's oneDNN int8 GEMMs",
+        ),
+        Recipe(
+            "smollm2-w4a16",
+            "w4a16",
+            # 64, not 128: the hidden size 576 is not a multiple of 128
+            {"group_size": 64, "damp": 0.01},
+            summary="int4 weights (groups of 64, GPTQ), bf16 activations; vLLM's CPU W4A16 kernel",
+        ),
+        Recipe(
+            "smollm2-mlp50",
+            "prune-mlp",
+            {"keep_ratio": 0.5, "align": 32, "compensate": True, "damp": 0.01, "heal_steps": 32, "heal_lr": 5e-5},
+            summary="half of every layer's MLP channels removed by calibration importance, "
+            "down_proj refitted by least squares, short distillation heal",
+        ),
+        Recipe(
+            "smollm2-wanda50",
+            "wanda",
+            {"sparsity": 0.5},
+            summary="Wanda 50% unstructured (dense with zeros): the pruning quality reference, not faster",
+        ),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise KeyError(f"unknown variant '{name}'; known: {', '.join(RECIPES)}") from None
