@@ -710,3 +710,26 @@ def test_readme_example_is_the_ci_values_file(three_values):
     blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
     assert any(yaml.safe_load(b) == three_values for b in blocks), \
         "README's 3-site example drifted from charts/airan/ci/three-sites-values.yaml"
+
+
+def test_adapters_variants_and_catalog_reach_the_airan_config(helm, tmp_path):
+    """replicas[].adapters, source: variant and the measured catalog survive values -> ConfigMap -> airan."""
+    catalog = yaml.safe_load((ROOT / "airan" / "configs" / "catalog.yaml").read_text())
+    values = {
+        "models": [
+            {"name": "smollm2-135m-instruct", "source": "smollm2", "max_model_len": 2048},
+            {"name": "smollm2-w4a16", "source": "variant", "max_model_len": 2048},
+            {"name": "smollm2-netops-lora", "source": "local", "path": "/models/smollm2-netops-lora",
+             "method": "lora", "parent": "smollm2-135m-instruct"},
+        ],
+        "replicas": [{"site": "bs-01", "model": "smollm2-135m-instruct", "adapters": ["smollm2-netops-lora"]},
+                     {"site": "bs-01", "model": "smollm2-w4a16"}],
+        "catalog": catalog,
+    }  # fmt: skip
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump(values))
+    (tmp_path / "config.yaml").write_text(airan_config(render(helm, "-f", str(f))))
+    cfg = load_config(tmp_path / "config.yaml")
+    assert cfg.replicas[0].adapters == ["smollm2-netops-lora"]
+    assert cfg.model("smollm2-w4a16").source == "variant"
+    assert cfg.catalog == load_config().catalog and cfg.catalog

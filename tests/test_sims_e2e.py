@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 def two_site_config():
     """airan/configs/default.yaml with its first two sites serving the tiny random model, on a free port."""
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw.pop("catalog")  # a file name that only load_config resolves; not needed here
     raw["sites"] = raw["sites"][:2]
     tiny = next((m for m in raw["models"] if m.get("source") == "tiny-random"), None)
     if tiny is None:

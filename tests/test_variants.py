@@ -73,9 +73,15 @@ def tiny_parent(tiny_cache) -> Path:
 @pytest.fixture(scope="module")
 def tiny_variants(tiny_cache, tiny_parent) -> dict[str, Path]:
     """Every recipe built from the tiny model (a 2-step heal keeps the pruning one quick)."""
+    from airan.models.tiny import write_random_lora
+
     built = {}
-    for name in RECIPES:
-        extra = {"heal_steps": 2} if RECIPES[name].method == "prune-mlp" else {}
+    for name, recipe in RECIPES.items():
+        extra = {"heal_steps": 2} if "heal_steps" in recipe.params else {}
+        if recipe.method == "drop-layers":  # the tiny model has 2 layers
+            extra["n_drop"] = 1
+        if recipe.method == "merge-lora":
+            extra["adapter"] = str(write_random_lora(tiny_parent, tiny_cache / "tiny-lora", seed=3))
         built[name] = build_variant(
             _tiny_recipe(name, **extra), parent_dir=tiny_parent, show_progress=False, **TINY_CALIB
         )
@@ -274,8 +280,7 @@ def test_every_variant_has_a_complete_manifest(tiny_variants, tiny_parent):
         missing = [k for k in MANIFEST_FIELDS if k not in manifest]
         assert not missing, f"{name}: {missing}"
         assert manifest["parent"] == tiny_parent.name and manifest["method"] == RECIPES[name].method
-        expected = {**RECIPES[name].params, **({"heal_steps": 2} if "heal_steps" in RECIPES[name].params else {})}
-        assert manifest["parameters_recipe"] == expected
+        assert manifest["parameters_recipe"].keys() == RECIPES[name].params.keys()
         assert manifest["request"]["parent_answers"] is False and manifest["request"]["seed"] == 0
         assert manifest["calibration"]["source"] == "sims" and len(manifest["calibration"]["sha256"]) == 64
         assert manifest["calibration"]["items"] == TINY_CALIB["calib_items"]
@@ -385,6 +390,20 @@ def test_quantised_weights_dequantise_to_a_model_close_to_the_parent(tiny_varian
     assert abs(perplexity(model, data) / parent_ppl - 1) < 0.05
 
 
+def test_merged_lora_variant_computes_what_base_plus_adapter_computes(tiny_variants, tiny_parent, tiny_cache):
+    from peft import PeftModel
+
+    merged = _load(tiny_variants["smollm2-netops-merged"])
+    manifest = load_variant_manifest(_tiny_recipe("smollm2-netops-merged").name, tiny_variants["smollm2-netops-merged"].parent)
+    with_adapter = PeftModel.from_pretrained(_load(tiny_parent), manifest["parameters_recipe"]["adapter"]).eval()
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3, 11]])
+    with torch.no_grad():
+        expected, got, base = with_adapter(ids).logits, merged(ids).logits, _load(tiny_parent)(ids).logits
+    assert not torch.allclose(expected, base, atol=1e-3)  # the random adapter does change the outputs
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)  # stored in the parent's dtype
+    assert manifest["request"]["adapter_sha256"] and manifest["details"]["rank"] == 8
+
+
 def test_quantised_variants_take_fewer_bytes(tiny_variants, tiny_parent):
     parent = describe(tiny_parent)["weight_bytes"]
     w8 = describe(tiny_variants["smollm2-w8a8"])["weight_bytes"]
@@ -453,7 +472,7 @@ def test_cli_build_and_list(tiny_cache, tiny_parent):
     result = runner.invoke(app, ["list"])
     assert result.exit_code == 0, result.output
     row = next(line for line in result.output.splitlines() if "smollm2-wanda50" in line)
-    assert "built" in row and "not built" not in row
+    assert "ready" in row and "not built" not in row  # the default config serves it as `source: variant`
 
 
 # --- the real SmolLM2 variants (slow) -----------------------------------------------------------
@@ -469,7 +488,7 @@ def _real_variant(name: str) -> Path:
     if load_variant_manifest(name, REAL_MODELS) is not None:
         return REAL_MODELS / name
     recipe = RECIPES[name]
-    if recipe.method == "prune-mlp":
+    if recipe.params.get("heal_steps"):
         recipe = recipe.with_params(heal_steps=8)
     return build_variant(recipe, models_dir=TEST_BUILDS, show_progress=False, **REDUCED)
 
@@ -559,7 +578,7 @@ def test_real_variant_loads_in_vllm_and_answers_a_diagnosis(served, name):
     assert not isinstance(result["diagnosis"], Exception), f"{result['diagnosis']}: {result['text']}"
     assert result["diagnosis"].cause
     manifest = load_variant_manifest(name, result["path"].parent)
-    assert manifest["parent"] == "smollm2-135m-instruct" and manifest["request"]["parent_answers"]
+    assert manifest["parent"] in ("smollm2-135m-instruct", *RECIPES) and manifest["request"]["parent_answers"]
     if manifest["method"] == "wanda":  # the reference really is half zeros (dense file)
         weight = _tensors(result["path"])["model.layers.7.mlp.down_proj.weight"]
         assert float((weight == 0).float().mean(dim=1).min()) >= 0.5

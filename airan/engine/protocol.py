@@ -19,6 +19,8 @@ class GenerationParams:
     json_schema: dict | None = None
     # name of the LoRA adapter to apply; the replica must hold it
     lora: str | None = None
+    # keep generating past end-of-sequence (fixed-length runs in benchmarks)
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

@@ -150,26 +150,24 @@ class VllmEngine:
         self, prompt_token_ids: list[int], params: GenerationParams, request_id: str
     ) -> AsyncIterator[GenerationChunk]:
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+        from vllm.sampling_params import (
+            RequestOutputKind,
+            SamplingParams,
+            StructuredOutputsParams,
+        )
 
         llm = self._engine()
         sampling = SamplingParams(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             seed=params.seed,
+            ignore_eos=params.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
             structured_outputs=StructuredOutputsParams(json=params.json_schema)
             if params.json_schema
             else None,
         )
-        lora_request = None
-        if params.lora is not None:
-            from vllm.lora.request import LoRARequest
-
-            if params.lora not in self._loras:
-                raise RequestFailedError(f"adapter '{params.lora}' is not loaded on this replica")
-            lora_id, path = self._loras[params.lora]
-            lora_request = LoRARequest(params.lora, lora_id, path)
+        lora_request = self._lora_request(params.lora)
         completion_tokens = 0
         queue_ms = None
         finished = False
@@ -201,6 +199,28 @@ class VllmEngine:
         finally:
             if not finished and self._llm is not None and not self._llm.errored:
                 await self._llm.abort(request_id)
+
+    def _lora_request(self, name: str | None):
+        if name is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        if name not in self._loras:
+            raise RequestFailedError(f"adapter '{name}' is not loaded on this replica")
+        lora_id, path = self._loras[name]
+        return LoRARequest(name, lora_id, path)
+
+    async def prompt_logprobs(self, token_ids: list[int], request_id: str, lora: str | None = None) -> list[float]:
+        """Log-probability of each token after the first given those before it (perplexity)."""
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import SamplingParams
+
+        sampling = SamplingParams(max_tokens=1, prompt_logprobs=0)
+        final = None
+        async for out in self._engine().generate(TokensPrompt(prompt_token_ids=token_ids), sampling, request_id,
+                                                 lora_request=self._lora_request(lora)):  # fmt: skip
+            final = out
+        return [entry[tok].logprob for tok, entry in zip(token_ids[1:], final.prompt_logprobs[1:])]
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None and not self._llm.errored:

@@ -171,12 +171,14 @@ def build(
             (export / f"{name}.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def _variant_rows(table: Table) -> set[Path]:
-    """One row per variant recipe, built or not; returns the built directories."""
+def _variant_rows(table: Table, shown: set[str]) -> set[Path]:
+    """One row per variant recipe the config did not list, built or not; returns the built directories."""
     from airan.models.variants import RECIPES, load_variant_manifest, variant_dir
 
     built: set[Path] = set()
     for name, recipe in RECIPES.items():
+        if name in shown:
+            continue
         manifest = load_variant_manifest(name)
         if manifest is None:
             table.add_row(
@@ -212,7 +214,8 @@ def list_models(config: ConfigOption = None) -> None:
         table.add_column(column, overflow="fold")
 
     seen: set[Path] = set()
-    for spec in _load(config).models:
+    models = _load(config).models
+    for spec in models:
         status, path, facts = _spec_row(spec)
         if path is not None:
             seen.add(path.resolve())
@@ -227,7 +230,7 @@ def list_models(config: ConfigOption = None) -> None:
             str(facts.get("context_length") or spec.max_model_len),
             str(path or spec.path or "-"),
         )
-    seen |= _variant_rows(table)
+    seen |= _variant_rows(table, {m.name for m in models})
     for path in cached_models():
         if path.resolve() in seen:
             continue
@@ -242,3 +245,59 @@ def list_models(config: ConfigOption = None) -> None:
         )  # fmt: skip
     # piped output (CI logs) gets a wide fixed width instead of rich's 80 columns
     Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+catalog_app = typer.Typer(help="The measured variant catalog that placement reads.", no_args_is_help=False)
+app.add_typer(catalog_app, name="catalog")
+DEFAULT_RESULTS = Path("benchmarks/results/variants.json")
+
+
+@catalog_app.callback(invoke_without_command=True)
+def catalog_show(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Show the catalog of the config (memory need, expected tok/s, quality rank)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    catalog = _load(config).catalog
+    if not catalog:
+        typer.echo("the config has no catalog; make one with `airan model catalog refresh`", err=True)
+        raise typer.Exit(1)
+    first = next(iter(catalog.values()))
+    table = Table(title=f"variant catalog (measured on {first.measured_on}, {first.measured_at})")
+    for column in ("model", "method", "parent", "weights MB", "memory MB", "tok/s 1", "tok/s 16", "TTFT ms",
+                   "macro-F1", "valid", "ppl", "quality rank"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("model", "method", "parent") else "right")
+    for name, e in sorted(catalog.items(), key=lambda kv: kv[1].quality_rank):
+        table.add_row(
+            name, e.method, e.parent or "-", f"{e.weight_mb:.0f}", f"{e.memory_mb:.0f}", f"{e.tok_s_1:.1f}",
+            f"{e.tok_s_16:.0f}", f"{e.ttft_ms:.0f}", f"{e.macro_f1:.3f}", f"{e.validity:.0%}", f"{e.perplexity:.2f}",
+            str(e.quality_rank),
+        )  # fmt: skip
+    Console().print(table)
+
+
+@catalog_app.command("refresh")
+def catalog_refresh(
+    results: Annotated[Path, typer.Option(help="a benchmarks/bench_variants.py results file")] = DEFAULT_RESULTS,
+    out: Annotated[
+        Path, typer.Option(help="the catalog file a config names with `catalog: FILE`")
+    ] = Path(__file__).resolve().parent.parent / "configs" / "catalog.yaml",
+) -> None:
+    """Rewrite the catalog file from a variants benchmark run."""
+    from pydantic import ValidationError
+
+    from airan.models.catalog import entries_from_report, write_catalog
+
+    try:
+        report = json.loads(results.read_text())
+        entries = entries_from_report(report)
+    except FileNotFoundError:
+        typer.echo(f"error: {results} not found; run `.venv/bin/python benchmarks/bench_variants.py` first", err=True)
+        raise typer.Exit(1)
+    except (json.JSONDecodeError, KeyError, TypeError, ValidationError) as e:
+        typer.echo(f"error: {results} is not a variants benchmark result ({type(e).__name__}: {e})", err=True)
+        raise typer.Exit(1)
+    if not entries:
+        typer.echo(f"error: {results} has no successful vLLM rows", err=True)
+        raise typer.Exit(1)
+    write_catalog(entries, out, source=results.name)
+    typer.echo(f"wrote {len(entries)} entries to {out}: " + ", ".join(f"{n} (rank {e.quality_rank})" for n, e in entries.items()))

@@ -63,6 +63,16 @@ def materialize(spec: ModelSpec) -> Path:
                 "run `airan model prepare smollm2` (downloads ~93 MB once, converts in ~20 s)"
             )
         return prepared
+    if spec.source == "variant":
+        from airan.models.variants import load_variant_manifest
+
+        manifest = load_variant_manifest(spec.name)
+        if manifest is None:
+            raise ModelNotAvailable(
+                f"model '{spec.name}': the variant is not built in {cache_dir() / 'models'}; "
+                f"run `airan model build {spec.name}`"
+            )
+        return Path(manifest["path"])
     raise ModelNotAvailable(f"model '{spec.name}': unknown source '{spec.source}'")
 
 

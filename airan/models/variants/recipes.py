@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal
 
-Method = Literal["w8a8", "w4a16", "prune-mlp", "drop-layers", "wanda"]
+Method = Literal["w8a8", "w4a16", "prune-mlp", "drop-layers", "wanda", "merge-lora"]
 
 FORMATS = {
     "w8a8": "compressed-tensors/int-quantized",
@@ -14,6 +14,7 @@ FORMATS = {
     "prune-mlp": "safetensors",
     "drop-layers": "safetensors",
     "wanda": "safetensors",
+    "merge-lora": "safetensors",
 }
 
 
@@ -22,7 +23,8 @@ class Recipe:
     name: str
     method: Method
     params: Mapping[str, object] = field(default_factory=dict)
-    # "smollm2" = the prepared SmolLM2-135M-Instruct; tests point this at other directories
+    # "smollm2" = the prepared SmolLM2-135M-Instruct, or another recipe's name (built first),
+    # or a model directory (tests)
     parent: str = "smollm2"
     summary: str = ""
     # 16 simulator prompts + answers (~9.6k SmolLM2 tokens): every variant builds within the
@@ -65,10 +67,31 @@ RECIPES: dict[str, Recipe] = {
             "down_proj refitted by least squares, short distillation heal",
         ),
         Recipe(
+            "smollm2-drop10",
+            "drop-layers",
+            {"n_drop": 10, "heal_steps": 32, "heal_lr": 5e-5},
+            summary="the 10 of 30 decoder layers with the least block influence on calibration data removed, "
+            "short distillation heal: fewer steps per token is what speeds vLLM's single stream",
+        ),
+        Recipe(
             "smollm2-wanda50",
             "wanda",
             {"sparsity": 0.5},
             summary="Wanda 50% unstructured (dense with zeros): the pruning quality reference, not faster",
+        ),
+        Recipe(
+            "smollm2-netops-merged",
+            "merge-lora",
+            {"adapter": "smollm2-netops-lora"},
+            summary="the NetOps LoRA adapter merged into the base weights: the adapter's answers at the "
+            "base's speed (vLLM's CPU LoRA path is several times slower)",
+        ),
+        Recipe(
+            "smollm2-netops-w4a16",
+            "w4a16",
+            {"group_size": 64, "damp": 0.01},
+            parent="smollm2-netops-merged",
+            summary="int4 weights (GPTQ) of the LoRA-merged model: domain-adapted at under half the base's weights",
         ),
     )
 }

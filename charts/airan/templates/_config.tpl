@@ -79,10 +79,10 @@ models:
 {{- end }}
 replicas:
 {{- range .Values.replicas }}
-  - {site: {{ .site | quote }}, model: {{ .model | quote }}{{ if hasKey . "count" }}, count: {{ .count }}{{ end }}}
+  - {site: {{ .site | quote }}, model: {{ .model | quote }}{{ if hasKey . "count" }}, count: {{ .count }}{{ end }}{{ with .adapters }}, adapters: {{ toJson . }}{{ end }}}
 {{- else }} []
 {{- end }}
-{{- range $section := list "engine" "router" "limits" "radio" }}
+{{- range $section := list "engine" "router" "limits" "radio" "catalog" }}
 {{- with index $.Values $section }}
 {{ $section }}:
 {{- toYaml . | nindent 2 }}
