@@ -141,7 +141,8 @@ def _resolve_parent(recipe: Recipe, parent_dir: Path | None, root: Path, threads
     return path.name, path
 
 
-def _load_float32(path: Path):
+def load_frozen(path: Path, dtype=None):
+    """A Hugging Face causal LM in eval mode with gradients off (float32 unless `dtype`), quietly."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -152,7 +153,7 @@ def _load_float32(path: Path):
     hf_logging.disable_progress_bar()
     try:
         # SDPA: the layer-by-layer passes give no mask and rely on its causal flag
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa")
     finally:
         hf_logging.set_verbosity(previous)
         if bars:
@@ -289,7 +290,7 @@ def _build_locked(recipe: Recipe, request: dict, parent: Path, root: Path, show_
         heldout = calibration_set(tokenizer, request["heldout_items"], seed, split="heldout",
                                   max_tokens=CALIB_MAX_TOKENS)  # fmt: skip
     with steps(f"loading the parent {request['parent']} in float32"):
-        model = _load_float32(parent)
+        model = load_frozen(parent)
         parent_parameters = sum(p.numel() for p in model.parameters())
     if request["parent_answers"]:
         with steps("the parent's answers to those prompts, served by vLLM (cached per parent)"):
@@ -318,7 +319,7 @@ def _build_locked(recipe: Recipe, request: dict, parent: Path, root: Path, show_
     if heal_steps:
         ppl["before_heal"] = perplexity(model, heldout)
         with steps(f"healing: {heal_steps} distillation steps"):
-            teacher = _load_float32(parent)
+            teacher = load_frozen(parent)
             from airan.models.variants.structured import heal_
 
             details["heal"] = heal_(

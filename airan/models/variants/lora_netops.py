@@ -233,20 +233,10 @@ def _threads() -> int:
 
 def _load_parent(path: Path):
     import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        # SDPA: the layer-by-layer passes give no mask and rely on its causal flag
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa")
-    finally:
-        hf_logging.set_verbosity(previous)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    from airan.models.variants.build import load_frozen
+
+    return load_frozen(path, torch.bfloat16)
 
 
 def _rope(model, hidden):
