@@ -115,9 +115,13 @@ def _spec_row(spec: ModelSpec) -> tuple[str, Path | None, dict | None]:
         except ModelNotAvailable as e:
             return f"missing: {e}", None, None
     try:
-        return "ready", path, describe(path)
+        facts = describe(path)
     except (OSError, ValueError) as e:
         return f"unreadable: {e}", path, None
+    manifest_file = path / "manifest.json"
+    if spec.source == "variant" and manifest_file.is_file():  # logical parameters (int4 packs 8 per element)
+        facts["parameters"] = json.loads(manifest_file.read_text())["parameters"]
+    return "ready", path, facts
 
 
 @app.command("build")
