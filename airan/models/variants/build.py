@@ -374,19 +374,24 @@ def _build_locked(recipe: Recipe, request: dict, parent: Path, root: Path, show_
                 "versions": _versions(),
             }
             (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        # the cache is shared with Ray workers, which may run as another user
-        os.chmod(work, 0o755)
-        for file in work.iterdir():
-            os.chmod(file, 0o644)
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{recipe.name}-", dir=root))
-            os.rename(final, old / "v")
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(work, final)
+        publish_dir(work, final)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def publish_dir(work: Path, final: Path) -> None:
+    """Move a finished build into place at once, replacing an older one; readable by Ray workers,
+    which may run as another user."""
+    os.chmod(work, 0o755)
+    for file in work.iterdir():
+        os.chmod(file, 0o644)
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
+        os.rename(final, old / "v")
+        shutil.rmtree(old, ignore_errors=True)
+    os.rename(work, final)
 
 
 def _apply(recipe: Recipe, model, calib: CalibrationSet, store_dtype, show_progress: bool):

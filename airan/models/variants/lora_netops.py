@@ -522,14 +522,9 @@ def _build_locked(s: TrainSettings, request: dict, parent: Path, final: Path, sh
             "versions": _versions(),
         }  # fmt: skip
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        os.chmod(work, 0o755)  # Ray workers may run as another user
-        for file in work.iterdir():
-            os.chmod(file, 0o644)
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{NAME}-", dir=final.parent))
-            os.rename(final, old / "v")
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(work, final)
+        from airan.models.variants.build import publish_dir
+
+        publish_dir(work, final)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
