@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -ra "$@"
+# --durations=15: the slowest tests stay visible in every run
+exec .venv/bin/python -m pytest -ra --durations=15 "$@"

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -54,20 +53,14 @@ def test_tiny_model_is_deterministic_for_a_seed(tmp_path, monkeypatch):
 
 
 def test_tiny_model_is_idempotent_and_atomic(cache):
-    start = time.perf_counter()
     path = ensure_tiny_model("tiny-test")
-    first_s = time.perf_counter() - start
     assert path == tiny_model_dir("tiny-test", TinyModelParams())
     assert path.parent == cache / "models"
     mtime = (path / "model.safetensors").stat().st_mtime_ns
 
-    start = time.perf_counter()
     again = ensure_tiny_model("tiny-test")
-    second_s = time.perf_counter() - start
     assert again == path
-    assert (path / "model.safetensors").stat().st_mtime_ns == mtime  # not rewritten
-    assert second_s < 0.5 and second_s < first_s
-    assert first_s < 15
+    assert (path / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not rewritten
     # no temporary build directories left behind
     assert [p.name for p in (cache / "models").iterdir()] == [path.name]
 
@@ -317,10 +310,15 @@ def test_cli_prepare_tiny_and_list(cache, tmp_path):
         "  - {name: real, source: smollm2}\n"
         f"  - {{name: site-copy, source: local, path: {tmp_path / 'absent'}}}\n"
     )
-    result = runner.invoke(app, ["list", "--config", str(config)])
+    result = runner.invoke(app, ["list", "--config", str(config), "--json"])
     assert result.exit_code == 0, result.output
-    for expected in ("tiny-llama", "ready", "real", "missing", "site-copy", "does not exist"):
-        assert expected in result.output
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    assert rows["tiny-llama"]["status"] == "ready" and rows["tiny-llama"]["params"] > 0
+    assert rows["real"]["status"].startswith("missing")
+    assert rows["site-copy"]["status"].startswith("missing") and "does not exist" in rows["site-copy"]["status"]
+    # the table is for people; it renders the same rows whatever the terminal width
+    result = runner.invoke(app, ["list", "--config", str(config)])
+    assert result.exit_code == 0 and "tiny-llama" in result.output
 
 
 def test_cli_prepare_smollm2_error_is_one_message(cache, tmp_path):
@@ -338,9 +336,7 @@ def test_cli_prepare_smollm2_error_is_one_message(cache, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_prepare_for_real(cache):
-    start = time.perf_counter()
     path = prepare_smollm2(downloads=PERSISTENT_DOWNLOADS, show_progress=False)
-    first_s = time.perf_counter() - start
     manifest = smollm2.load_manifest()
     assert manifest is not None and manifest["path"] == str(path)
     assert 130e6 < manifest["parameters"] < 140e6
@@ -352,11 +348,10 @@ def test_smollm2_prepare_for_real(cache):
     assert "Q4_1" in manifest["converted_from"]
     assert describe(path)["parameters"] == manifest["parameters"]
 
-    start = time.perf_counter()
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
     again = prepare_smollm2(downloads=PERSISTENT_DOWNLOADS, show_progress=False)
-    second_s = time.perf_counter() - start
     assert again == path
-    assert second_s < 2 and second_s < first_s / 5
+    assert (path / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not converted again
     assert smollm2.load_manifest()["source_sha256"] == manifest["source_sha256"]
 
     assert materialize(ModelSpec(name="smollm2", source="smollm2")) == path

@@ -212,7 +212,8 @@ async def test_calls_time_out_and_the_grace_period_bounds_the_run(plane_factory)
     rp = Replayer(tr, target, ReplayOptions(speed=1000.0, call_slack_s=0.2, grace_s=1.0, progress=False))
     t0 = time.monotonic()
     await rp.run()
-    assert time.monotonic() - t0 < 1.0 + max(q.t_s for q in tr.queries) / 1000 + 2
+    # far below the 60 s budgets the last three would wait for without a grace period (slack for a busy box)
+    assert time.monotonic() - t0 < 1.0 + max(q.t_s for q in tr.queries) / 1000 + 15
     by_id = {o.query_id: o for o in rp.book.outcomes()}
     for q in tr.queries[:5]:
         assert (by_id[q.query_id].outcome, by_id[q.query_id].reason) == ("error", "client_timeout")

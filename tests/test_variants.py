@@ -7,9 +7,9 @@ compare them with their parent.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -418,9 +418,7 @@ def test_build_is_deterministic_and_reused(tiny_variants, tiny_parent, tmp_path)
     manifest = load_variant_manifest(recipe.name, first.parent)
     mtime = (first / "model.safetensors").stat().st_mtime_ns
 
-    start = time.perf_counter()
     assert build_variant(recipe, parent_dir=tiny_parent, show_progress=False, **TINY_CALIB) == first
-    assert time.perf_counter() - start < 5
     assert (first / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not rebuilt
 
     again = build_variant(recipe, parent_dir=tiny_parent, models_dir=tmp_path / "a", show_progress=False, **TINY_CALIB)
@@ -461,18 +459,22 @@ def test_cli_build_and_list(tiny_cache, tiny_parent):
     result = runner.invoke(app, ["build", "smollm2-nope"])
     assert result.exit_code == 2 and "unknown variant" in result.output
 
-    result = runner.invoke(app, ["list"])
-    assert result.exit_code == 0, result.output
-    for name in RECIPES:
-        assert name in result.output
-    assert "not built" in result.output
+    rows = _list_rows(runner)
+    assert set(RECIPES) <= set(rows)
+    assert all(f"airan model build {name}" in rows[name]["status"] for name in RECIPES)
 
     # a variant under a registry name (built here from the tiny model) shows as built
     build_variant(RECIPES["smollm2-wanda50"], parent_dir=tiny_parent, show_progress=False, **TINY_CALIB)
-    result = runner.invoke(app, ["list"])
+    row = _list_rows(runner)["smollm2-wanda50"]
+    assert row["status"] == "ready" and row["params"] > 0  # the default config serves it as `source: variant`
+
+
+def _list_rows(runner) -> dict[str, dict]:
+    from airan.models.cli import app
+
+    result = runner.invoke(app, ["list", "--json"])
     assert result.exit_code == 0, result.output
-    row = next(line for line in result.output.splitlines() if "smollm2-wanda50" in line)
-    assert "ready" in row and "not built" not in row  # the default config serves it as `source: variant`
+    return {r["name"]: r for r in json.loads(result.output)}
 
 
 # --- the real SmolLM2 variants (slow) -----------------------------------------------------------
@@ -480,11 +482,15 @@ def test_cli_build_and_list(tiny_cache, tiny_parent):
 # reduced builds, kept between runs, when `airan model build` has not made the real ones
 TEST_BUILDS = REAL_MODELS / ".test-variants"
 REDUCED = {"calib_items": 8, "heldout_items": 4}
-DECODE_TOKENS = 64
-DECODE_RUNS = 5
 
 
-def _real_variant(name: str) -> Path:
+@functools.cache
+def _real_path(name: str) -> Path:
+    """The parent or a variant: the real build when `airan model build` made one, else a reduced build."""
+    if name == "parent":
+        from airan.models.smollm2 import prepare_smollm2
+
+        return prepare_smollm2(models_dir=REAL_MODELS, show_progress=False)
     if load_variant_manifest(name, REAL_MODELS) is not None:
         return REAL_MODELS / name
     recipe = RECIPES[name]
@@ -508,10 +514,7 @@ def _engine_rss_mib() -> float:
 
 
 async def _serve(path: Path) -> dict:
-    """Start one engine, ask one diagnosis, time a fixed-length decode, stop it."""
-    from vllm.inputs import TokensPrompt
-    from vllm.sampling_params import RequestOutputKind, SamplingParams
-
+    """Start one engine, ask one diagnosis, stop it."""
     from airan.diagnosis import diagnosis_schema, parse_diagnosis
     from airan.engine.protocol import GenerationParams
     from airan.engine.vllm_engine import VllmEngine, VllmSettings
@@ -528,18 +531,9 @@ async def _serve(path: Path) -> dict:
         params = GenerationParams(max_tokens=256, json_schema=diagnosis_schema(query.context_cells))
         async for chunk in engine.generate(prompt, params, "diagnosis"):
             text += chunk.text_delta
-        speeds = []
-        for i in range(DECODE_RUNS):  # best of several: the machine is shared
-            stamps: list[float] = []
-            sampling = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0.0, ignore_eos=True,
-                                      output_kind=RequestOutputKind.DELTA)  # fmt: skip
-            async for out in engine._llm.generate(TokensPrompt(prompt_token_ids=prompt), sampling, f"speed-{i}"):
-                stamps.extend([time.perf_counter()] * len(out.outputs[0].token_ids))
-            assert len(stamps) == DECODE_TOKENS
-            speeds.append((DECODE_TOKENS - 1) / (stamps[-1] - stamps[0]))
     finally:
         await engine.shutdown()
-    return {"text": text, "cells": query.context_cells, "tok_s": max(speeds), "rss_mib": rss,
+    return {"text": text, "cells": query.context_cells, "rss_mib": rss,
             "diagnosis": _try(parse_diagnosis, text, query.context_cells)}  # fmt: skip
 
 
@@ -550,31 +544,30 @@ def _try(fn, *args):
         return e
 
 
-@pytest.fixture(scope="module")
-def served() -> dict[str, dict]:
-    """The parent and every variant, served one engine at a time."""
+@functools.cache
+def _served(name: str) -> dict:
+    """One model (the parent or a variant) built if needed and served by its own engine, once per session."""
     import asyncio
 
-    from airan.models.smollm2 import prepare_smollm2
+    path = _real_path(name)
+    result = asyncio.run(_serve(path)) | {"path": path}
+    params = (load_variant_manifest(name, path.parent) or describe(path))["parameters"]
+    print(f"\n{name}: {params / 1e6:.1f}M parameters, {describe(path)['weight_bytes'] / 1e6:.0f} MB, "
+          f"engine RSS {result['rss_mib']:.0f} MiB\n  {result['text']}")  # fmt: skip
+    return result
 
-    models = {"parent": prepare_smollm2(models_dir=REAL_MODELS, show_progress=False)}
-    models.update({name: _real_variant(name) for name in RECIPES})
-    results = {}
-    for name, path in models.items():
-        results[name] = asyncio.run(_serve(path)) | {"path": path}
-        r = results[name]
-        # logical parameters (a packed int4 tensor holds 8 per stored element)
-        params = (load_variant_manifest(name, path.parent) or describe(path))["parameters"]
-        print(f"\n{name}: {params / 1e6:.1f}M parameters, "
-              f"{describe(path)['weight_bytes'] / 1e6:.0f} MB, {r['tok_s']:.1f} tok/s decode, "
-              f"engine RSS {r['rss_mib']:.0f} MiB\n  {r['text']}")  # fmt: skip
-    return results
+
+# Each test builds (reduced, kept between runs) and serves only the models it names, so no test's
+# timeout covers another variant's work. On the 2-core CI machine a reduced build took 1-3 min and an
+# engine's start plus one diagnosis about 1 min; 1,200 s leaves more than 2x.
+REAL_TIMEOUT_S = 1200
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(REAL_TIMEOUT_S)
 @pytest.mark.parametrize("name", list(RECIPES))
-def test_real_variant_loads_in_vllm_and_answers_a_diagnosis(served, name):
-    result = served[name]
+def test_real_variant_loads_in_vllm_and_answers_a_diagnosis(name):
+    result = _served(name)
     assert not isinstance(result["diagnosis"], Exception), f"{result['diagnosis']}: {result['text']}"
     assert result["diagnosis"].cause
     manifest = load_variant_manifest(name, result["path"].parent)
@@ -585,29 +578,35 @@ def test_real_variant_loads_in_vllm_and_answers_a_diagnosis(served, name):
 
 
 @pytest.mark.slow
-def test_real_pruned_variant_is_smaller_and_decodes_faster(served):
-    parent, pruned = served["parent"], served["smollm2-mlp50"]
-    manifest = load_variant_manifest("smollm2-mlp50", pruned["path"].parent)
-    assert manifest["parameters"] < 0.8 * describe(parent["path"])["parameters"]
-    assert describe(pruned["path"])["parameters"] == manifest["parameters"]
-    # same prompt, same 64 greedy tokens (EOS ignored), best of five runs each
-    assert pruned["tok_s"] > 1.05 * parent["tok_s"], (pruned["tok_s"], parent["tok_s"])
+@pytest.mark.timeout(REAL_TIMEOUT_S)
+@pytest.mark.parametrize("name", ["smollm2-mlp50", "smollm2-drop10"])
+def test_real_pruned_variant_is_structurally_smaller(name):
+    """A structural fact, not a speed: decode speed is compared side by side in benchmarks/bench_variants.py."""
+    parent, pruned = _real_path("parent"), _real_path(name)
+    manifest = load_variant_manifest(name, pruned.parent)
+    assert manifest["parameters"] < 0.8 * describe(parent)["parameters"]
+    assert describe(pruned)["parameters"] == manifest["parameters"]
+    parent_cfg, pruned_cfg = (json.loads((p / "config.json").read_text()) for p in (parent, pruned))
+    if manifest["method"] == "prune-mlp":  # a dense, smaller Llama: about half the MLP width, every layer kept
+        assert pruned_cfg["intermediate_size"] <= parent_cfg["intermediate_size"] // 2 + 32
+        assert pruned_cfg["num_hidden_layers"] == parent_cfg["num_hidden_layers"]
+    else:
+        assert pruned_cfg["num_hidden_layers"] == parent_cfg["num_hidden_layers"] - 10
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(REAL_TIMEOUT_S)
 @pytest.mark.parametrize("name", ["smollm2-w8a8", "smollm2-w4a16"])
-def test_real_quantised_variant_takes_less_memory(served, name):
+def test_real_quantised_variant_takes_less_memory(name):
     """On disk and as loaded: vLLM reads these integer tensors as they are.
 
-    The engines' RSS is printed but not compared: oneDNN prepacks the int8
-    weights into its own buffers and the freed originals stay in the worker's
-    heap, so the W8A8 engine showed the same RSS as the bf16 parent's (3.0 GiB
-    over its processes, mostly libraries and the 1 GiB KV cache); W4A16's was
-    about 170 MiB lower.
+    Engine RSS is printed, not compared: oneDNN prepacks the int8 weights into its own buffers and the
+    freed originals stay in the worker's heap (W8A8 showed the bf16 parent's 3.0 GiB over its processes,
+    mostly libraries and the 1 GiB KV cache; W4A16 about 170 MiB lower). Memory is compared in
+    benchmarks/bench_variants.py.
     """
-    parent, variant = served["parent"], served[name]
-    parent_bytes = describe(parent["path"])["weight_bytes"]
-    assert describe(variant["path"])["weight_bytes"] < 0.7 * parent_bytes
-    header = read_safetensors_header(variant["path"] / "model.safetensors")
+    parent, variant = _real_path("parent"), _real_path(name)
+    assert describe(variant)["weight_bytes"] < 0.7 * describe(parent)["weight_bytes"]
+    header = read_safetensors_header(variant / "model.safetensors")
     quantised = [k for k, v in header.items() if k != "__metadata__" and v["dtype"] in ("I8", "I32")]
     assert len(quantised) >= 7 * 30  # every decoder linear of the 30 layers

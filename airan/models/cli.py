@@ -175,23 +175,25 @@ def build(
             (export / f"{name}.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def _variant_rows(table: Table, shown: set[str]) -> set[Path]:
-    """One row per variant recipe the config did not list, built or not; returns the built directories."""
+COLUMNS = ("name", "source", "status", "params", "size", "dtype", "context", "path")
+
+
+def _variant_rows(shown: set[str]) -> list[dict]:
+    """One row per variant recipe the config did not list, built or not."""
     from airan.models.variants import RECIPES, load_variant_manifest, variant_dir
 
-    built: set[Path] = set()
+    rows = []
     for name, recipe in RECIPES.items():
         if name in shown:
             continue
         manifest = load_variant_manifest(name)
         if manifest is None:
-            table.add_row(
-                name, f"variant of {recipe.parent}", f"not built: airan model build {name}", "-", "-",
-                recipe.format, "-", str(variant_dir(name)),
-            )  # fmt: skip
+            rows.append(dict(
+                name=name, source=f"variant of {recipe.parent}", status=f"not built: airan model build {name}",
+                params=None, size=None, dtype=recipe.format, context=None, path=str(variant_dir(name)),
+            ))  # fmt: skip
             continue
         path = Path(manifest["path"])
-        built.add(path.resolve())
         ppl = manifest["heldout"]["perplexity"]
         details = manifest.get("details", {})
         dtype = manifest["dtype"]
@@ -200,41 +202,30 @@ def _variant_rows(table: Table, shown: set[str]) -> set[Path]:
                 f"int{details['activation_bits']} activations" if details.get("activation_bits") else f"{dtype} activations"
             )
         context = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
-        table.add_row(
-            name, f"{manifest['method']} of {manifest['parent']}",
-            f"built (held-out ppl {ppl['variant']:.1f}, parent {ppl['parent']:.1f})",
-            _count(manifest["parameters"]), _size(manifest["weight_bytes"]), dtype, str(context or "-"), str(path),
-        )  # fmt: skip
-    return built
+        rows.append(dict(
+            name=name, source=f"{manifest['method']} of {manifest['parent']}",
+            status=f"built (held-out ppl {ppl['variant']:.1f}, parent {ppl['parent']:.1f})",
+            params=manifest["parameters"], size=manifest["weight_bytes"], dtype=dtype, context=context, path=str(path),
+        ))  # fmt: skip
+    return rows
 
 
-@app.command("list")
-def list_models(config: ConfigOption = None) -> None:
-    """The registry: models the config names, the variant recipes, and whatever else is in the cache."""
+def model_rows(config: Path | None) -> list[dict]:
+    """The registry as plain rows: configured models, variant recipes, then anything else in the cache."""
     from airan.models.registry import cached_models, describe
 
-    table = Table(title=f"models (cache: {cache_dir() / 'models'})")
-    for column in ("name", "source", "status", "params", "size", "dtype", "context", "path"):
-        table.add_column(column, overflow="fold")
-
-    seen: set[Path] = set()
+    rows: list[dict] = []
     models = _load(config).models
     for spec in models:
         status, path, facts = _spec_row(spec)
-        if path is not None:
-            seen.add(path.resolve())
         facts = facts or {}
-        table.add_row(
-            spec.name,
-            spec.source,
-            status,
-            _count(facts.get("parameters")),
-            _size(facts.get("weight_bytes")),
-            facts.get("dtype") or spec.dtype,
-            str(facts.get("context_length") or spec.max_model_len),
-            str(path or spec.path or "-"),
-        )
-    seen |= _variant_rows(table, {m.name for m in models})
+        rows.append(dict(
+            name=spec.name, source=spec.source, status=status, params=facts.get("parameters"),
+            size=facts.get("weight_bytes"), dtype=facts.get("dtype") or spec.dtype,
+            context=facts.get("context_length") or spec.max_model_len, path=str(path or spec.path or "") or None,
+        ))  # fmt: skip
+    rows += _variant_rows({m.name for m in models})
+    seen = {Path(r["path"]).resolve() for r in rows if r["path"] and not r["status"].startswith("not built")}
     for path in cached_models():
         if path.resolve() in seen:
             continue
@@ -243,9 +234,31 @@ def list_models(config: ConfigOption = None) -> None:
             status = "cached"
         except (OSError, ValueError) as e:
             facts, status = {}, f"unreadable: {e}"
+        rows.append(dict(
+            name=path.name, source="cache", status=status, params=facts.get("parameters"),
+            size=facts.get("weight_bytes"), dtype=facts.get("dtype"), context=facts.get("context_length"),
+            path=str(path),
+        ))  # fmt: skip
+    return rows
+
+
+@app.command("list")
+def list_models(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the rows as JSON instead of a table")] = False,
+) -> None:
+    """The registry: models the config names, the variant recipes, and whatever else is in the cache."""
+    rows = model_rows(config)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"models (cache: {cache_dir() / 'models'})")
+    for column in COLUMNS:
+        table.add_column(column, overflow="fold")
+    for r in rows:
         table.add_row(
-            path.name, "cache", status, _count(facts.get("parameters")), _size(facts.get("weight_bytes")),
-            facts.get("dtype") or "-", str(facts.get("context_length") or "-"), str(path),
+            r["name"], r["source"], r["status"], _count(r["params"]), _size(r["size"]), r["dtype"] or "-",
+            str(r["context"] or "-"), r["path"] or "-",
         )  # fmt: skip
     # piped output (CI logs) gets a wide fixed width instead of rich's 80 columns
     Console(width=None if sys.stdout.isatty() else 160).print(table)
