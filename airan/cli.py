@@ -8,7 +8,7 @@ import typer
 
 from airan.config import ConfigError, dump_config, load_config
 from airan.evaluation.cli import app as eval_app
-from airan.models.cli import app as model_app
+from airan.factory.cli import app as model_app
 from sims.cli import app as sim_app
 
 app = typer.Typer(help="airan: small language models at RAN edge sites.", no_args_is_help=True)
@@ -42,7 +42,7 @@ def serve(
     import logging
     import signal
 
-    from airan.server import ControlPlane
+    from airan.serving.server import ControlPlane
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = _load(config)
@@ -59,7 +59,7 @@ def serve(
             await stop.wait()
             typer.echo("shutting down: health NOT_SERVING, finishing in-flight queries")
 
-    from airan.models.registry import ModelNotAvailable
+    from airan.store.registry import ModelNotAvailable
 
     try:
         asyncio.run(run())

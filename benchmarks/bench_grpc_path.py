@@ -128,7 +128,7 @@ class CapturePool:
     """
 
     def __init__(self, model: str) -> None:
-        from airan.routing import ReplicaState, ReplicaView
+        from airan.core.routing import ReplicaState, ReplicaView
 
         self.view = ReplicaView("capture", SITE, model, ReplicaState.READY)
         self.sent: tuple[list[int], object] | None = None
@@ -143,7 +143,7 @@ class CapturePool:
         raise RuntimeError(f"capture replica failed: {reason}")
 
     async def generate(self, prompt_token_ids, params, request_id):
-        from airan.engine.protocol import GenerationChunk
+        from airan.serving.engine.protocol import GenerationChunk
 
         self.sent = (list(prompt_token_ids), params)
         yield GenerationChunk(text_delta="", completion_tokens=0, prompt_tokens=len(prompt_token_ids), finished=True, finish_reason="stop")
@@ -156,9 +156,9 @@ async def capture_dispatch(config, model: str, renderer, requests) -> list[tuple
     """(prompt token ids, GenerationParams) the gateway sends its replica for each `AskRequest`."""
     from dataclasses import replace
 
-    from airan.api.convert import query_from_proto
-    from airan.gateway import Gateway
-    from airan.sites import SiteRegistry
+    from airan.serving.api.convert import query_from_proto
+    from airan.serving.gateway import Gateway
+    from airan.serving.sites import SiteRegistry
 
     pool = CapturePool(model)
     gateway = Gateway(config, pool, SiteRegistry(config.sites, config.radio.min_ai_headroom), {model: renderer})
@@ -204,8 +204,8 @@ def bench_config(spec, args):
 
 def replica_engine(config, model_path):
     """`VllmSettings` and environment of the stack's one replica, from the same functions RayReplicaPool.start uses."""
-    from airan.cluster.replicas import RayReplicaPool
-    from airan.engine.vllm_engine import cpu_engine_env, settings_for
+    from airan.serving.cluster.replicas import RayReplicaPool
+    from airan.serving.engine.vllm_engine import cpu_engine_env, settings_for
 
     (spec,) = config.replicas
     settings = settings_for(config.model(spec.model), config.engine, model_path)
@@ -562,7 +562,7 @@ async def measure(side: str, one, plan: Plan, concurrency: int, console, meter: 
 
 
 async def run_direct(settings, env: dict, plan: Plan, args, console, meter: CpuMeter) -> dict:
-    from airan.engine.vllm_engine import VllmEngine
+    from airan.serving.engine.vllm_engine import VllmEngine
 
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the engine core process inherits it, as the replica actor's does
@@ -858,8 +858,8 @@ async def wait_quiet(max_wait_s: float, console, threshold: float = 0.10, window
 async def main_async(args) -> int:
     from rich.console import Console
 
-    from airan.models.registry import ModelNotAvailable, describe, materialize
-    from airan.prompting import PromptRenderer
+    from airan.store.registry import ModelNotAvailable, describe, materialize
+    from airan.core.prompting import PromptRenderer
 
     console = Console(width=None if sys.stdout.isatty() else 140)
     machine = machine_info()
@@ -1098,8 +1098,8 @@ def main(argv=None) -> int:
         return show(args.show)
     # import the whole serving path now: a run measures the code as it was when it started,
     # not a mix of versions if the checkout changes under it (Ray actors still import at start)
-    import airan.api.convert, airan.client, airan.cluster.replicas, airan.engine.vllm_engine  # noqa: F401,E401
-    import airan.gateway, airan.models.registry, airan.prompting, airan.server, airan.sites, airan.stack  # noqa: F401,E401
+    import airan.serving.api.convert, airan.client, airan.serving.cluster.replicas, airan.serving.engine.vllm_engine  # noqa: F401,E401
+    import airan.serving.gateway, airan.store.registry, airan.core.prompting, airan.serving.server, airan.serving.sites, airan.stack  # noqa: F401,E401
 
     args.code = code_version()
     # one event loop in the main thread: Ray installs signal handlers; vLLM spawns processes

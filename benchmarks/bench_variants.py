@@ -61,12 +61,12 @@ PPL_ITEMS = 16
 
 def _engine(name: str, threads: int):
     """(engine, lora name or None, facts) for a benchmark model name."""
-    from airan.models.registry import describe
-    from airan.models.smollm2 import prepare_smollm2, smollm2_gguf
+    from airan.store.registry import describe
+    from airan.factory.smollm2 import prepare_smollm2, smollm2_gguf
 
     base = prepare_smollm2(show_progress=False)
     if name == LLAMA_CPP:
-        from airan.engine.llamacpp_engine import LlamaCppEngine, LlamaCppSettings
+        from airan.serving.engine.llamacpp_engine import LlamaCppEngine, LlamaCppSettings
 
         gguf = smollm2_gguf()
         settings = LlamaCppSettings(gguf, n_ctx=MAX_MODEL_LEN, n_threads=threads)
@@ -78,15 +78,15 @@ def _engine(name: str, threads: int):
         return LlamaCppEngine(settings), None, facts
     import vllm
 
-    from airan.engine.vllm_engine import VllmEngine, VllmSettings
-    from airan.models.variants import load_variant_manifest
+    from airan.serving.engine.vllm_engine import VllmEngine, VllmSettings
+    from airan.factory.variants import load_variant_manifest
 
     model, compiled = name.removesuffix(COMPILED), name.endswith(COMPILED)
     adapters, lora, path = (), None, base
     facts = {"runtime": f"vLLM {vllm.__version__} CPU, " + ("compiled" if compiled else "eager"),
              "method": "base", "parent": None}
     if model == LORA:
-        from airan.models.variants.lora_netops import PACKAGED_DIR, load_manifest
+        from airan.factory.variants.lora_netops import PACKAGED_DIR, load_manifest
 
         manifest = load_manifest(PACKAGED_DIR)
         adapters, lora = ((LORA, str(PACKAGED_DIR)),), LORA
@@ -108,10 +108,10 @@ def _engine(name: str, threads: int):
 
 
 def _prompts(items) -> list[tuple[object, list[int]]]:
-    from airan.diagnosis import DIAGNOSIS_MAX_TOKENS
-    from airan.models.smollm2 import prepare_smollm2
-    from airan.models.variants.lora_netops import server_query
-    from airan.prompting import PromptRenderer
+    from airan.core.diagnosis import DIAGNOSIS_MAX_TOKENS
+    from airan.factory.smollm2 import prepare_smollm2
+    from airan.factory.variants.lora_netops import server_query
+    from airan.core.prompting import PromptRenderer
 
     renderer = PromptRenderer(prepare_smollm2(show_progress=False))
     out = []
@@ -123,8 +123,8 @@ def _prompts(items) -> list[tuple[object, list[int]]]:
 
 def _short_prompts(items) -> list[list[int]]:
     """A controller's question alone, in the chat template: a decode-bound request."""
-    from airan.models.smollm2 import prepare_smollm2
-    from airan.prompting import PromptRenderer
+    from airan.factory.smollm2 import prepare_smollm2
+    from airan.core.prompting import PromptRenderer
 
     tok = PromptRenderer(prepare_smollm2(show_progress=False)).tokenizer
     out = []
@@ -211,8 +211,8 @@ async def measure_one(name: str, n_eval: int, streams: int, tokens: int, threads
 
 
 async def _serve(engine, lora, long_prompts, short_prompts, eval_items, eval_prompts, streams, tokens) -> dict:
-    from airan.diagnosis import DIAGNOSIS_MAX_TOKENS, diagnosis_schema, parse_diagnosis
-    from airan.engine.protocol import GenerationParams
+    from airan.core.diagnosis import DIAGNOSIS_MAX_TOKENS, diagnosis_schema, parse_diagnosis
+    from airan.serving.engine.protocol import GenerationParams
     from airan.evaluation.metrics import INVALID, Prediction, summarize
 
     result = {}
@@ -260,16 +260,16 @@ async def _serve(engine, lora, long_prompts, short_prompts, eval_items, eval_pro
 
 
 async def _perplexity(engine, name: str, lora, items) -> float:
-    from airan.models.smollm2 import prepare_smollm2
-    from airan.models.variants.lora_netops import build_example
-    from airan.prompting import PromptRenderer
+    from airan.factory.smollm2 import prepare_smollm2
+    from airan.factory.variants.lora_netops import build_example
+    from airan.core.prompting import PromptRenderer
 
     renderer = PromptRenderer(prepare_smollm2(show_progress=False))
     texts = [list(build_example(renderer, item).input_ids) for item in items]
     if name == LLAMA_CPP:  # logits for every position need their own context
         from dataclasses import replace
 
-        from airan.engine.llamacpp_engine import LlamaCppEngine
+        from airan.serving.engine.llamacpp_engine import LlamaCppEngine
 
         await engine.shutdown()
         engine = LlamaCppEngine(replace(engine.settings, logits_all=True))

@@ -33,7 +33,7 @@ def tiny_stack_config(n_sites: int = 2, adapter_dir=None, **overrides) -> AiranC
 
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory) -> AiranConfig:
-    from airan.models.tiny import ensure_tiny_model, write_random_lora
+    from airan.factory.tiny import ensure_tiny_model, write_random_lora
 
     adapter = write_random_lora(ensure_tiny_model(), tmp_path_factory.mktemp("lora") / "tiny-lora")
     return tiny_stack_config(adapter_dir=adapter)

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from airan.cli import app
 from airan.config import DEFAULT_CONFIG, ConfigError, ModelSpec, load_config
-from airan.models.catalog import entries_from_report, family, pick_variant, write_catalog
-from airan.models.registry import ModelNotAvailable, materialize
+from airan.store.catalog import entries_from_report, family, pick_variant, write_catalog
+from airan.store.registry import ModelNotAvailable, materialize
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED_RESULTS = REPO / "benchmarks" / "results" / "variants.json"

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from airan.client import AsyncAiranClient, build_request, kpi
-from airan.diagnosis import CAUSES
+from airan.core.diagnosis import CAUSES
 from airan.evaluation import report, rules
 from airan.evaluation.dataset import (
     CELLS_PER_SITE,
@@ -293,7 +293,7 @@ def test_report_files(tmp_path, splits):
 
 @pytest.fixture(scope="session")
 def smollm2_prepared():
-    from airan.models.smollm2 import prepare_smollm2
+    from airan.factory.smollm2 import prepare_smollm2
 
     return prepare_smollm2(show_progress=False)
 

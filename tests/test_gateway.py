@@ -6,14 +6,14 @@ import time
 import pytest
 
 from airan.config import parse_config
-from airan.engine.protocol import EngineDeadError, GenerationChunk
+from airan.serving.engine.protocol import EngineDeadError, GenerationChunk
 from airan.errors import AiranError, ErrorKind
-from airan.gateway import Answer, Delta, Gateway
-from airan.query import KpiSample, Query
-from airan.routing import ReplicaState, ReplicaView
-from airan.models.tiny import ensure_tiny_model
-from airan.prompting import PromptRenderer
-from airan.sites import SiteRegistry
+from airan.serving.gateway import Answer, Delta, Gateway
+from airan.core.query import KpiSample, Query
+from airan.core.routing import ReplicaState, ReplicaView
+from airan.factory.tiny import ensure_tiny_model
+from airan.core.prompting import PromptRenderer
+from airan.serving.sites import SiteRegistry
 
 CONFIG = parse_config(
     {

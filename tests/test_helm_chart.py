@@ -36,7 +36,7 @@ from airan.config import (
     load_config,
     site_resource,
 )
-from airan.cluster.sites import SiteCluster
+from airan.serving.cluster.sites import SiteCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "airan"

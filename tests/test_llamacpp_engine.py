@@ -8,16 +8,16 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional 'llamacpp' extra")
 
-from airan.diagnosis import diagnosis_schema, parse_diagnosis  # noqa: E402
-from airan.engine.llamacpp_engine import LlamaCppEngine, LlamaCppSettings  # noqa: E402
-from airan.engine.protocol import EngineClient, GenerationParams, RequestFailedError  # noqa: E402
+from airan.core.diagnosis import diagnosis_schema, parse_diagnosis  # noqa: E402
+from airan.serving.engine.llamacpp_engine import LlamaCppEngine, LlamaCppSettings  # noqa: E402
+from airan.serving.engine.protocol import EngineClient, GenerationParams, RequestFailedError  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def gguf():
-    from airan.models.smollm2 import smollm2_gguf
+    from airan.factory.smollm2 import smollm2_gguf
 
     return smollm2_gguf()
 
@@ -25,9 +25,9 @@ def gguf():
 @pytest.fixture(scope="module")
 def prompt(gguf):
     from airan.evaluation.dataset import TEST_SEED, build_dataset
-    from airan.models.smollm2 import prepare_smollm2
-    from airan.models.variants.lora_netops import server_query
-    from airan.prompting import PromptRenderer
+    from airan.factory.smollm2 import prepare_smollm2
+    from airan.factory.variants.lora_netops import server_query
+    from airan.core.prompting import PromptRenderer
 
     query = server_query(build_dataset(7, TEST_SEED, "test")[2])
     ids = PromptRenderer(prepare_smollm2(show_progress=False)).render(query, 2048 - 256).token_ids

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from airan.config import load_config
-from airan.diagnosis import diagnosis_schema, parse_diagnosis
+from airan.core.diagnosis import diagnosis_schema, parse_diagnosis
 from airan.evaluation.dataset import DEV_SEED, LABELS, TEST_SEED, build_dataset, build_splits
-from airan.models.tiny import ensure_tiny_model, write_random_lora
-from airan.models.variants import lora_netops as L
-from airan.prompting import PromptRenderer, build_messages
+from airan.factory.tiny import ensure_tiny_model, write_random_lora
+from airan.factory.variants import lora_netops as L
+from airan.core.prompting import PromptRenderer, build_messages
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_default_config_serves_the_committed_adapter_beside_its_parent():
 
 
 def test_relative_model_paths_resolve_beside_the_config_file(tmp_path, tiny_dir):
-    from airan.models.registry import describe, materialize
+    from airan.store.registry import describe, materialize
 
     adapter = write_random_lora(tiny_dir, tmp_path / "adapters" / "a")
     (tmp_path / "conf").mkdir()

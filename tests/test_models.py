@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from airan.config import ModelSpec
-from airan.models.registry import ModelNotAvailable, cached_models, describe, materialize
-from airan.models.tiny import TinyModelParams, ensure_tiny_model, tiny_model_dir
+from airan.store.registry import ModelNotAvailable, cached_models, describe, materialize
+from airan.factory.tiny import TinyModelParams, ensure_tiny_model, tiny_model_dir
 
 
 @pytest.fixture
@@ -171,8 +171,8 @@ def test_materialize_local_accepts_a_model_dir(shared_tiny):
 
 # --- SmolLM2 preparation -------------------------------------------------------------
 
-from airan.models import smollm2  # noqa: E402
-from airan.models.smollm2 import GGUF_FILENAME, ModelPrepareError, prepare_smollm2  # noqa: E402
+from airan.factory import smollm2  # noqa: E402
+from airan.factory.smollm2 import GGUF_FILENAME, ModelPrepareError, prepare_smollm2  # noqa: E402
 
 # where the real wheel is kept between test runs (resolved before any test
 # points AIRAN_CACHE at a temporary directory)
@@ -295,7 +295,7 @@ def test_registry_smollm2_not_prepared(cache):
 def test_cli_prepare_tiny_and_list(cache, tmp_path):
     from typer.testing import CliRunner
 
-    from airan.models.cli import app
+    from airan.factory.cli import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["prepare", "tiny"])
@@ -324,7 +324,7 @@ def test_cli_prepare_tiny_and_list(cache, tmp_path):
 def test_cli_prepare_smollm2_error_is_one_message(cache, tmp_path):
     from typer.testing import CliRunner
 
-    from airan.models.cli import app
+    from airan.factory.cli import app
 
     bad = tmp_path / GGUF_FILENAME
     bad.write_bytes(b"garbage")

@@ -4,9 +4,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from airan.errors import AiranError
-from airan.models.tiny import ensure_tiny_model
-from airan.prompting import PromptRenderer, build_messages, kpi_rows
-from airan.query import KpiSample, Query
+from airan.factory.tiny import ensure_tiny_model
+from airan.core.prompting import PromptRenderer, build_messages, kpi_rows
+from airan.core.query import KpiSample, Query
 
 KPI_NAMES = ["DRB.UEThpDl", "RRU.PrbUsedDl", "RRC.ConnMean", "DRB.RlcSduDelayDl", "TB.BlerDl"]
 

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from airan.config import RouterConfig, ScorerSpec
-from airan.routing import (
+from airan.core.routing import (
     ReplicaState,
     ReplicaView,
     Router,
@@ -15,7 +15,7 @@ from airan.routing import (
     RoutingRequest,
     SiteView,
 )
-from airan.routing.scorers import KvCacheScorer, LeastLoadedScorer, SiteLocalityScorer
+from airan.core.routing.scorers import KvCacheScorer, LeastLoadedScorer, SiteLocalityScorer
 
 SITES = {
     "bs-01": SiteView("bs-01", latency_ms={"xapp": 1.0}),

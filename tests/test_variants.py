@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from airan.config import cache_dir
-from airan.models.registry import describe, read_safetensors_header
-from airan.models.tiny import TinyModelParams, ensure_tiny_model
-from airan.models.variants import RECIPES, build_variant, load_variant_manifest, variant_spec
-from airan.models.variants.build import MANIFEST
-from airan.models.variants.calibration import calibration_set, perplexity
-from airan.models.variants.layerwise import LINEAR_NAMES, LayerwiseRunner, collect_input_stats
-from airan.models.variants.quantize import (
+from airan.store.registry import describe, read_safetensors_header
+from airan.factory.tiny import TinyModelParams, ensure_tiny_model
+from airan.factory.variants import RECIPES, build_variant, load_variant_manifest, variant_spec
+from airan.factory.variants.build import MANIFEST
+from airan.factory.variants.calibration import calibration_set, perplexity
+from airan.factory.variants.layerwise import LINEAR_NAMES, LayerwiseRunner, collect_input_stats
+from airan.factory.variants.quantize import (
     SMOOTH_GROUPS,
     dequantize,
     gptq,
@@ -31,8 +31,8 @@ from airan.models.variants.quantize import (
     smooth_layer_,
     symmetric_scale,
 )
-from airan.models.variants.structured import drop_layers_, least_squares_down
-from airan.models.variants.wanda import wanda_mask
+from airan.factory.variants.structured import drop_layers_, least_squares_down
+from airan.factory.variants.wanda import wanda_mask
 
 # resolved before any test points AIRAN_CACHE elsewhere: the real SmolLM2 and its variants live here
 REAL_MODELS = cache_dir() / "models"
@@ -73,7 +73,7 @@ def tiny_parent(tiny_cache) -> Path:
 @pytest.fixture(scope="module")
 def tiny_variants(tiny_cache, tiny_parent) -> dict[str, Path]:
     """Every recipe built from the tiny model (a 2-step heal keeps the pruning one quick)."""
-    from airan.models.tiny import write_random_lora
+    from airan.factory.tiny import write_random_lora
 
     built = {}
     for name, recipe in RECIPES.items():
@@ -118,7 +118,7 @@ def test_calibration_comes_from_the_simulator_and_is_seeded(tiny_tokenizer):
 
 
 def test_cached_parent_answers_are_appended_without_running_vllm(tiny_parent, tiny_tokenizer, tmp_path):
-    from airan.models.variants.calibration import with_parent_answers
+    from airan.factory.variants.calibration import with_parent_answers
 
     prompts = calibration_set(tiny_tokenizer, 2, seed=0)
     im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -250,7 +250,7 @@ def test_layer_drop_removes_the_least_influential_layers(tiny_cache, tiny_tokeni
 
 
 def test_layer_drop_recipe_builds_a_shallower_servable_model(tiny_cache):
-    from airan.models.variants import Recipe
+    from airan.factory.variants import Recipe
 
     four = ensure_tiny_model("tiny-4l", TinyModelParams(num_hidden_layers=4))
     path = build_variant(Recipe("tiny-drop1", "drop-layers", {"n_drop": 1}), parent_dir=four,
@@ -439,7 +439,7 @@ def test_build_is_deterministic_and_reused(tiny_variants, tiny_parent, tmp_path)
 
 
 def test_variant_spec_serves_a_built_variant(tiny_variants):
-    from airan.models.registry import ModelNotAvailable, materialize
+    from airan.store.registry import ModelNotAvailable, materialize
 
     path = tiny_variants["smollm2-mlp50"]
     spec = variant_spec("tiny-mlp50", path.parent)
@@ -453,7 +453,7 @@ def test_variant_spec_serves_a_built_variant(tiny_variants):
 def test_cli_build_and_list(tiny_cache, tiny_parent):
     from typer.testing import CliRunner
 
-    from airan.models.cli import app
+    from airan.factory.cli import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["build", "smollm2-nope"])
@@ -470,7 +470,7 @@ def test_cli_build_and_list(tiny_cache, tiny_parent):
 
 
 def _list_rows(runner) -> dict[str, dict]:
-    from airan.models.cli import app
+    from airan.factory.cli import app
 
     result = runner.invoke(app, ["list", "--json"])
     assert result.exit_code == 0, result.output
@@ -488,7 +488,7 @@ REDUCED = {"calib_items": 8, "heldout_items": 4}
 def _real_path(name: str) -> Path:
     """The parent or a variant: the real build when `airan model build` made one, else a reduced build."""
     if name == "parent":
-        from airan.models.smollm2 import prepare_smollm2
+        from airan.factory.smollm2 import prepare_smollm2
 
         return prepare_smollm2(models_dir=REAL_MODELS, show_progress=False)
     if load_variant_manifest(name, REAL_MODELS) is not None:
@@ -500,7 +500,7 @@ def _real_path(name: str) -> Path:
 
 
 def _diagnosis_query():
-    from airan.models.variants.calibration import _as_airan_query, simulated_queries
+    from airan.factory.variants.calibration import _as_airan_query, simulated_queries
 
     # an event explanation from a simulated city no calibration set uses
     q, t0 = next((q, t0) for q, t0 in simulated_queries(424_242) if q.kind == "event_explain")
@@ -515,10 +515,10 @@ def _engine_rss_mib() -> float:
 
 async def _serve(path: Path) -> dict:
     """Start one engine, ask one diagnosis, stop it."""
-    from airan.diagnosis import diagnosis_schema, parse_diagnosis
-    from airan.engine.protocol import GenerationParams
-    from airan.engine.vllm_engine import VllmEngine, VllmSettings
-    from airan.prompting import PromptRenderer
+    from airan.core.diagnosis import diagnosis_schema, parse_diagnosis
+    from airan.serving.engine.protocol import GenerationParams
+    from airan.serving.engine.vllm_engine import VllmEngine, VllmSettings
+    from airan.core.prompting import PromptRenderer
 
     query = _diagnosis_query()
     prompt = PromptRenderer(path).render(query, 1024 - 256).token_ids

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from airan.diagnosis import CAUSES
+from airan.core.diagnosis import CAUSES
 
 # a DIAGNOSIS-mode query that ended in "no valid diagnosis", and any other failed query
 INVALID = "INVALID"

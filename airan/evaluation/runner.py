@@ -17,11 +17,11 @@ import grpc
 
 from airan.client import AsyncAiranClient, build_request, kpi
 from airan.config import AiranConfig, parse_config
-from airan.diagnosis import cause_from_text
+from airan.core.diagnosis import cause_from_text
 from airan.evaluation import rules
 from airan.evaluation.dataset import EvalItem
 from airan.evaluation.metrics import ERROR, INVALID, MethodReport, Prediction, summarize
-from airan.prompting import PROMPT_VERSION
+from airan.core.prompting import PROMPT_VERSION
 from airan.v1 import netops_pb2
 
 METHODS = ("rules", "free_text", "diagnosis")

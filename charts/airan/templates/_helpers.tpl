@@ -79,7 +79,7 @@ Call with (dict "root" $ "flavor" "cpu").
 Ray's --resources flag value for one site. KubeRay pastes rayStartParams into
 a shell command line, so the JSON goes in escaped double quotes (the format
 KubeRay documents: '"{\"Custom1\": 1}"'). 1000 units as in airan's local mode
-(airan.cluster.sites.SITE_RESOURCE_UNITS): each replica asks for one.
+(airan.serving.cluster.sites.SITE_RESOURCE_UNITS): each replica asks for one.
 */}}
 {{- define "airan.site.rayResources" -}}
 {{- $res := dict (printf "site:%s" .id) 1000 -}}

@@ -1,0 +1,98 @@
+"""A network-operations query as the core sees it, and its validation.
+
+The servicer converts protos into `Query`; everything here is plain data so the
+simulator and unit tests use it without gRPC.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from dataclasses import dataclass, replace
+
+from airan.config import LimitsConfig
+from airan.core.diagnosis import DIAGNOSIS_MAX_TOKENS, DIAGNOSIS_MIN_TOKENS
+from airan.errors import AiranError, ErrorKind, invalid
+from airan.core.routing.types import Priority
+
+
+@dataclass(frozen=True)
+class KpiSample:
+    name: str
+    value: float
+    unit: str = ""
+    cell_id: str = ""
+    time_s: float | None = None  # unix seconds
+
+
+@dataclass(frozen=True)
+class Query:
+    question: str
+    request_id: str
+    controller_id: str = ""
+    site_ids: tuple[str, ...] = ()
+    cell_ids: tuple[str, ...] = ()
+    kpis: tuple[KpiSample, ...] = ()
+    priority: Priority = Priority.BEST_EFFORT
+    max_tokens: int = 0  # 0 = server default
+    temperature: float = 0.0
+    deadline: float | None = None  # monotonic seconds; None = no deadline
+    model: str = ""
+    mode: str = "free_text"  # or "diagnosis"
+    recent_events: tuple[str, ...] = ()
+
+    @property
+    def context_cells(self) -> list[str]:
+        """Cells a diagnosis may name: the ones the request mentions, nothing else."""
+        return sorted({*self.cell_ids, *(k.cell_id for k in self.kpis if k.cell_id)})
+
+
+def validate_query(
+    query: Query, limits: LimitsConfig, known_sites: Collection[str], now: float
+) -> Query:
+    """Return the query with defaults filled in, or raise an AiranError a person can act on."""
+    question = query.question.strip()
+    if not question:
+        raise invalid("question is empty: put the network-operations question in AskRequest.question")
+    if len(question) > limits.max_question_chars:
+        raise invalid(
+            f"question is {len(question)} characters; the limit is {limits.max_question_chars}: "
+            "shorten it or move data into kpi_context"
+        )
+    unknown = [s for s in query.site_ids if s not in known_sites]
+    if unknown:
+        raise AiranError(
+            ErrorKind.NOT_FOUND,
+            f"unknown site(s) {', '.join(map(repr, unknown))}; known sites: {', '.join(sorted(known_sites))}",
+        )
+    if query.mode not in ("free_text", "diagnosis"):
+        raise invalid(f"unknown response mode '{query.mode}'")
+    diagnosis = query.mode == "diagnosis"
+    max_tokens = query.max_tokens or (DIAGNOSIS_MAX_TOKENS if diagnosis else limits.default_max_tokens)
+    if diagnosis and max_tokens < DIAGNOSIS_MIN_TOKENS:
+        raise invalid(
+            f"diagnosis mode needs max_tokens >= {DIAGNOSIS_MIN_TOKENS} to complete its JSON answer "
+            f"(got {max_tokens}); leave it 0 for the default of {DIAGNOSIS_MAX_TOKENS}"
+        )
+    if max_tokens > limits.max_tokens_limit:
+        raise invalid(
+            f"max_tokens {max_tokens} exceeds this server's limit of {limits.max_tokens_limit}; "
+            f"ask for at most {limits.max_tokens_limit}"
+        )
+    if not (math.isfinite(query.temperature) and 0.0 <= query.temperature <= limits.max_temperature):
+        raise invalid(f"temperature must be between 0 and {limits.max_temperature}, got {query.temperature}")
+    if len(query.kpis) > limits.max_kpi_samples:
+        raise invalid(
+            f"kpi_context has {len(query.kpis)} samples; the limit is {limits.max_kpi_samples}: "
+            "send the most recent or most relevant ones"
+        )
+    for i, kpi in enumerate(query.kpis):
+        if not kpi.name.strip():
+            raise invalid(f"kpi_context[{i}] has no name (expected an E2SM-KPM name such as DRB.UEThpDl)")
+        if not math.isfinite(kpi.value):
+            raise invalid(f"kpi_context[{i}] ({kpi.name}) has a non-finite value {kpi.value}")
+    if query.deadline is not None and query.deadline <= now:
+        raise AiranError(
+            ErrorKind.DEADLINE_EXCEEDED,
+            f"deadline already passed {1000 * (now - query.deadline):.0f} ms before the query arrived",
+        )
+    return replace(query, question=question, max_tokens=max_tokens)

@@ -1,1 +1,0 @@
-"""Model registry and preparation (generated tiny model, converted real SLMs)."""

@@ -1,0 +1,125 @@
+"""Assembles the control plane: Ray sites, vLLM replicas, gateway, gRPC server.
+
+`ControlPlane` is an async context manager so the CLI, the tests and the
+benchmarks start and stop the real stack the same way.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from airan.serving.api.servicers import ControlServicer, NetOpsServicer
+from airan.serving.cluster.replicas import RayReplicaPool
+from airan.serving.cluster.sites import SiteCluster
+from airan.config import AiranConfig
+from airan.serving.gateway import Gateway
+from airan.store.registry import materialize
+from airan.core.prompting import PromptRenderer
+from airan.serving.sites import SiteRegistry
+from airan.v1 import control_pb2, control_pb2_grpc, netops_pb2, netops_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAMES = (
+    netops_pb2.DESCRIPTOR.services_by_name["NetOpsService"].full_name,
+    control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
+)
+
+
+class ControlPlane:
+    def __init__(self, config: AiranConfig) -> None:
+        self.config = config
+        self.cluster = SiteCluster(config)
+        self.pool: RayReplicaPool | None = None
+        self.gateway: Gateway | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.startup_s: dict[str, float] = {}
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.server.host}:{self.port}"
+
+    async def start(self) -> ControlPlane:
+        t0 = time.monotonic()
+        used = {r.model for r in self.config.replicas} | {self.config.default_model}
+        used |= {a for r in self.config.replicas for a in r.adapters}
+        model_paths = {m.name: materialize(m) for m in self.config.models if m.name in used}
+        # an adapter shares its parent's tokenizer and chat template
+        renderers = {
+            m.name: PromptRenderer(model_paths[m.parent if m.is_adapter else m.name])
+            for m in self.config.models
+            if m.name in used
+        }
+        self.startup_s["models"] = time.monotonic() - t0
+
+        t0 = time.monotonic()
+        self.cluster.start()  # Ray installs signal handlers: main thread only
+        self.startup_s["ray"] = time.monotonic() - t0
+
+        t0 = time.monotonic()
+        self.pool = RayReplicaPool(self.config, model_paths)
+        await self.pool.start()
+        self.startup_s["replicas"] = time.monotonic() - t0
+
+        sites = SiteRegistry(self.config.sites, self.config.radio.min_ai_headroom)
+        self.gateway = Gateway(self.config, self.pool, sites, renderers)
+        await self._start_grpc(self.cluster.node_of_site())
+        return self
+
+    async def _start_grpc(self, node_of_site: dict[str, str]) -> None:
+        cfg = self.config.server
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        netops_pb2_grpc.add_NetOpsServiceServicer_to_server(NetOpsServicer(self.gateway), self.server)
+        control_pb2_grpc.add_ControlServiceServicer_to_server(
+            ControlServicer(self.gateway, node_of_site), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        bind = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert_file:
+            client_ca = cfg.tls_client_ca_file.read_bytes() if cfg.tls_client_ca_file else None
+            credentials = grpc.ssl_server_credentials(
+                [(cfg.tls_key_file.read_bytes(), cfg.tls_cert_file.read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,  # mTLS when a client CA is given
+            )
+            self.port = self.server.add_secure_port(bind, credentials)
+        else:
+            self.port = self.server.add_insecure_port(bind)
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind gRPC port {cfg.host}:{cfg.port} (in use?)")
+        await self.server.start()
+        if cfg.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(cfg.metrics_port, addr=cfg.host)
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("airan serving on %s", self.address)
+
+    async def stop(self) -> None:
+        # flip health first so load balancers stop sending, then let in-flight work finish
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(self.config.server.grace_s)
+        if self.pool is not None:
+            await self.pool.stop()
+        self.cluster.shutdown()
+
+    async def __aenter__(self) -> ControlPlane:
+        try:
+            return await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
