@@ -1,0 +1,1 @@
+"""The light model store: a model name -> its directory and manifest; what the server needs and nothing more."""
