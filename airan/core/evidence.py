@@ -53,6 +53,8 @@ class Movement:
     trend: int  # +1 rising, -1 falling, 0 flat or unknown (over the finite samples)
     missing_since: float | None  # time (or sample index) of the first of the trailing missing samples
     n_samples: int
+    step: float | None = None  # the last move: now against the sample before it
+    drift: float | None = None  # before the last move: that sample against the first
 
     @property
     def absolute(self) -> bool:
@@ -191,9 +193,11 @@ def _movement(cell: str, kpi: str, unit: str, row: np.ndarray, times: Sequence[f
         slope = np.polyfit(finite.astype(float), row[finite], 1)[0] * (reported - 1)
         scale = _ABSOLUTE.get(kpi) or _RELATIVE_SCALE * max(abs(before or 0.0), 1e-6)
         trend = int(np.sign(slope)) if abs(slope) >= 0.5 * scale else 0
+    prev = float(row[finite[-2]]) if reported >= 2 else None
+    first = float(row[finite[0]]) if reported >= 3 else None
     return Movement(
         cell, kpi, unit, before, now, _change(kpi, before, now), _change(kpi, site_now, now), trend,
-        missing_since, int(reported),
+        missing_since, int(reported), _change(kpi, prev, now), _change(kpi, first, prev),
     )  # fmt: skip
 
 
@@ -311,11 +315,15 @@ def render_movement(m: Movement) -> str:
 
 # --- detector features -----------------------------------------------------------------------
 
-_PER_KPI = ("change", "vs_site", "trend", "missing")
+_PER_KPI = ("change", "vs_site", "trend", "missing", "step", "drift")
 FEATURE_NAMES: tuple[str, ...] = (
     *(f"{kpi}:{f}" for kpi in KNOWN_KPIS for f in _PER_KPI),
     "prb_now_pct", "bler_now_pct", "sinr_now_db", "ho_fail_ratio", "silent", "n_cells_site", "n_times",
 )
+
+
+def _nan(x: float | None) -> float:
+    return np.nan if x is None else x
 
 
 def cell_features(evidence: Evidence, cell: str) -> np.ndarray:
@@ -326,13 +334,11 @@ def cell_features(evidence: Evidence, cell: str) -> np.ndarray:
     for kpi in KNOWN_KPIS:
         m = by_kpi.get(kpi)
         if m is not None:
-            out[i : i + 4] = (
-                np.nan if m.change is None else m.change,
-                np.nan if m.vs_site is None else m.vs_site,
-                m.trend,
-                float(m.missing_since is not None),
-            )
-        i += 4
+            out[i : i + len(_PER_KPI)] = (
+                _nan(m.change), _nan(m.vs_site), m.trend, float(m.missing_since is not None), _nan(m.step),
+                _nan(m.drift),
+            )  # fmt: skip
+        i += len(_PER_KPI)
     flags = evidence.flags.get(cell, CellFlags(cell))
     now = {k: (m.now if m.now is not None else np.nan) for k, m in by_kpi.items()}
     out[i : i + 7] = (

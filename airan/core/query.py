@@ -18,7 +18,7 @@ from airan.core.routing.types import Priority
 @dataclass(frozen=True)
 class KpiSample:
     name: str
-    value: float
+    value: float  # NaN or inf: not reported (a cell that is off reports no throughput); evidence reads it as missing
     unit: str = ""
     cell_id: str = ""
     time_s: float | None = None  # unix seconds
@@ -88,8 +88,6 @@ def validate_query(
     for i, kpi in enumerate(query.kpis):
         if not kpi.name.strip():
             raise invalid(f"kpi_context[{i}] has no name (expected an E2SM-KPM name such as DRB.UEThpDl)")
-        if not math.isfinite(kpi.value):
-            raise invalid(f"kpi_context[{i}] ({kpi.name}) has a non-finite value {kpi.value}")
     if query.deadline is not None and query.deadline <= now:
         raise AiranError(
             ErrorKind.DEADLINE_EXCEEDED,
