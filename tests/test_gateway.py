@@ -5,73 +5,14 @@ import time
 
 import pytest
 
-from airan.config import parse_config
-from airan.serving.engine.protocol import EngineDeadError, GenerationChunk
+from airan.serving.engine.protocol import EngineDeadError
 from airan.errors import AiranError, ErrorKind
 from airan.serving.gateway import Answer, Delta, Gateway
 from airan.core.query import KpiSample, Query
-from airan.core.routing import ReplicaState, ReplicaView
 from airan.factory.tiny import ensure_tiny_model
 from airan.core.prompting import PromptRenderer
 from airan.serving.sites import SiteRegistry
-
-CONFIG = parse_config(
-    {
-        "sites": [{"id": "bs-01", "latency_ms": {"x": 1}}, {"id": "bs-02", "latency_ms": {"x": 5}}],
-        "models": [{"name": "m", "source": "tiny-random", "max_model_len": 1024}],
-        "replicas": [{"site": "bs-01", "model": "m"}, {"site": "bs-02", "model": "m"}],
-        "limits": {"max_tokens_limit": 900, "default_max_tokens": 8},
-        "radio": {"min_ai_headroom": 0.2},
-    }
-)
-
-
-class FakeReplica:
-    """Streams `words` one per chunk (or each of `answers` whole, one per call)."""
-
-    def __init__(self, words=("ok",) * 4, delay=0.0, fail_before=None, answers=None):
-        self.words, self.delay, self.fail_before = words, delay, fail_before
-        self.answers = list(answers or [])
-        self.params = []
-        self.aborted, self.calls = [], 0
-
-    async def generate(self, prompt_ids, params, request_id):
-        self.calls += 1
-        self.params.append(params)
-        finished = False
-        try:
-            if self.fail_before:
-                raise self.fail_before
-            words = [self.answers.pop(0)] if self.answers else self.words[: params.max_tokens]
-            for i, w in enumerate(words):
-                await asyncio.sleep(self.delay)
-                last = i == len(words) - 1
-                finished = last
-                yield GenerationChunk(w + " ", i + 1, len(prompt_ids), last, "length" if last else None, 0.5)
-        finally:
-            if not finished:
-                self.aborted.append(request_id)
-
-    async def abort(self, request_id):
-        self.aborted.append(request_id)
-
-
-class FakePool:
-    def __init__(self, replicas):
-        self.replicas = replicas  # id -> (site, FakeReplica)
-        self.failed = {}
-
-    def views(self):
-        return [
-            ReplicaView(rid, site, "m", ReplicaState.FAILED if rid in self.failed else ReplicaState.READY)
-            for rid, (site, _) in self.replicas.items()
-        ]
-
-    def client(self, rid):
-        return self.replicas[rid][1]
-
-    def mark_failed(self, rid, reason):
-        self.failed[rid] = reason
+from fakes import CONFIG, FakePool, FakeReplica, call_id
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +38,7 @@ def q(question="why is the cell slow", **kw):
 
 async def test_unary_answer_from_requested_site_with_counts_and_timings(gateway):
     gw, _ = gateway()
-    ans = await gw.ask(q(site_ids=("bs-02",), controller_id="x", max_tokens=3))
+    ans = await gw.ask(q(site_ids=("bs-02",), controller_id="x", max_tokens=3), request_id=call_id())
     assert (ans.site_id, ans.replica_id, ans.completion_tokens, ans.finish_reason) == ("bs-02", "r2", 3, "length")
     assert ans.text == "ok ok ok " and ans.prompt_tokens == len(ans.prompt.token_ids) > 20
     assert 0 <= ans.queue_ms and ans.ttft_ms <= ans.total_ms
@@ -106,7 +47,7 @@ async def test_unary_answer_from_requested_site_with_counts_and_timings(gateway)
 
 async def test_stream_yields_deltas_then_exactly_one_answer(gateway):
     gw, _ = gateway()
-    events = [e async for e in gw.stream(q(max_tokens=4))]
+    events = [e async for e in gw.stream(q(max_tokens=4), request_id=call_id())]
     assert [type(e) for e in events] == [Delta] * 4 + [Answer]
     assert "".join(e.text for e in events[:-1]) == events[-1].text
 
@@ -129,7 +70,7 @@ async def test_stream_yields_deltas_then_exactly_one_answer(gateway):
 async def test_bad_input_maps_to_an_actionable_error(gateway, query, kind, words):
     gw, pool = gateway()
     with pytest.raises(AiranError) as e:
-        await gw.ask(query)
+        await gw.ask(query, request_id=call_id())
     assert e.value.kind is kind and words in e.value.message
     assert all(r.calls == 0 for _, r in pool.replicas.values())
 
@@ -139,20 +80,20 @@ async def test_no_replica_when_all_sites_drained_or_surging(gateway):
     gw.sites.set_drained("bs-01", True)
     assert gw.sites.report_ran_load("bs-02", 0.9) is True
     with pytest.raises(AiranError) as e:
-        await gw.ask(q())
+        await gw.ask(q(), request_id=call_id())
     assert e.value.kind is ErrorKind.UNAVAILABLE and "headroom" in e.value.message
 
 
 async def test_drained_site_is_avoided_even_when_requested(gateway):
     gw, _ = gateway()
     gw.sites.set_drained("bs-01", True)
-    assert (await gw.ask(q(site_ids=("bs-01",)))).site_id == "bs-02"
+    assert (await gw.ask(q(site_ids=("bs-01",)), request_id=call_id())).site_id == "bs-02"
 
 
 async def test_dead_replica_before_first_token_fails_over_and_is_marked(gateway):
     dead = FakeReplica(fail_before=EngineDeadError("engine process exited"))
     gw, pool = gateway({"r1": ("bs-01", dead), "r2": ("bs-02", FakeReplica())})
-    ans = await gw.ask(q(site_ids=("bs-01",)))
+    ans = await gw.ask(q(site_ids=("bs-01",)), request_id=call_id())
     assert ans.replica_id == "r2" and "r1" in pool.failed
 
 
@@ -160,7 +101,7 @@ async def test_deadline_during_generation_aborts_the_replica_request(gateway):
     slow = FakeReplica(words=("w",) * 50, delay=0.05)
     gw, _ = gateway({"r1": ("bs-01", slow)})
     with pytest.raises(AiranError) as e:
-        await gw.ask(q(max_tokens=50, deadline=time.monotonic() + 0.12))
+        await gw.ask(q(max_tokens=50, deadline=time.monotonic() + 0.12), request_id=call_id())
     assert e.value.kind is ErrorKind.DEADLINE_EXCEEDED
     assert len(slow.aborted) == 1 and gw.in_flight == {}
 
@@ -168,7 +109,7 @@ async def test_deadline_during_generation_aborts_the_replica_request(gateway):
 async def test_client_cancel_aborts_and_releases_in_flight(gateway):
     slow = FakeReplica(words=("w",) * 50, delay=0.05)
     gw, _ = gateway({"r1": ("bs-01", slow)})
-    task = asyncio.create_task(gw.ask(q(max_tokens=50)))
+    task = asyncio.create_task(gw.ask(q(max_tokens=50), request_id=call_id()))
     await asyncio.sleep(0.12)
     assert gw.in_flight["r1"] == 1
     task.cancel()
@@ -191,7 +132,7 @@ async def test_load_is_spread_across_replicas(gateway):
     gw, pool = gateway(
         {"r1": ("bs-01", FakeReplica(delay=0.02)), "r2": ("bs-01", FakeReplica(delay=0.02))}
     )
-    answers = await asyncio.gather(*(gw.ask(q()) for _ in range(8)))
+    answers = await asyncio.gather(*(gw.ask(q(), request_id=call_id()) for _ in range(8)))
     served = {a.replica_id for a in answers}
     assert served == {"r1", "r2"}
 
@@ -215,7 +156,7 @@ DIAG_KPIS = (KpiSample("RRU.PrbTotDl", 99.0, "%", "bs-01/c1", 1000.0), KpiSample
 async def test_diagnosis_is_parsed_into_typed_fields_under_a_schema_of_context_cells(gateway):
     replica = FakeReplica(answers=[_diag()])
     gw, _ = gateway({"r1": ("bs-01", replica)})
-    ans = await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS))
+    ans = await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS), request_id=call_id())
     assert ans.diagnosis.cause == "CONGESTION" and ans.diagnosis.affected_cell_ids == ("bs-01/c1",)
     assert ans.diagnosis.actions[0].value == 20 and ans.diagnosis.confidence == 0.7 and ans.attempts == 1
     schema = replica.params[0].json_schema
@@ -226,7 +167,7 @@ async def test_diagnosis_is_parsed_into_typed_fields_under_a_schema_of_context_c
 async def test_invalid_diagnosis_is_retried_once_with_sampling(gateway):
     replica = FakeReplica(answers=[_diag(cells=("bs-07/c9",)), _diag()])
     gw, _ = gateway({"r1": ("bs-01", replica)})
-    ans = await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS))
+    ans = await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS), request_id=call_id())
     assert ans.attempts == 2 and replica.calls == 2 and replica.params[1].temperature >= 0.7
 
 
@@ -234,20 +175,20 @@ async def test_invalid_diagnosis_twice_is_an_error_never_a_success(gateway):
     replica = FakeReplica(answers=['{"cause": "CONGESTION"', _diag(cause="ALIENS")])
     gw, _ = gateway({"r1": ("bs-01", replica)})
     with pytest.raises(AiranError) as e:
-        await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS))
+        await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS), request_id=call_id())
     assert e.value.kind is ErrorKind.INTERNAL and "2 attempt(s)" in e.value.message and "not JSON" in e.value.message
 
 
 async def test_diagnosis_stream_sends_only_the_checked_answer(gateway):
     gw, _ = gateway({"r1": ("bs-01", FakeReplica(answers=[_diag()]))})
-    events = [e async for e in gw.stream(q(mode="diagnosis", kpis=DIAG_KPIS))]
+    events = [e async for e in gw.stream(q(mode="diagnosis", kpis=DIAG_KPIS), request_id=call_id())]
     assert len(events) == 1 and events[0].diagnosis.cause == "CONGESTION"
 
 
 async def test_oldest_kpi_rows_are_dropped_to_fit_and_reported(gateway):
     gw, _ = gateway()
     kpis = tuple(KpiSample("DRB.UEThpDl", 100.0 + i, "kbit/s", "bs-01/c1", 1000.0 + i) for i in range(60))
-    ans = await gw.ask(q(kpis=kpis, max_tokens=8))
+    ans = await gw.ask(q(kpis=kpis, max_tokens=8), request_id=call_id())
     assert ans.prompt.context_rows == 60 and 0 < ans.prompt.context_rows_dropped < 60
     assert ans.prompt_tokens <= 1024 - 8
 
@@ -263,3 +204,34 @@ async def test_a_request_id_being_streamed_is_not_computed_twice(gateway):
     assert e.value.kind is ErrorKind.ALREADY_EXISTS
     rest = [ev async for ev in stream]
     assert isinstance(first, Delta) and await waiter == rest[-1] and replica.calls == 1
+
+
+async def test_a_one_off_call_is_answered_under_its_call_id_and_leaves_no_idempotency_record(gateway):
+    replica = FakeReplica()
+    gw, _ = gateway({"r1": ("bs-01", replica)})
+    a = await gw.ask(q(), request_id="call-a")
+    b = [e async for e in gw.stream(q(), request_id="call-b")][-1]
+    assert (a.request_id, b.request_id) == ("call-a", "call-b") and replica.calls == 2
+    assert not any(gw.remembers(k) for k in ("", "call-a", "call-b"))
+    assert (await gw.ask(q(), request_id="call-a")) is not a and replica.calls == 3  # computed again
+
+
+async def test_a_client_key_is_the_call_id_and_is_remembered(gateway):
+    gw, _ = gateway()
+    ans = await gw.ask(q(request_id="key-1"), request_id="key-1")
+    assert ans.request_id == "key-1" and gw.remembers("key-1")
+    assert await gw.ask(q(request_id="key-1")) == ans
+
+
+async def test_a_call_without_any_id_or_with_two_different_ids_is_a_callers_bug(gateway):
+    gw, pool = gateway()
+    with pytest.raises(ValueError, match="needs an id"):
+        await gw.ask(q())
+    with pytest.raises(ValueError, match="differs"):
+        await gw.ask(q(request_id="key"), request_id="other")
+    assert all(r.calls == 0 for _, r in pool.replicas.values())
+
+
+def test_replica_node_ids_come_from_the_pool_protocol(gateway):
+    gw, _ = gateway()
+    assert gw.replica_node_ids() == {"r1": "node-bs-01", "r2": "node-bs-02"}

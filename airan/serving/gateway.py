@@ -3,12 +3,17 @@
 Talks to replicas only through the `ReplicaPool`/`ReplicaClient` protocols, so
 it is unit-tested with in-process fakes and served with Ray actors. Every
 accepted query ends in exactly one `Answer` or one `AiranError`.
+
+Request ids: the gateway mints none. Each call is answered under the id its
+caller gives (`request_id=`; for gRPC calls the request-id interceptor mints one
+per call, see airan/serving/api/interceptors.py). `Query.request_id` is only the
+client's idempotency key: when set, it is also the call's id and a retry gets
+the first answer; when empty, nothing is remembered.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -44,6 +49,10 @@ class ReplicaPool(Protocol):
     def client(self, replica_id: str) -> ReplicaClient: ...
 
     def mark_failed(self, replica_id: str, reason: str) -> None: ...
+
+    def node_ids(self) -> Mapping[str, str]:
+        """Replica id -> id of the (Ray) node it runs on; "" or absent until it is placed."""
+        ...
 
 
 class PromptRendererLike(Protocol):
@@ -117,40 +126,59 @@ class Gateway:
     def site_in_flight(self, site_id: str) -> int:
         return sum(self.in_flight[v.replica_id] for v in self.pool.views() if v.site_id == site_id)
 
+    def replica_node_ids(self) -> dict[str, str]:
+        """Replica id -> node id, for operators' views (empty string until placed)."""
+        return dict(self.pool.node_ids())
+
+    def remembers(self, idempotency_key: str) -> bool:
+        """Whether an answer for this client key is kept or being computed (a retry would share it)."""
+        return idempotency_key in self._cache.completed or idempotency_key in self._cache.in_flight
+
     # -- entry points ----------------------------------------------------------
-    async def ask(self, query: Query, arrival: float | None = None) -> Answer:
-        """Unary: the whole answer; a retried request_id shares the first call's answer."""
-        rid = query.request_id
-        if rid in self._cache.in_flight:
-            return await asyncio.shield(self._cache.in_flight[rid])
+    async def ask(self, query: Query, arrival: float | None = None, *, request_id: str = "") -> Answer:
+        """Unary: the whole answer; a retried idempotency key shares the first call's answer."""
+        key = query.request_id
+        if key and key in self._cache.in_flight:
+            return await asyncio.shield(self._cache.in_flight[key])
         answer = None
-        async for event in self.stream(query, arrival):
+        async for event in self.stream(query, arrival, request_id=request_id):
             if isinstance(event, Answer):
                 answer = event
         assert answer is not None, "a run always ends in an Answer or an error"
         return answer
 
-    async def stream(self, query: Query, arrival: float | None = None) -> AsyncIterator[Delta | Answer]:
-        """Streaming: deltas, then exactly one final Answer (or an AiranError)."""
-        rid = query.request_id
-        if rid and rid in self._cache.completed:
-            yield self._cache.completed[rid]
+    async def stream(
+        self, query: Query, arrival: float | None = None, *, request_id: str = ""
+    ) -> AsyncIterator[Delta | Answer]:
+        """Streaming: deltas, then exactly one final Answer (or an AiranError).
+
+        `request_id` is the id this call is answered under; with a client key
+        (`query.request_id`) the key is the id. A call with neither is a caller's bug.
+        """
+        key = query.request_id
+        if key and request_id and request_id != key:
+            raise ValueError(f"request_id '{request_id}' differs from the client's key '{key}'")
+        if not (key or request_id):
+            raise ValueError("every call needs an id: pass request_id= (gRPC calls get one from the interceptor)")
+        if key and key in self._cache.completed:
+            yield self._cache.completed[key]
             return
-        if rid and rid in self._cache.in_flight:
+        if key and key in self._cache.in_flight:
             raise AiranError(
                 ErrorKind.ALREADY_EXISTS,
-                f"request_id '{rid}' is already being answered; wait for it or use a new request_id",
+                f"request_id '{key}' is already being answered; wait for it or use a new request_id",
             )
-        if not rid:
-            async for event in self._run(query, arrival):
+        if not key:  # a one-off call: nothing to remember
+            async for event in self._run(replace(query, request_id=request_id), arrival):
                 yield event
             return
-        # claim the id so a concurrent retry waits for this answer instead of recomputing it
+        # claim the key so a concurrent retry waits for this answer instead of recomputing it
         future = asyncio.get_running_loop().create_future()
-        self._cache.in_flight[rid] = future
+        self._cache.in_flight[key] = future
         try:
             async for event in self._run(query, arrival):
                 if isinstance(event, Answer):
+                    self._cache.store(event)
                     future.set_result(event)
                 yield event
         except BaseException as e:
@@ -163,12 +191,11 @@ class Gateway:
             if not future.done():  # the consumer stopped reading before the end
                 future.set_exception(AiranError(ErrorKind.CANCELLED, "request cancelled"))
                 future.exception()
-            self._cache.in_flight.pop(rid, None)
+            self._cache.in_flight.pop(key, None)
 
     # -- the pipeline ------------------------------------------------------------
     async def _run(self, query: Query, arrival: float | None) -> AsyncIterator[Delta | Answer]:
         arrival = self.clock() if arrival is None else arrival
-        query = replace(query, request_id=query.request_id or uuid.uuid4().hex)
         query = validate_query(query, self.config.limits, self.sites.ids, self.clock())
         model = query.model or self.config.default_model
         if model not in self.renderers:
@@ -199,8 +226,6 @@ class Gateway:
         if query.mode != "diagnosis":
             params = GenerationParams(max_tokens=query.max_tokens, temperature=query.temperature, lora=lora)
             async for event in self._dispatch(query, decision.ranked, prompt, params, arrival):
-                if isinstance(event, Answer):
-                    self._cache.store(event)
                 yield event
             return
 
@@ -222,7 +247,6 @@ class Gateway:
                     break
                 params = replace(params, temperature=max(0.7, query.temperature), seed=attempt)
                 continue
-            self._cache.store(answer)
             yield answer
             return
         raise AiranError(

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from airan.serving.api.interceptors import server_interceptors
 from airan.serving.api.servicers import ControlServicer, NetOpsServicer
 from airan.serving.cluster.replicas import RayReplicaPool
 from airan.serving.cluster.sites import SiteCluster
@@ -27,6 +28,21 @@ SERVICE_NAMES = (
     netops_pb2.DESCRIPTOR.services_by_name["NetOpsService"].full_name,
     control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
 )
+GRPC_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a taken port is an error, not a second server sharing it
+]
+
+
+def build_grpc_server(
+    gateway: Gateway, node_of_site: dict[str, str], health_servicer: health.aio.HealthServicer
+) -> grpc.aio.Server:
+    """The gRPC server with its interceptor chain, servicers, health and reflection; no port bound yet."""
+    server = grpc.aio.server(interceptors=server_interceptors(), options=GRPC_OPTIONS)
+    netops_pb2_grpc.add_NetOpsServiceServicer_to_server(NetOpsServicer(gateway), server)
+    control_pb2_grpc.add_ControlServiceServicer_to_server(ControlServicer(gateway, node_of_site), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    return server
 
 
 class ControlPlane:
@@ -73,15 +89,7 @@ class ControlPlane:
 
     async def _start_grpc(self, node_of_site: dict[str, str]) -> None:
         cfg = self.config.server
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        netops_pb2_grpc.add_NetOpsServiceServicer_to_server(NetOpsServicer(self.gateway), self.server)
-        control_pb2_grpc.add_ControlServiceServicer_to_server(
-            ControlServicer(self.gateway, node_of_site), self.server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        self.server = build_grpc_server(self.gateway, node_of_site, self.health)
         bind = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert_file:
             client_ca = cfg.tls_client_ca_file.read_bytes() if cfg.tls_client_ca_file else None

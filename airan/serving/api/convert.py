@@ -1,13 +1,32 @@
-"""Proto <-> domain conversion; the only module that knows both."""
+"""Proto <-> domain conversion; the only module that knows both.
+
+Servicers build no proto message themselves: every request is read and every
+response is built here, so a field added to a proto is handled in one place.
+"""
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Iterable
 
+from airan.config import SiteConfig
 from airan.core.diagnosis import Diagnosis
+from airan.errors import invalid
 from airan.serving.gateway import Answer
 from airan.core.query import KpiSample, Query
-from airan.core.routing import Priority, ReplicaState
+from airan.core.routing import Priority, ReplicaState, ReplicaView
+from airan.serving.sites import SiteState
 from airan.v1 import control_pb2, netops_pb2
+
+# A client's request_id is an idempotency key and is echoed in gRPC metadata,
+# so it must be a valid metadata value: printable ASCII, no spaces, bounded.
+REQUEST_ID_MAX_CHARS = 128
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,%d}" % REQUEST_ID_MAX_CHARS)
+
+
+def valid_request_id(request_id: str) -> bool:
+    return bool(_REQUEST_ID.fullmatch(request_id))
+
 
 _PRIORITY = {
     netops_pb2.PRIORITY_CLASS_UNSPECIFIED: Priority.BEST_EFFORT,
@@ -22,10 +41,19 @@ REPLICA_STATE = {
     ReplicaState.FAILED: control_pb2.REPLICA_FAILED,
     ReplicaState.STOPPED: control_pb2.REPLICA_STOPPED,
 }
+_REPLICA_STATE_FROM_PROTO = {v: k for k, v in REPLICA_STATE.items()}
 
 
 def query_from_proto(req: netops_pb2.AskRequest, now_monotonic: float, grpc_remaining_s: float | None) -> Query:
-    """The effective deadline is the earlier of the request's own and the gRPC call's."""
+    """The effective deadline is the earlier of the request's own and the gRPC call's.
+
+    `request_id` stays the client's idempotency key (empty when none was given).
+    """
+    if req.request_id and not valid_request_id(req.request_id):
+        raise invalid(
+            f"request_id must be 1-{REQUEST_ID_MAX_CHARS} printable ASCII characters without spaces "
+            f"(got {len(req.request_id)} characters: {req.request_id[:40]!r}); leave it empty for a one-off query"
+        )
     deadlines = []
     if req.HasField("deadline"):
         deadlines.append(now_monotonic + (req.deadline.ToNanoseconds() / 1e9 - time.time()))
@@ -114,3 +142,85 @@ def answer_to_response(a: Answer) -> netops_pb2.AskResponse:
 
 def answer_to_final_chunk(a: Answer, include_text: bool = False) -> netops_pb2.AskChunk:
     return netops_pb2.AskChunk(text_delta=a.text if include_text else "", final=True, **_answer_fields(a))
+
+
+def delta_chunk(request_id: str, text: str) -> netops_pb2.AskChunk:
+    return netops_pb2.AskChunk(request_id=request_id, text_delta=text)
+
+
+# -- ControlService -------------------------------------------------------------
+def site_to_proto(state: SiteState, ray_node_id: str = "", replica_ids: Iterable[str] = ()) -> control_pb2.Site:
+    c = state.config
+    return control_pb2.Site(
+        site_id=c.id,
+        cpus=c.cpus,
+        gpus=c.gpus,
+        memory_gb=c.memory_gb,
+        x_km=c.x_km,
+        y_km=c.y_km,
+        latency_ms=dict(c.latency_ms),
+        state=control_pb2.SITE_DRAINED if state.drained else control_pb2.SITE_ACTIVE,
+        ray_node_id=ray_node_id,
+        replica_ids=list(replica_ids),
+        ran_compute_share=state.ran_compute_share,
+        ai_headroom=state.ai_headroom,
+    )
+
+
+def site_from_proto(p: control_pb2.Site) -> tuple[SiteState, str, tuple[str, ...]]:
+    """(state, ray node id, replica ids); `ai_headroom` is derived from the compute share, site labels are not sent."""
+    config = SiteConfig(
+        id=p.site_id, cpus=p.cpus, gpus=p.gpus, memory_gb=p.memory_gb, x_km=p.x_km, y_km=p.y_km,
+        latency_ms=dict(p.latency_ms),
+    )
+    state = SiteState(config, drained=p.state == control_pb2.SITE_DRAINED, ran_compute_share=p.ran_compute_share)
+    return state, p.ray_node_id, tuple(p.replica_ids)
+
+
+def replica_to_proto(view: ReplicaView, ray_node_id: str = "", max_model_len: int = 0) -> control_pb2.Replica:
+    return control_pb2.Replica(
+        replica_id=view.replica_id,
+        site_id=view.site_id,
+        model=view.model,
+        state=REPLICA_STATE[view.state],
+        load=control_pb2.ReplicaLoad(
+            running=view.running, waiting=view.waiting, kv_cache_usage=view.kv_cache_usage, in_flight=view.in_flight
+        ),
+        ray_node_id=ray_node_id,
+        max_model_len=max_model_len,
+    )
+
+
+def replica_from_proto(p: control_pb2.Replica) -> tuple[ReplicaView, str, int]:
+    """(view, ray node id, max_model_len); the adapters a replica holds are not sent."""
+    view = ReplicaView(
+        replica_id=p.replica_id,
+        site_id=p.site_id,
+        model=p.model,
+        state=_REPLICA_STATE_FROM_PROTO[p.state],
+        in_flight=p.load.in_flight,
+        running=p.load.running,
+        waiting=p.load.waiting,
+        kv_cache_usage=p.load.kv_cache_usage,
+    )
+    return view, p.ray_node_id, p.max_model_len
+
+
+def topology_response(sites: Iterable[control_pb2.Site]) -> control_pb2.GetTopologyResponse:
+    return control_pb2.GetTopologyResponse(sites=list(sites))
+
+
+def list_replicas_response(replicas: Iterable[control_pb2.Replica]) -> control_pb2.ListReplicasResponse:
+    return control_pb2.ListReplicasResponse(replicas=list(replicas))
+
+
+def drain_site_response(site: control_pb2.Site, in_flight: int) -> control_pb2.DrainSiteResponse:
+    return control_pb2.DrainSiteResponse(site=site, in_flight=in_flight)
+
+
+def ran_loads_from_proto(req: control_pb2.ReportRanLoadRequest) -> list[tuple[str, float]]:
+    return [(load.site_id, load.ran_compute_share) for load in req.loads]
+
+
+def report_ran_load_response(accepted: int, surged_site_ids: Iterable[str]) -> control_pb2.ReportRanLoadResponse:
+    return control_pb2.ReportRanLoadResponse(accepted=accepted, surged_site_ids=list(surged_site_ids))

@@ -1,36 +1,23 @@
-"""gRPC servicers: proto in, core call, proto out; domain errors become statuses."""
+"""gRPC servicers: proto in (convert), core call, proto out (convert).
+
+They neither build proto messages (airan/serving/api/convert.py does) nor turn
+errors into statuses, mint request ids or time calls (the interceptors in
+airan/serving/api/interceptors.py do, for every RPC): an `AiranError` raised
+here or in the gateway reaches the caller as its status and message.
+"""
 from __future__ import annotations
 
 import logging
 import time
-import uuid
-from dataclasses import replace
-
-import grpc
 
 from airan.serving import metrics
-from airan.serving.api.convert import REPLICA_STATE, answer_to_final_chunk, answer_to_response, query_from_proto
-from airan.errors import AiranError
-from airan.serving.gateway import Answer, Delta, Gateway
-from airan.v1 import control_pb2, control_pb2_grpc, netops_pb2, netops_pb2_grpc
+from airan.serving.api import convert
+from airan.serving.api.interceptors import current_call
+from airan.serving.gateway import Delta, Gateway
+from airan.serving.sites import SiteState
+from airan.v1 import control_pb2_grpc, netops_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str, priority: str):
-    if isinstance(error, AiranError):
-        code, message = grpc.StatusCode[error.kind.value], error.message
-    else:  # a bug, not the caller's fault: log it, answer INTERNAL, keep serving
-        log.exception("%s failed", method, exc_info=error)
-        code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see server log"
-    metrics.QUERIES.labels(method, priority, code.name).inc()
-    await context.abort(code, message)
-
-
-def _observe(method: str, priority: str, answer: Answer) -> None:
-    metrics.QUERIES.labels(method, priority, "OK").inc()
-    metrics.LATENCY.labels(priority).observe(answer.total_ms / 1000)
-    metrics.TTFT.labels(priority).observe(answer.ttft_ms / 1000)
 
 
 class NetOpsServicer(netops_pb2_grpc.NetOpsServiceServicer):
@@ -39,34 +26,28 @@ class NetOpsServicer(netops_pb2_grpc.NetOpsServiceServicer):
 
     def _query(self, request, context):
         arrival = time.monotonic()
-        query = query_from_proto(request, arrival, context.time_remaining())
-        if not query.request_id:
-            query = replace(query, request_id=uuid.uuid4().hex)
-        return query, arrival
+        query = convert.query_from_proto(request, arrival, context.time_remaining())
+        call = current_call()
+        call.priority = query.priority.value
+        return query, arrival, call.request_id
 
     async def Ask(self, request, context):
-        query, arrival = self._query(request, context)
-        try:
-            answer = await self.gateway.ask(query, arrival)
-        except Exception as e:
-            await _abort(context, e, "Ask", query.priority.value)
-        _observe("Ask", query.priority.value, answer)
-        return answer_to_response(answer)
+        query, arrival, request_id = self._query(request, context)
+        answer = await self.gateway.ask(query, arrival, request_id=request_id)
+        metrics.observe_answer(query.priority.value, answer.total_ms, answer.ttft_ms)
+        return convert.answer_to_response(answer)
 
     async def AskStream(self, request, context):
-        query, arrival = self._query(request, context)
+        query, arrival, request_id = self._query(request, context)
         sent_text = False
-        try:
-            async for event in self.gateway.stream(query, arrival):
-                if isinstance(event, Delta):
-                    sent_text = True
-                    yield netops_pb2.AskChunk(request_id=query.request_id, text_delta=event.text)
-                else:
-                    _observe("AskStream", query.priority.value, event)
-                    # a cached answer (idempotent retry) arrives whole, without deltas
-                    yield answer_to_final_chunk(event, include_text=not sent_text)
-        except Exception as e:
-            await _abort(context, e, "AskStream", query.priority.value)
+        async for event in self.gateway.stream(query, arrival, request_id=request_id):
+            if isinstance(event, Delta):
+                sent_text = True
+                yield convert.delta_chunk(request_id, event.text)
+            else:
+                metrics.observe_answer(query.priority.value, event.total_ms, event.ttft_ms)
+                # a cached answer (idempotent retry) arrives whole, without deltas
+                yield convert.answer_to_final_chunk(event, include_text=not sent_text)
 
 
 class ControlServicer(control_pb2_grpc.ControlServiceServicer):
@@ -74,69 +55,37 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         self.gateway = gateway
         self.node_of_site = node_of_site or {}
 
-    def _site(self, state) -> control_pb2.Site:
-        c = state.config
-        return control_pb2.Site(
-            site_id=c.id,
-            cpus=c.cpus,
-            gpus=c.gpus,
-            memory_gb=c.memory_gb,
-            x_km=c.x_km,
-            y_km=c.y_km,
-            latency_ms=c.latency_ms,
-            state=control_pb2.SITE_DRAINED if state.drained else control_pb2.SITE_ACTIVE,
-            ray_node_id=self.node_of_site.get(c.id, ""),
-            replica_ids=[v.replica_id for v in self.gateway.pool.views() if v.site_id == c.id],
-            ran_compute_share=state.ran_compute_share,
-            ai_headroom=state.ai_headroom,
-        )
+    def _site(self, state: SiteState):
+        site_id = state.config.id
+        replica_ids = [v.replica_id for v in self.gateway.replica_views() if v.site_id == site_id]
+        return convert.site_to_proto(state, self.node_of_site.get(site_id, ""), replica_ids)
 
     async def GetTopology(self, request, context):
-        return control_pb2.GetTopologyResponse(sites=[self._site(s) for s in self.gateway.sites.states()])
+        return convert.topology_response(self._site(s) for s in self.gateway.sites.states())
 
     async def ListReplicas(self, request, context):
-        if request.site_id and request.site_id not in self.gateway.sites:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"unknown site '{request.site_id}'; known sites: {', '.join(self.gateway.sites.ids)}",
+        if request.site_id:
+            self.gateway.sites.get(request.site_id)  # NOT_FOUND, naming the known sites
+        nodes = self.gateway.replica_node_ids()
+        return convert.list_replicas_response(
+            convert.replica_to_proto(
+                v, nodes.get(v.replica_id, ""), self.gateway.config.model(v.model).max_model_len
             )
-        nodes = {d.view.replica_id: d.node_id for d in getattr(self.gateway.pool, "details", list)()}
-        replicas = []
-        for v in self.gateway.replica_views():
-            if request.site_id and v.site_id != request.site_id:
-                continue
-            replicas.append(
-                control_pb2.Replica(
-                    replica_id=v.replica_id,
-                    site_id=v.site_id,
-                    model=v.model,
-                    state=REPLICA_STATE[v.state],
-                    load=control_pb2.ReplicaLoad(
-                        running=v.running, waiting=v.waiting, kv_cache_usage=v.kv_cache_usage, in_flight=v.in_flight
-                    ),
-                    ray_node_id=nodes.get(v.replica_id, ""),
-                    max_model_len=self.gateway.config.model(v.model).max_model_len,
-                )
-            )
-        return control_pb2.ListReplicasResponse(replicas=replicas)
-
-    async def DrainSite(self, request, context):
-        try:
-            state = self.gateway.sites.set_drained(request.site_id, not request.resume)
-        except AiranError as e:
-            await context.abort(grpc.StatusCode[e.kind.value], e.message)
-        log.info("site %s %s", request.site_id, "resumed" if request.resume else "drained")
-        return control_pb2.DrainSiteResponse(
-            site=self._site(state), in_flight=self.gateway.site_in_flight(request.site_id)
+            for v in self.gateway.replica_views()
+            if not request.site_id or v.site_id == request.site_id
         )
 
+    async def DrainSite(self, request, context):
+        state = self.gateway.sites.set_drained(request.site_id, not request.resume)
+        log.info("site %s %s (request %s)", request.site_id, "resumed" if request.resume else "drained",
+                 current_call().request_id)
+        return convert.drain_site_response(self._site(state), self.gateway.site_in_flight(request.site_id))
+
     async def ReportRanLoad(self, request, context):
+        loads = convert.ran_loads_from_proto(request)
         surged = []
-        try:
-            for load in request.loads:
-                if self.gateway.sites.report_ran_load(load.site_id, load.ran_compute_share):
-                    surged.append(load.site_id)
-                metrics.SITE_AI_HEADROOM.labels(load.site_id).set(1 - load.ran_compute_share)
-        except AiranError as e:
-            await context.abort(grpc.StatusCode[e.kind.value], e.message)
-        return control_pb2.ReportRanLoadResponse(accepted=len(request.loads), surged_site_ids=surged)
+        for site_id, share in loads:
+            if self.gateway.sites.report_ran_load(site_id, share):
+                surged.append(site_id)
+            metrics.SITE_AI_HEADROOM.labels(site_id).set(1 - share)
+        return convert.report_ran_load_response(len(loads), surged)

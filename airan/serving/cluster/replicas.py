@@ -127,6 +127,10 @@ class RayReplicaPool:
             r.view = replace(r.view, state=ReplicaState.FAILED)
             r.error = reason
 
+    def node_ids(self) -> dict[str, str]:
+        """Replica id -> Ray node id ("" until the replica's engine has started)."""
+        return {rid: r.node_id for rid, r in self._replicas.items()}
+
     def details(self) -> list[_Replica]:
         return list(self._replicas.values())
 
