@@ -71,16 +71,18 @@ def _questions(sites: list[str]) -> list[dict]:
 def injected_congestion(config: AiranConfig, seed: int = 7):
     """Simulate 40 min of the config's sites with a congestion event injected on the first
     site's first cell; return the explanation request the near-RT controller makes."""
+    from airan.core.causes import CAUSES
     from sims.events import events_from_specs
     from sims.simulate import SimConfig, Simulator, run
     from sims.topology import topology_from_config
 
     topology = topology_from_config(config, seed=seed, cells_per_site=(2, 3))
     cell = f"{config.sites[0].id}/c1"
-    events = events_from_specs([f"congestion:{cell}@20m+60m:0.9"], topology)
+    kind = CAUSES["CONGESTION"].event_kind
+    events = events_from_specs([f"{kind}:{cell}@20m+60m:0.9"], topology)
     sim_config = SimConfig(duration_s=40 * 60, interval_s=60, seed=seed)
     queries = run(Simulator(topology, events, sim_config)).queries
-    q = next(q for q in queries if q.trigger == "congestion" and q.kind == "event_explain")
+    q = next(q for q in queries if q.trigger == kind and q.kind == "event_explain")
     t0 = sim_config.start.timestamp()
     return dict(
         question=q.question,

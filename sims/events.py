@@ -10,29 +10,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from airan.core.causes import EVENT_CAUSES, EVENT_KINDS
 from sims.timefmt import parse_duration
 from sims.topology import Topology
 
-EVENT_KINDS: tuple[str, ...] = (
-    "cell_outage",  # cell off air: UEs move to co-site cells (70 %) or drop
-    "interference",  # external interference: SINR falls, BLER rises, capacity falls
-    "congestion",  # sustained demand surge beyond plan (e.g. an event venue)
-    "ho_failure_storm",  # mis-tuned mobility: many ping-pong attempts, many failures
-    "cell_sleep",  # energy saving: capacity cell off, its UEs move to the coverage cell
-    "flash_crowd",  # short sharp surge: fast rise, plateau, slower decay
-)
+# the vocabulary (kinds, their order = the int8 codes, typical durations) is airan/core/causes.py's table;
+# the physics of each kind is here, in `effects()`:
+#   cell_outage: cell off air, UEs move to co-site cells (70 %) or drop
+#   interference: external interference, SINR falls, BLER rises, capacity falls
+#   congestion: sustained demand surge beyond plan (e.g. an event venue)
+#   ho_failure_storm: mis-tuned mobility, many ping-pong attempts, many failures
+#   cell_sleep: energy saving, capacity cell off, its UEs move to the coverage cell
+#   flash_crowd: short sharp surge, fast rise, plateau, slower decay
 KIND_INDEX = {k: i for i, k in enumerate(EVENT_KINDS)}
-OUTAGE, INTERFERENCE, CONGESTION, HO_STORM, SLEEP, FLASH = range(len(EVENT_KINDS))
-
+OUTAGE, INTERFERENCE, CONGESTION, HO_STORM, SLEEP, FLASH = (
+    KIND_INDEX[k] for k in ("cell_outage", "interference", "congestion", "ho_failure_storm", "cell_sleep", "flash_crowd")
+)
 # typical duration range (s) per kind, before fitting into the trace
-_DURATION_S = {
-    OUTAGE: (300.0, 1800.0),
-    INTERFERENCE: (600.0, 3600.0),
-    CONGESTION: (1800.0, 7200.0),
-    HO_STORM: (300.0, 1200.0),
-    SLEEP: (1800.0, 5 * 3600.0),
-    FLASH: (600.0, 2400.0),
-}
+_DURATION_S = {i: c.duration_s for i, c in enumerate(EVENT_CAUSES)}
 OUTAGE_ABSORBED = 0.7  # share of an outage cell's UEs that co-site cells pick up
 
 
@@ -93,6 +88,11 @@ def _capacity_cells(topology: Topology) -> np.ndarray:
     return np.flatnonzero(~first)
 
 
+def cells_for_kind(topology: Topology, kind: int) -> np.ndarray:
+    """The cells an event of `kind` can hit: a coverage cell never sleeps; any cell for other kinds."""
+    return _capacity_cells(topology) if kind == SLEEP else np.arange(topology.n_cells)
+
+
 def random_events(
     topology: Topology,
     duration_s: float,
@@ -107,7 +107,7 @@ def random_events(
         return EventTable.empty()
     rng = np.random.default_rng([seed, 21])
     k = np.array([KIND_INDEX[kinds[i % len(kinds)]] for i in range(n_events)], dtype=np.int8)
-    sleepers = _capacity_cells(topology)
+    sleepers = cells_for_kind(topology, SLEEP)
     if sleepers.size == 0:  # single-cell sites only: nothing can sleep, use congestion instead
         k = np.where(k == SLEEP, CONGESTION, k).astype(np.int8)
     # distinct cells while there are enough, so one random event does not hide another

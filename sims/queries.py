@@ -22,17 +22,8 @@ from datetime import datetime, timedelta
 
 import numpy as np
 
-from sims.events import (
-    CONGESTION,
-    EVENT_KINDS,
-    FLASH,
-    HO_STORM,
-    INTERFERENCE,
-    OUTAGE,
-    SLEEP,
-    EventTable,
-    visible_at,
-)
+from airan.core.causes import EVENT_CAUSES
+from sims.events import EVENT_KINDS, EventTable, visible_at
 from sims.kpis import KPI_UNITS
 from sims.topology import Topology
 from sims.traffic import stream_rng
@@ -49,26 +40,12 @@ STREAM_ANOMALY_Q = 32
 STREAM_SUMMARY_Q = 33
 STREAM_OPS_Q = 34
 
-_EVENT_KPIS = {
-    OUTAGE: ("RRC.ConnMean", "RRU.PrbAvailDl", "DRB.UEThpDl", "PEE.AvgPower"),
-    INTERFERENCE: ("L1M.SS-SINR", "CARR.WBCQIMean", "TB.BlerDl", "DRB.UEThpDl", "RRU.PrbTotDl"),
-    CONGESTION: ("RRC.ConnMean", "RRU.PrbTotDl", "DRB.UEThpDl", "DRB.RlcSduDelayDl", "DRB.MeanActiveUeDl"),
-    FLASH: ("RRC.ConnMean", "RRU.PrbTotDl", "DRB.UEThpDl", "DRB.RlcSduDelayDl", "DRB.MeanActiveUeDl"),
-    HO_STORM: ("MM.HoExeInterReq", "MM.HoExeInterSucc", "MM.HoExeInterFail", "L1M.SS-SINR"),
-    SLEEP: ("PEE.AvgPower", "RRC.ConnMean", "RRU.PrbAvailDl"),
-}
+# per event kind (int8 code), from the cause table: the KPIs the question shows, the controller
+# class that asks, and the follow-up proposal (priority, what to propose; None: no follow-up)
+_EVENT_KPIS = {i: c.kpis for i, c in enumerate(EVENT_CAUSES)}
 _NEIGHBOUR_KPIS = ("RRU.PrbTotDl", "RRC.ConnMean")
-# explanation priority and follow-up proposal (priority, what to propose) per event kind
-_EVENT_PRIORITY = {OUTAGE: "NEAR_RT", INTERFERENCE: "NEAR_RT", CONGESTION: "NEAR_RT", FLASH: "NEAR_RT",
-                   HO_STORM: "NEAR_RT", SLEEP: "NON_RT"}
-_PROPOSAL = {
-    OUTAGE: ("NON_RT", "tilt and transmit-power changes for the co-site and neighbour cells to cover the gap"),
-    INTERFERENCE: ("NON_RT", "transmit-power, tilt or carrier changes that restore SINR"),
-    CONGESTION: ("NON_RT", "cell individual offsets (CIO, dB) that move load to neighbour cells"),
-    FLASH: ("NEAR_RT", "a temporary CIO (dB) and admission threshold to ride out the surge"),
-    HO_STORM: ("NEAR_RT", "handover hysteresis (dB) and time-to-trigger (ms) values that stop the ping-pong"),
-    SLEEP: ("NON_RT", "the PRB-load thresholds at which the sleeping cell should wake up"),
-}
+_EVENT_PRIORITY = {i: c.asked_by for i, c in enumerate(EVENT_CAUSES)}
+_PROPOSAL = {i: c.proposal for i, c in enumerate(EVENT_CAUSES)}
 _ANOMALY_KPIS = ("RRU.PrbTotDl", "RRC.ConnMean", "DRB.UEThpDl", "DRB.RlcSduDelayDl", "TB.BlerDl",
                  "L1M.SS-SINR", "MM.HoExeInterReq", "MM.HoExeInterFail")
 _MAYBE_NAN = ("DRB.UEThpDl", "DRB.RlcSduDelayDl")  # quality KPIs: NaN while a cell is off air
@@ -262,7 +239,7 @@ class QueryGenerator:
             kpi_context=context, event_id=str(ev.event_ids[e]),
         ))
         self._cooldown_until[cell] = t + self.p.cooldown_s
-        if rng.random() < self.p.proposal_prob:
+        if rng.random() < self.p.proposal_prob and _PROPOSAL[kind] is not None:
             prio, what = _PROPOSAL[kind]
             cells = [cell_id, *(str(self.topo.cell_ids[c]) for c in neighbours)]
             self._add(Query(

@@ -12,7 +12,10 @@ from sims.queries import PRIORITIES
 from sims.replay import Results
 from sims.trace import Trace
 
-EVENT_COLOURS = dict(zip(EVENT_KINDS, ("#d62728", "#9467bd", "#ff7f0e", "#8c564b", "#7f7f7f", "#e377c2")))
+# one colour per event kind in table order (matplotlib's tab10 shades, cycled if there are more kinds)
+_KIND_PALETTE = ("#d62728", "#9467bd", "#ff7f0e", "#8c564b", "#7f7f7f", "#e377c2", "#bcbd22", "#17becf", "#1f77b4",
+                 "#2ca02c")  # fmt: skip
+EVENT_COLOURS = {k: _KIND_PALETTE[i % len(_KIND_PALETTE)] for i, k in enumerate(EVENT_KINDS)}
 CLASS_COLOURS = {"NEAR_RT": "#1f77b4", "NON_RT": "#2ca02c", "BEST_EFFORT": "#ff7f0e"}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RISES, FALLS = +1, -1
+STEADY = 0  # shown with the others for contrast, but the event does not move it
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Cause:
     name: str  # proto Cause CAUSE_<name>; diagnosis schema value
     wording: str  # what it looks like in the KPIs, for people and prompts
     event_kind: str | None = None  # the simulator event that injects it; None: no event (NORMAL, UNKNOWN)
-    moves: tuple[tuple[str, int], ...] = ()  # (KPI, RISES or FALLS) on the affected cell
+    moves: tuple[tuple[str, int], ...] = ()  # (KPI, RISES, FALLS or STEADY) on the affected cell
     key_kpi: str | None = None  # the KPI whose move a rationale cites first
     severity: str = "LOW"  # the playbook's severity
     actions: tuple[tuple[str, int | None], ...] = (("NO_ACTION", None),)  # (action, value) in order
@@ -66,8 +67,8 @@ CAUSES: dict[str, Cause] = {
         Cause("NORMAL", "KPIs within usual ranges", keywords=("normal", "healthy", "no issue", "no problem")),
         Cause(
             "CELL_OUTAGE",
-            "a cell carries no traffic: RRC.ConnMean and DRB.UEThpDl near zero or unreported, "
-            "PEE.AvgPower drops, co-site cells gain UEs",
+            # the committed adapter learnt this wording (its system prompt); a change needs a rebuild
+            "a cell carries no traffic: RRC.ConnMean and DRB.UEThpDl near zero, PEE.AvgPower drops, co-site cells gain UEs",
             event_kind="cell_outage",
             moves=(("RRC.ConnMean", FALLS), ("RRU.PrbAvailDl", FALLS), ("DRB.UEThpDl", FALLS), ("PEE.AvgPower", FALLS)),
             key_kpi="RRC.ConnMean",
@@ -107,8 +108,9 @@ CAUSES: dict[str, Cause] = {
             "HO_FAILURE_STORM",
             "many handover attempts with a high share of MM.HoExeInterFail",
             event_kind="ho_failure_storm",
-            moves=(("MM.HoExeInterReq", RISES), ("MM.HoExeInterSucc", FALLS), ("MM.HoExeInterFail", RISES),
-                   ("L1M.SS-SINR", FALLS)),  # fmt: skip
+            # ping-pong: attempts (and so successes) rise, failures rise faster; SINR stays (not a radio fault)
+            moves=(("MM.HoExeInterReq", RISES), ("MM.HoExeInterSucc", RISES), ("MM.HoExeInterFail", RISES),
+                   ("L1M.SS-SINR", STEADY)),  # fmt: skip
             key_kpi="MM.HoExeInterFail",
             severity="HIGH",
             actions=(("ADJUST_HO_OFFSET", 2),),

@@ -14,26 +14,16 @@ from dataclasses import dataclass
 
 import jsonschema
 
-# the simulator's event kinds, plus NORMAL (nothing wrong) and UNKNOWN (abstain)
-CAUSES = (
-    "NORMAL",
-    "CELL_OUTAGE",
-    "INTERFERENCE",
-    "CONGESTION",
-    "HO_FAILURE_STORM",
-    "CELL_SLEEP",
-    "FLASH_CROWD",
-    "UNKNOWN",
-)
-SEVERITIES = ("LOW", "MEDIUM", "HIGH", "CRITICAL")
-# action -> (parameter name, unit, min, max, needs a target cell); None = no parameter
+from airan.core import causes
+
+# The vocabulary (causes, severities, actions and their bounds, wording, keywords) is the table in
+# airan/core/causes.py; the functions below read it when called. Views kept for importers:
+CAUSES: tuple[str, ...] = tuple(causes.CAUSES)  # the simulator's event kinds, plus NORMAL and UNKNOWN (abstain)
+# legacy view for importers still on the tuple format: action -> (parameter, unit, min, max, needs a target
+# cell), None = no parameter. New code reads causes.ACTIONS (ActionSpec).
 ACTIONS: dict[str, tuple[str, str, int, int, bool] | None] = {
-    "NO_ACTION": None,
-    "OFFLOAD_TRAFFIC": ("share_pct", "%", 5, 50, True),
-    "RAISE_TX_POWER": ("delta_db", "dB", 1, 3, False),
-    "WAKE_SLEEPING_CELL": ("delay_s", "s", 0, 60, True),
-    "ADJUST_HO_OFFSET": ("delta_db", "dB", -6, 6, False),
-    "ESCALATE": None,
+    a.name: None if a.parameter is None else (a.parameter, a.unit, a.minimum, a.maximum, a.needs_target_cell)
+    for a in causes.ACTIONS.values()
 }
 MAX_AFFECTED_CELLS = 4
 MAX_ACTIONS = 2
@@ -42,17 +32,6 @@ RATIONALE_CHARS = 120
 DIAGNOSIS_MAX_TOKENS = 160
 # below this even the shortest valid JSON answer cannot finish
 DIAGNOSIS_MIN_TOKENS = 64
-
-CAUSE_GUIDE = {
-    "NORMAL": "KPIs within usual ranges",
-    "CELL_OUTAGE": "a cell carries no traffic: RRC.ConnMean and DRB.UEThpDl near zero, PEE.AvgPower drops, co-site cells gain UEs",
-    "INTERFERENCE": "SINR and CQI fall, BLER rises, throughput falls while load is unchanged",
-    "CONGESTION": "sustained high demand: PRB use near 100%, many active UEs, per-UE throughput falls, RLC delay rises",
-    "HO_FAILURE_STORM": "many handover attempts with a high share of MM.HoExeInterFail",
-    "CELL_SLEEP": "a capacity cell switched off for energy saving: its power and UEs drop, the coverage cell gains UEs",
-    "FLASH_CROWD": "a sudden short surge of UEs and PRB use, rising within minutes",
-    "UNKNOWN": "the KPIs do not support a conclusion",
-}
 
 
 class InvalidDiagnosis(ValueError):
@@ -83,18 +62,17 @@ class Diagnosis:
 
 def _action_schemas(cells: list[str]) -> list[dict]:
     out = []
-    for name, param in ACTIONS.items():
-        props: dict = {"type": {"const": name}}
+    for a in causes.ACTIONS.values():
+        props: dict = {"type": {"const": a.name}}
         required = ["type"]
-        if param is not None:
-            pname, _, lo, hi, needs_cell = param
-            if needs_cell:
+        if a.parameter is not None:
+            if a.needs_target_cell:
                 if not cells:
                     continue  # no cell in context to act on
                 props["target_cell"] = {"enum": cells}
                 required.append("target_cell")
-            props[pname] = {"type": "integer", "minimum": lo, "maximum": hi}
-            required.append(pname)
+            props[a.parameter] = {"type": "integer", "minimum": a.minimum, "maximum": a.maximum}
+            required.append(a.parameter)
         out.append({"type": "object", "properties": props, "required": required, "additionalProperties": False})
     return out
 
@@ -105,13 +83,13 @@ def diagnosis_schema(context_cells: list[str]) -> dict:
     return {
         "type": "object",
         "properties": {
-            "cause": {"enum": list(CAUSES)},
+            "cause": {"enum": list(causes.CAUSES)},
             "affected_cells": {
                 "type": "array",
                 "items": {"enum": cells} if cells else {"type": "string", "maxLength": 0},
                 "maxItems": MAX_AFFECTED_CELLS if cells else 0,
             },
-            "severity": {"enum": list(SEVERITIES)},
+            "severity": {"enum": list(causes.SEVERITIES)},
             "actions": {"type": "array", "items": {"anyOf": _action_schemas(cells)}, "minItems": 1, "maxItems": MAX_ACTIONS},
             "confidence_pct": {"type": "integer", "minimum": 0, "maximum": 100},
             "rationale": {"type": "string", "maxLength": RATIONALE_CHARS},
@@ -136,12 +114,11 @@ def parse_diagnosis(text: str, context_cells: list[str]) -> Diagnosis:
     unique_actions = {json.dumps(a, sort_keys=True): a for a in raw["actions"]}.values()
     actions = []
     for a in unique_actions:
-        param = ACTIONS[a["type"]]
-        if param is None:
+        spec = causes.ACTIONS[a["type"]]
+        if spec.parameter is None:
             actions.append(Action(a["type"]))
         else:
-            pname, unit, *_ = param
-            actions.append(Action(a["type"], a.get("target_cell", ""), float(a[pname]), unit))
+            actions.append(Action(a["type"], a.get("target_cell", ""), float(a[spec.parameter]), spec.unit))
     return Diagnosis(
         cause=raw["cause"],
         affected_cell_ids=cells,
@@ -153,27 +130,19 @@ def parse_diagnosis(text: str, context_cells: list[str]) -> Diagnosis:
 
 
 def diagnosis_instructions() -> str:
-    causes = "\n".join(f"- {c}: {why}" for c, why in CAUSE_GUIDE.items())
-    actions = ", ".join(ACTIONS)
+    guide = "\n".join(f"- {c.name}: {c.wording}" for c in causes.CAUSES.values())
+    actions = ", ".join(causes.ACTIONS)
     return (
         "Reply with one JSON object only: cause, affected_cells (cell ids from the context), severity "
-        f"({', '.join(SEVERITIES)}), actions (from: {actions}), confidence_pct (0-100) and a short rationale "
-        f"citing the KPIs.\nCauses:\n{causes}"
+        f"({', '.join(causes.SEVERITIES)}), actions (from: {actions}), confidence_pct (0-100) and a short rationale "
+        f"citing the KPIs.\nCauses:\n{guide}"
     )
 
 
 def cause_from_text(text: str) -> str:
-    """Read a cause out of a free-text answer (the free-text baseline's scoring)."""
+    """Read a cause out of a free-text answer (the free-text baseline's scoring): the cause whose
+    keyword (causes.CAUSES[...].keywords) appears first; UNKNOWN when none does."""
     lowered = text.lower()
-    keywords = {
-        "CELL_OUTAGE": ("outage", "off air", "down", "no traffic"),
-        "INTERFERENCE": ("interference", "sinr", "bler"),
-        "CONGESTION": ("congestion", "congested", "overload", "prb"),
-        "HO_FAILURE_STORM": ("handover", "ho failure", "mobility"),
-        "CELL_SLEEP": ("sleep", "energy saving", "switched off"),
-        "FLASH_CROWD": ("flash crowd", "surge", "sudden"),
-        "NORMAL": ("normal", "healthy", "no issue", "no problem"),
-    }
-    hits = {cause: min((lowered.find(k) for k in words if k in lowered), default=-1) for cause, words in keywords.items()}
+    hits = {c.name: min((lowered.find(k) for k in c.keywords if k in lowered), default=-1) for c in causes.CAUSES.values()}
     found = {c: pos for c, pos in hits.items() if pos >= 0}
     return min(found, key=found.get) if found else "UNKNOWN"

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sims.events import EVENT_KINDS, KIND_INDEX, EventTable, visible_at
+from airan.core.causes import CAUSES, EVENT_CAUSES, LABELS, cause_of_event
+from sims.events import KIND_INDEX, EventTable, cells_for_kind, visible_at
 from sims.kpis import KPI_UNITS
 from sims.simulate import SimConfig, Simulator
 from sims.timefmt import parse_start
-from sims.topology import Topology, generate_topology
+from sims.topology import generate_topology
 
-LABELS: tuple[str, ...] = ("NORMAL", *(k.upper() for k in EVENT_KINDS))
 INTERVAL_S = 60.0
 WINDOW_INTERVALS = 4  # v-2 .. v+1, v = the interval whose report first shows the event
 N_SITES = 3
@@ -38,10 +38,12 @@ SEVERITY = (0.4, 1.0)  # as the simulator's random events
 SEEDS_PER_SET = 100_000  # item seeds of a set: set_seed * SEEDS_PER_SET + index
 DEV_SEED, TEST_SEED = 1, 2
 # the cell in question gets a KPI set wide enough for every cause; co-site cells their load
-FOCUS_KPIS: tuple[str, ...] = (
+_BASE_FOCUS_KPIS: tuple[str, ...] = (
     "RRC.ConnMean", "RRU.PrbAvailDl", "RRU.PrbTotDl", "DRB.UEThpDl", "DRB.RlcSduDelayDl",
     "TB.BlerDl", "L1M.SS-SINR", "MM.HoExeInterReq", "MM.HoExeInterFail", "PEE.AvgPower",
 )  # fmt: skip
+# ... plus the key KPI of any cause the base set lacks, so a new event kind's evidence is always in view
+FOCUS_KPIS: tuple[str, ...] = tuple(dict.fromkeys((*_BASE_FOCUS_KPIS, *(c.key_kpi for c in EVENT_CAUSES if c.key_kpi))))
 COSITE_KPIS: tuple[str, ...] = ("RRC.ConnMean", "RRU.PrbTotDl")
 CELL_QUESTIONS: tuple[str, ...] = (
     "Why did throughput drop on {cell}?",
@@ -99,13 +101,8 @@ class EvalItem:
 
 
 def label_of(kind: str) -> str:
-    return kind.upper()
-
-
-def _capacity_cells(topo: Topology) -> np.ndarray:
-    first = np.zeros(topo.n_cells, dtype=bool)
-    first[topo.site_start] = True
-    return np.flatnonzero(~first)
+    """The label of an event kind (the cause table's row for it)."""
+    return cause_of_event(kind).name
 
 
 def build_item(seed: int, label: str, item_id: str) -> EvalItem:
@@ -116,17 +113,18 @@ def build_item(seed: int, label: str, item_id: str) -> EvalItem:
     topo = generate_topology(N_SITES, seed=seed, cells_per_site=CELLS_PER_SITE)
     start = parse_start(None) + timedelta(days=int(rng.integers(0, 7)))  # midnight of some weekday
     minute = int(rng.integers(int(HOURS[0] * 60), int(HOURS[1] * 60)))
-    pool = _capacity_cells(topo) if label == "CELL_SLEEP" else np.arange(topo.n_cells)
+    event_kind = CAUSES[label].event_kind  # None for NORMAL: nothing injected
+    kind = None if event_kind is None else KIND_INDEX[event_kind]
+    pool = np.arange(topo.n_cells) if kind is None else cells_for_kind(topo, kind)
     cell = int(pool[rng.integers(0, pool.size)])
     site = int(topo.cell_site[cell])
-    if label == "NORMAL":
+    if kind is None:
         events, shows_at, ev_start, severity = EventTable.empty(), minute, None, 0.0
     else:
         ev_start = round(minute * INTERVAL_S + float(rng.uniform(0.0, 0.5 * INTERVAL_S)), 3)
         lo, hi = EVENT_DURATION_S
         duration = round(float(np.exp(rng.uniform(np.log(lo), np.log(hi)))), 3)
         severity = round(float(rng.uniform(*SEVERITY)), 3)
-        kind = KIND_INDEX[label.lower()]
         events = EventTable.build([kind], [cell], [ev_start], [duration], [severity])
         shows_at = int(visible_at(events, INTERVAL_S)[0])
         # the window's last interval must still be inside the event, or the label would be wrong

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from airan.core.diagnosis import CAUSES
+from airan.core.causes import CAUSES
 
 # a DIAGNOSIS-mode query that ended in "no valid diagnosis", and any other failed query
 INVALID = "INVALID"
 ERROR = "ERROR"
-PREDICTED = (*CAUSES, INVALID, ERROR)
+PREDICTED: tuple[str, ...] = (*CAUSES, INVALID, ERROR)  # the cause table's names, then failures
 
 
 @dataclass(frozen=True)

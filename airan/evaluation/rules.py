@@ -16,8 +16,17 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
+from airan.core.causes import CAUSES
 from airan.evaluation.dataset import EvalItem, KpiRow
 from airan.evaluation.metrics import Prediction, macro_f1
+
+# the causes these rules can tell, named by the cause table (a renamed or removed row fails here, at import);
+# a cause without a rule here (e.g. a new event kind) is one the baseline never predicts
+NORMAL, OUTAGE, SLEEP, HO_STORM, INTERFERENCE, CONGESTION, FLASH_CROWD = (
+    CAUSES[n].name
+    for n in ("NORMAL", "CELL_OUTAGE", "CELL_SLEEP", "HO_FAILURE_STORM", "INTERFERENCE", "CONGESTION", "FLASH_CROWD")
+)
+RULE_CAUSES: tuple[str, ...] = (NORMAL, OUTAGE, SLEEP, HO_STORM, INTERFERENCE, CONGESTION, FLASH_CROWD)
 
 
 @dataclass(frozen=True)
@@ -114,25 +123,25 @@ def classify(f: CellFeatures, th: RuleThresholds) -> str:
         and f.conn_now < th.off_conn_frac * f.conn_before
     )
     if went_off:
-        return "CELL_SLEEP" if f.power_now is not None and f.power_now >= th.sleep_power_w else "CELL_OUTAGE"
+        return SLEEP if f.power_now is not None and f.power_now >= th.sleep_power_w else OUTAGE
     ho_fail = f.ho_fail_now or 0.0
     if ho_fail >= th.ho_fail_min and ho_fail / max(f.ho_req_now or 0.0, 1.0) >= th.ho_fail_ratio:
-        return "HO_FAILURE_STORM"
+        return HO_STORM
     if f.sinr_now is not None and f.sinr_before is not None and f.sinr_before - f.sinr_now >= th.sinr_drop_db:
-        return "INTERFERENCE"
+        return INTERFERENCE
     if f.bler_now is not None and f.bler_now >= th.bler_pct:
-        return "INTERFERENCE"
+        return INTERFERENCE
     if f.conn_now is not None and f.conn_before and f.conn_now / f.conn_before >= th.surge_ratio:
         ramping = f.conn_first and f.conn_second is not None and f.conn_second / f.conn_first >= th.ramp_ratio
-        return "FLASH_CROWD" if ramping else "CONGESTION"
-    return "NORMAL"
+        return FLASH_CROWD if ramping else CONGESTION
+    return NORMAL
 
 
 def rule_diagnose(kpis: Sequence[KpiRow], cell_ids: Sequence[str], th: RuleThresholds) -> tuple[str, tuple[str, ...]]:
     """(cause, affected cells) from the KPI context alone."""
     cell = focus_cell(kpis, cell_ids)
     cause = classify(features(kpis, cell), th)
-    return cause, (() if cause == "NORMAL" or not cell else (cell,))
+    return cause, (() if cause == NORMAL or not cell else (cell,))
 
 
 def predict(items: Sequence[EvalItem], th: RuleThresholds) -> list[Prediction]:
