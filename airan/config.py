@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -75,9 +75,22 @@ class ModelSpec(_Strict):
         return self.method == "lora"
 
 
-class EngineConfig(_Strict):
-    """vLLM engine settings applied to every replica."""
+EngineKindName = Literal["vllm", "llamacpp"]
 
+
+class EngineConfig(_Strict):
+    """Engine settings applied to every replica; `kind` picks the runtime.
+
+    vllm (default): vLLM AsyncLLM on each replica's model directory; every field applies.
+    llamacpp: llama-cpp-python on the GGUF at `gguf_path`, one sequence at a time (only where
+    `pip install 'airan[llamacpp]'` is installed); reads `cpu_threads` and `seed`, not the
+    KV-cache, batching or LoRA fields.
+    """
+
+    kind: EngineKindName = "vllm"
+    # llamacpp only: the GGUF every replica loads; it must hold the replicas' model (the gateway
+    # renders prompts with that model's tokenizer); a relative path is read from the server's cwd
+    gguf_path: Path | None = None
     kv_cache_gb: Annotated[float, Field(gt=0)] = 1.0
     max_num_seqs: Annotated[int, Field(ge=1)] = 16
     enforce_eager: bool = True
@@ -88,6 +101,23 @@ class EngineConfig(_Strict):
     # LoRA: only replicas that list adapters pay for them
     max_lora_rank: Annotated[int, Field(ge=1, le=256)] = 16
     max_loras: Annotated[int, Field(ge=1, le=64)] = 4
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _known_kind(cls, value):
+        if value not in get_args(EngineKindName):
+            raise ValueError(f"unknown engine kind {value!r}: use 'vllm' (the default) or 'llamacpp' "
+                             "(a GGUF in engine.gguf_path, needs pip install 'airan[llamacpp]')")  # fmt: skip
+        return value
+
+    @model_validator(mode="after")
+    def _gguf_path_with_llamacpp(self) -> EngineConfig:
+        if self.kind == "llamacpp" and self.gguf_path is None:
+            raise ValueError("engine.kind 'llamacpp' needs engine.gguf_path: the GGUF file every replica loads")
+        if self.kind != "llamacpp" and self.gguf_path is not None:
+            raise ValueError(f"engine.gguf_path is read only by engine.kind 'llamacpp' ({self.kind} loads the "
+                             "models[] directory): remove it or set engine.kind: llamacpp")  # fmt: skip
+        return self
 
 
 class ReplicaSpec(_Strict):
@@ -232,6 +262,20 @@ class AiranConfig(_Strict):
                     raise ValueError(f"adapter '{a}' has parent '{self.model(a).parent}', not the replica's model '{r.model}'")
         if self.server.default_model and self.server.default_model not in model_names:
             raise ValueError(f"server.default_model '{self.server.default_model}' is not in models")
+        return self
+
+    @model_validator(mode="after")
+    def _engine_kind_fits_replicas(self) -> AiranConfig:
+        if self.engine.kind != "llamacpp":
+            return self
+        served = sorted({r.model for r in self.replicas if r.count})
+        if len(served) > 1:
+            raise ValueError(f"engine.kind 'llamacpp' loads the one GGUF in engine.gguf_path on every replica, but "
+                             f"replicas serve {', '.join(served)}: serve that GGUF's model only, or use engine.kind 'vllm'")  # fmt: skip
+        with_adapters = [r.site for r in self.replicas if r.adapters]
+        if with_adapters:
+            raise ValueError(f"engine.kind 'llamacpp' serves no LoRA adapters: remove adapters from the replicas at "
+                             f"{', '.join(with_adapters)}, or use engine.kind 'vllm'")  # fmt: skip
         return self
 
     def site(self, site_id: str) -> SiteConfig:

@@ -41,3 +41,34 @@ def test_bad_configs_name_the_problem(patch, words):
 def test_adapter_on_its_parent_is_accepted():
     config = parse_config({**BASE, "replicas": [{"site": "bs-01", "model": "base", "adapters": ["base-lora"]}]})
     assert config.replicas[0].adapters == ["base-lora"]
+
+
+LLAMACPP = {"kind": "llamacpp", "gguf_path": "/models/base.gguf"}
+
+
+def test_engine_kind_defaults_to_vllm_and_llamacpp_takes_a_gguf():
+    assert parse_config(BASE).engine.kind == "vllm"
+    assert load_config().engine.kind == "vllm" and load_config().engine.gguf_path is None
+    config = parse_config({**BASE, "engine": LLAMACPP, "replicas": [{"site": "bs-01", "model": "base"}]})
+    assert config.engine.kind == "llamacpp" and str(config.engine.gguf_path) == "/models/base.gguf"
+
+
+@pytest.mark.parametrize(
+    "patch, words",
+    [
+        # an unknown kind names the known ones and what llamacpp needs
+        ({"engine": {"kind": "llama.cpp"}}, "unknown engine kind 'llama.cpp': use 'vllm' (the default) or 'llamacpp'"),
+        ({"engine": {"kind": "tgi"}}, "engine.kind: Value error, unknown engine kind 'tgi'"),
+        ({"engine": {"kind": "llamacpp"}}, "engine.kind 'llamacpp' needs engine.gguf_path"),
+        ({"engine": {"gguf_path": "/models/base.gguf"}}, "engine.gguf_path is read only by engine.kind 'llamacpp'"),
+        ({"engine": LLAMACPP, "replicas": [{"site": "bs-01", "model": "base", "adapters": ["base-lora"]}]},
+         "engine.kind 'llamacpp' serves no LoRA adapters: remove adapters from the replicas at bs-01"),
+        ({"engine": LLAMACPP, "models": [*BASE["models"], {"name": "other", "source": "tiny-random"}],
+          "replicas": [{"site": "bs-01", "model": "base"}, {"site": "bs-01", "model": "other"}]},
+         "replicas serve base, other: serve that GGUF's model only"),
+    ],
+)
+def test_bad_engine_configs_say_what_to_do(patch, words):
+    with pytest.raises(ConfigError) as e:
+        parse_config({**BASE, **patch})
+    assert words in str(e.value)

@@ -8,7 +8,9 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional 'llamacpp' extra")
 
+from airan.config import EngineConfig, ModelSpec, parse_config  # noqa: E402
 from airan.core.diagnosis import diagnosis_schema, parse_diagnosis  # noqa: E402
+from airan.serving.engine.kinds import build_engine, replica_engine  # noqa: E402
 from airan.serving.engine.llamacpp_engine import LlamaCppEngine, LlamaCppSettings  # noqa: E402
 from airan.serving.engine.protocol import EngineClient, GenerationParams, RequestFailedError  # noqa: E402
 
@@ -41,10 +43,14 @@ async def _collect(engine, ids, params, request_id):
 
 def test_llamacpp_engine_serves_fixed_length_and_constrained_diagnoses(gguf, prompt):
     query, ids = prompt
+    # built as a replica builds it: engine.kind in the config, through the one factory
+    config = EngineConfig(kind="llamacpp", gguf_path=gguf)
+    spec = replica_engine(config, ModelSpec(name="smollm2", source="smollm2", max_model_len=2048), gguf.parent, (), [0, 1])
 
     async def main():
-        engine = LlamaCppEngine(LlamaCppSettings(gguf))
-        assert isinstance(engine, EngineClient)
+        engine = build_engine(spec)
+        assert type(engine) is LlamaCppEngine and isinstance(engine, EngineClient)
+        assert engine.settings == LlamaCppSettings(gguf.resolve(), n_ctx=2048, n_threads=2)
         await engine.start()
         try:
             chunks, _ = await _collect(engine, ids, GenerationParams(max_tokens=24, ignore_eos=True), "fixed")
@@ -84,5 +90,30 @@ def test_llamacpp_prompt_logprobs_give_a_finite_perplexity(gguf, prompt):
             await engine.shutdown()
         assert len(logprobs) == 299 and all(lp <= 0 for lp in logprobs)
         assert 1 < math.exp(-sum(logprobs) / len(logprobs)) < 100
+
+    asyncio.run(main())
+
+
+def test_a_stack_with_engine_kind_llamacpp_answers_over_grpc(gguf):
+    """engine.kind: llamacpp in the config is all it takes: the replica actor serves the GGUF."""
+    from airan.client import AsyncAiranClient, build_request, kpi
+    from airan.stack import LocalStack
+    from airan.v1 import control_pb2
+
+    config = parse_config({
+        "sites": [{"id": "bs-01", "cpus": 2}],
+        "models": [{"name": "smollm2-135m-instruct", "source": "smollm2", "max_model_len": 2048}],
+        "replicas": [{"site": "bs-01", "model": "smollm2-135m-instruct"}],
+        "engine": {"kind": "llamacpp", "gguf_path": str(gguf)},
+        "server": {"host": "127.0.0.1", "port": 0, "grace_s": 1},
+    })  # fmt: skip
+
+    async def main():
+        async with LocalStack(config) as plane, AsyncAiranClient(plane.address) as client:
+            replicas = (await client.replicas()).replicas
+            assert [r.state for r in replicas] == [control_pb2.REPLICA_READY]
+            r = await client.ask(build_request("Why is downlink throughput low?", site_ids=["bs-01"], max_tokens=8,
+                                               kpis=[kpi("DRB.UEThpDl", 850.0, "kbit/s", "bs-01/c1")]), timeout_s=120)  # fmt: skip
+            assert r.site_id == "bs-01" and r.text and 0 < r.completion_tokens <= 8 and r.prompt_tokens > 20
 
     asyncio.run(main())

@@ -1,7 +1,9 @@
 """Scorers rate each remaining replica in [0, 1]; the router sums them by weight.
 
-Scores are numpy arrays aligned with the replica list, so the same code runs
-inside the simulator over thousands of replicas.
+Scores are numpy arrays aligned with the replica list. The gateway's router
+runs them, as `router.scorers` in the config names them; the simulator does
+not: `airan sim replay` sends its traffic to a running control plane, whose
+router scores the replicas.
 """
 from __future__ import annotations
 

@@ -11,7 +11,9 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from airan.config import AiranConfig, site_resource
+from airan.serving.engine.kinds import EngineSpec, build_engine, replica_engine
 from airan.serving.engine.protocol import (
+    EngineClient,
     EngineDeadError,
     EngineLoad,
     GenerationChunk,
@@ -19,7 +21,6 @@ from airan.serving.engine.protocol import (
     ReplicaUnavailableError,
     RequestFailedError,
 )
-from airan.serving.engine.vllm_engine import VllmEngine, VllmSettings, cpu_engine_env, settings_for
 from airan.core.routing import ReplicaState, ReplicaView
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,15 @@ log = logging.getLogger(__name__)
 
 @ray.remote
 class ReplicaActor:
-    """Holds one vLLM engine on its site's node; a thin adapter over `VllmEngine`."""
+    """Holds one engine on its site's node; a thin adapter over the `EngineClient` protocol.
 
-    def __init__(self, replica_id: str, site_id: str, settings: VllmSettings) -> None:
+    Which engine is the config's `engine.kind` (vLLM by default), built by `build_engine`.
+    """
+
+    def __init__(self, replica_id: str, site_id: str, engine: EngineSpec) -> None:
         self.replica_id = replica_id
         self.site_id = site_id
-        self.engine = VllmEngine(settings)
+        self.engine: EngineClient = build_engine(engine)
 
     async def start(self) -> dict:
         await self.engine.start()
@@ -136,7 +140,7 @@ class RayReplicaPool:
 
     # -- lifecycle --------------------------------------------------------------
     def _cpu_plan(self) -> list[list[int] | None]:
-        """CPU ids per replica: on one machine (local mode) split the cores, else vLLM's default."""
+        """CPU ids per replica: on one machine (local mode) split the cores, else the engine's default."""
         specs = [(s, i) for s in self.config.replicas for i in range(s.count)]
         if self.config.cluster.mode != "local":
             return [None] * len(specs)
@@ -145,28 +149,30 @@ class RayReplicaPool:
         return [[cores[(k * per + j) % len(cores)] for j in range(per)] for k in range(len(specs))]
 
     async def start(self) -> None:
-        eng = self.config.engine
-        starts = []
+        # every replica's engine first: a kind this install cannot run fails here, before any actor
+        plans = []
         cpu_plan = iter(self._cpu_plan())
         for spec in self.config.replicas:
             model = self.config.model(spec.model)
             for ordinal in range(spec.count):
-                replica_id = f"{spec.site}-{spec.model}-{ordinal}"
                 adapters = tuple((a, str(self.model_paths[a])) for a in spec.adapters)
-                settings = settings_for(model, eng, self.model_paths[spec.model], adapters)
                 cpus = next(cpu_plan)
-                actor = ReplicaActor.options(
-                    name=replica_id,
-                    num_cpus=len(cpus) if cpus else 1,
-                    resources={site_resource(spec.site): 1},
-                    runtime_env={"env_vars": cpu_engine_env(cpus)},
-                    max_concurrency=1000,
-                ).remote(replica_id, spec.site, settings)
-                view = ReplicaView(
-                    replica_id, spec.site, spec.model, ReplicaState.STARTING, adapters=frozenset(spec.adapters)
-                )
-                self._replicas[replica_id] = _Replica(view, actor)
-                starts.append(self._start_one(replica_id))
+                engine = replica_engine(self.config.engine, model, self.model_paths[spec.model], adapters, cpus)
+                plans.append((f"{spec.site}-{spec.model}-{ordinal}", spec, cpus, engine))
+        starts = []
+        for replica_id, spec, cpus, engine in plans:
+            actor = ReplicaActor.options(
+                name=replica_id,
+                num_cpus=len(cpus) if cpus else 1,
+                resources={site_resource(spec.site): 1},
+                runtime_env={"env_vars": engine.env},
+                max_concurrency=1000,
+            ).remote(replica_id, spec.site, engine)
+            view = ReplicaView(
+                replica_id, spec.site, spec.model, ReplicaState.STARTING, adapters=frozenset(spec.adapters)
+            )
+            self._replicas[replica_id] = _Replica(view, actor)
+            starts.append(self._start_one(replica_id))
         await asyncio.gather(*starts)
         self._poller = asyncio.create_task(self._poll_loads(), name="airan-replica-load")
 

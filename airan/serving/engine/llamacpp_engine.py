@@ -4,6 +4,7 @@ The on-device peer airan is measured against: it serves the SmolLM2 GGUF as
 shipped, one sequence at a time (as llama-cpp-python's own server does, behind
 a lock), with prefix reuse between consecutive prompts and GBNF-constrained
 JSON for diagnoses. Optional: `pip install 'airan[llamacpp]'` builds it.
+Replicas run it with `engine.kind: llamacpp` and `engine.gguf_path` in the config.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from airan.serving.engine.protocol import (
     EngineDeadError,
     EngineLoad,
+    EngineUnavailableError,
     GenerationChunk,
     GenerationParams,
     RequestFailedError,
@@ -32,6 +34,28 @@ class LlamaCppSettings:
     seed: int = 0
     # logits for every prompt position: only for perplexity (slower prefill)
     logits_all: bool = False
+
+
+def replica_settings(model, engine, model_path: Path, adapters: tuple[tuple[str, str], ...],
+                     cpu_ids: list[int] | None) -> LlamaCppSettings:  # fmt: skip
+    """`engine.kind: llamacpp` for `kinds.replica_engine`: the config's GGUF, the model's context,
+    one thread per CPU the replica was given. `model_path` (the model's directory) only lends the
+    gateway its tokenizer, which is the GGUF's; the config rejects adapters with this kind."""
+    if adapters:
+        raise ValueError("llama.cpp replicas serve no LoRA adapters")
+    if engine.gguf_path is None:
+        raise ValueError("engine.kind 'llamacpp' needs engine.gguf_path")
+    gguf = Path(engine.gguf_path).expanduser().resolve()
+    if not gguf.is_file():
+        raise EngineUnavailableError(f"engine.gguf_path {gguf} is not a file: point it at the GGUF of model "
+                                     f"'{model.name}' (the same path on every site)")  # fmt: skip
+    threads = len(cpu_ids) if cpu_ids else engine.cpu_threads or LlamaCppSettings.n_threads
+    return LlamaCppSettings(gguf_path=gguf, n_ctx=model.max_model_len, n_threads=threads, seed=engine.seed)
+
+
+def replica_env(cpu_ids: list[int] | None) -> dict[str, str]:
+    """Environment of a llama.cpp replica actor (ggml's CPU backend threads with OpenMP)."""
+    return {"OMP_NUM_THREADS": str(len(cpu_ids))} if cpu_ids else {}
 
 
 class LlamaCppEngine:

@@ -1,13 +1,19 @@
 """The narrow engine protocol callers depend on (after vLLM's EngineClient).
 
-Replicas and the benchmark talk to `EngineClient`, never to vLLM classes, so a
-different runtime (or a fake in unit tests) fits behind the same seam.
+Replicas talk to `EngineClient` and never name an engine class (the benchmarks
+construct engines themselves, then use only this protocol), so a different
+runtime (or a fake in unit tests) fits behind the same seam. Which runtime a
+replica holds is the config's `engine.kind`: `kinds.build_engine` is the one
+place that turns it into an engine (vLLM by default, llama.cpp where its extra
+is installed).
 """
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
+
+from airan.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,11 @@ class ReplicaUnavailableError(RuntimeError):
 
 class RequestFailedError(RuntimeError):
     """One request failed; the engine is still fine."""
+
+
+class EngineUnavailableError(ConfigError):
+    """The configured `engine.kind` cannot run here (its extra is not installed, its file is
+    missing); the message says what to install or fix. Raised at startup, before any replica."""
 
 
 @runtime_checkable

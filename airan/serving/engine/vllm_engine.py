@@ -66,6 +66,16 @@ def cpu_engine_env(cpu_ids: list[int] | None) -> dict[str, str]:
     return env
 
 
+def replica_settings(model, engine, model_path: Path, adapters: tuple[tuple[str, str], ...],
+                     cpu_ids: list[int] | None) -> VllmSettings:  # fmt: skip
+    """`engine.kind: vllm` for `kinds.replica_engine`: the CPU binding travels in `cpu_engine_env`."""
+    return settings_for(model, engine, model_path, adapters)
+
+
+# what `kinds.replica_engine` sets in the replica actor's environment
+replica_env = cpu_engine_env
+
+
 class _LatestSchedulerStats:
     """vLLM stat logger that keeps only the newest scheduler snapshot."""
 
