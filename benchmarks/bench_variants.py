@@ -86,10 +86,11 @@ def _engine(name: str, threads: int):
     facts = {"runtime": f"vLLM {vllm.__version__} CPU, " + ("compiled" if compiled else "eager"),
              "method": "base", "parent": None}
     if model == LORA:
-        from airan.factory.variants.lora_netops import PACKAGED_DIR, load_manifest
+        from airan.store.registry import packaged_adapter_dir, read_manifest
 
-        manifest = load_manifest(PACKAGED_DIR)
-        adapters, lora = ((LORA, str(PACKAGED_DIR)),), LORA
+        adapter_dir = packaged_adapter_dir(LORA)
+        manifest = read_manifest(adapter_dir)
+        adapters, lora = ((LORA, str(adapter_dir)),), LORA
         facts |= {"method": "lora", "parent": BASE, "format": f"bf16 + LoRA r={manifest['rank']}", "parameters": describe(base)["parameters"] + manifest["parameters"],
                   "weight_bytes": describe(base)["weight_bytes"] + manifest["adapter_bytes"]}  # fmt: skip
     elif model != BASE:
@@ -110,7 +111,7 @@ def _engine(name: str, threads: int):
 def _prompts(items) -> list[tuple[object, list[int]]]:
     from airan.core.diagnosis import DIAGNOSIS_MAX_TOKENS
     from airan.factory.smollm2 import prepare_smollm2
-    from airan.factory.variants.lora_netops import server_query
+    from airan.evaluation.queries import server_query
     from airan.core.prompting import PromptRenderer
 
     renderer = PromptRenderer(prepare_smollm2(show_progress=False))
@@ -261,7 +262,7 @@ async def _serve(engine, lora, long_prompts, short_prompts, eval_items, eval_pro
 
 async def _perplexity(engine, name: str, lora, items) -> float:
     from airan.factory.smollm2 import prepare_smollm2
-    from airan.factory.variants.lora_netops import build_example
+    from airan.factory.variants.netops_data import build_example
     from airan.core.prompting import PromptRenderer
 
     renderer = PromptRenderer(prepare_smollm2(show_progress=False))

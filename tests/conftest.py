@@ -31,9 +31,21 @@ def tiny_stack_config(n_sites: int = 2, adapter_dir=None, **overrides) -> AiranC
     return parse_config(raw)
 
 
+def prepare_tiny_models(config: AiranConfig) -> AiranConfig:
+    """Generate the tiny models `config` names, as `airan model prepare tiny --config` does: the
+    server only finds prepared models."""
+    from airan.factory.tiny import ensure_tiny_model
+    from airan.store.registry import tiny_params_for
+
+    for spec in config.models:
+        if spec.source == "tiny-random":
+            ensure_tiny_model(spec.name, tiny_params_for(spec))
+    return config
+
+
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory) -> AiranConfig:
     from airan.factory.tiny import ensure_tiny_model, write_random_lora
 
     adapter = write_random_lora(ensure_tiny_model(), tmp_path_factory.mktemp("lora") / "tiny-lora")
-    return tiny_stack_config(adapter_dir=adapter)
+    return prepare_tiny_models(tiny_stack_config(adapter_dir=adapter))

@@ -28,7 +28,7 @@ def gguf():
 def prompt(gguf):
     from airan.evaluation.dataset import TEST_SEED, build_dataset
     from airan.factory.smollm2 import prepare_smollm2
-    from airan.factory.variants.lora_netops import server_query
+    from airan.evaluation.queries import server_query
     from airan.core.prompting import PromptRenderer
 
     query = server_query(build_dataset(7, TEST_SEED, "test")[2])

@@ -8,8 +8,16 @@ from pathlib import Path
 import pytest
 
 from airan.config import ModelSpec
-from airan.store.registry import ModelNotAvailable, cached_models, describe, materialize
-from airan.factory.tiny import TinyModelParams, ensure_tiny_model, tiny_model_dir
+from airan.factory.tiny import ensure_tiny_model
+from airan.store.registry import (
+    ModelNotAvailable,
+    TinyModelParams,
+    cached_models,
+    describe,
+    materialize,
+    tiny_model_dir,
+    tiny_params_for,
+)
 
 
 @pytest.fixture
@@ -136,16 +144,32 @@ def test_describe_reads_safetensors_headers(shared_tiny):
 # --- registry --------------------------------------------------------------------
 
 
-def test_materialize_tiny_random_generates_once(cache):
+def test_materialize_finds_the_prepared_tiny_model_and_never_generates_one(cache):
     spec = ModelSpec(name="tiny-llama", source="tiny-random", max_model_len=1024, dtype="float32")
-    path = materialize(spec)
-    assert (path / "config.json").is_file()
-    assert materialize(spec) == path
+    with pytest.raises(ModelNotAvailable, match="run `airan model prepare tiny`"):
+        materialize(spec)
+    assert not (cache / "models").exists() or not list((cache / "models").iterdir())  # nothing generated
+    path = ensure_tiny_model(spec.name, tiny_params_for(spec))
+    assert materialize(spec) == path and (path / "config.json").is_file()
     assert path in cached_models()
-    # a longer context than the default asks for a different model
-    longer = materialize(spec.model_copy(update={"max_model_len": 4096}))
-    assert longer != path
-    assert describe(longer)["context_length"] == 4096
+    # a longer context than the default asks for a different model, prepared on its own
+    longer = spec.model_copy(update={"max_model_len": 4096})
+    with pytest.raises(ModelNotAvailable, match="airan model prepare tiny"):
+        materialize(longer)
+    prepared = ensure_tiny_model(longer.name, tiny_params_for(longer))
+    assert materialize(longer) == prepared != path
+    assert describe(prepared)["context_length"] == 4096
+
+
+def test_a_new_generator_regenerates_the_tiny_model_in_place(cache, monkeypatch):
+    from airan.factory import tiny
+    from airan.store.registry import read_manifest
+
+    path = ensure_tiny_model()
+    assert read_manifest(path)["request"]["generator_version"] == tiny.GENERATOR_VERSION
+    monkeypatch.setattr(tiny, "GENERATOR_VERSION", tiny.GENERATOR_VERSION + 1)
+    assert ensure_tiny_model() == path  # same directory (the parameters name it), regenerated
+    assert read_manifest(path)["request"]["generator_version"] == tiny.GENERATOR_VERSION
 
 
 def test_materialize_local_missing_path_says_what_to_do(tmp_path):

@@ -8,7 +8,9 @@ import yaml
 from rich.console import Console
 
 from airan.config import DEFAULT_CONFIG, parse_config
+from airan.factory.tiny import ensure_tiny_model
 from airan.stack import LocalStack
+from airan.store.registry import tiny_params_for
 from sims.events import random_events
 from sims.queries import QueryParams
 from sims.replay import OUTCOMES, ReplayOptions, Replayer, read_results, write_results
@@ -34,7 +36,10 @@ def two_site_config():
     raw["replicas"] = [{"site": s["id"], "model": tiny["name"]} for s in raw["sites"]]
     raw["server"] = {**raw.get("server", {}), "host": "127.0.0.1", "port": 0, "grace_s": 1,
                      "default_model": tiny["name"]}
-    return parse_config(raw)
+    config = parse_config(raw)
+    # the server serves prepared models only (`airan model prepare tiny`)
+    ensure_tiny_model(tiny["name"], tiny_params_for(config.model(tiny["name"])))
+    return config
 
 
 def short_trace(config, path):

@@ -16,10 +16,9 @@ import pytest
 import torch
 
 from airan.config import cache_dir
-from airan.store.registry import describe, read_safetensors_header
-from airan.factory.tiny import TinyModelParams, ensure_tiny_model
+from airan.factory.tiny import ensure_tiny_model
 from airan.factory.variants import RECIPES, build_variant, load_variant_manifest, variant_spec
-from airan.factory.variants.build import MANIFEST
+from airan.store.registry import MANIFEST, TinyModelParams, describe, read_safetensors_header
 from airan.factory.variants.calibration import calibration_set, perplexity
 from airan.factory.variants.layerwise import LINEAR_NAMES, LayerwiseRunner, collect_input_stats
 from airan.factory.variants.quantize import (
@@ -72,7 +71,8 @@ def tiny_parent(tiny_cache) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_variants(tiny_cache, tiny_parent) -> dict[str, Path]:
-    """Every recipe built from the tiny model (a 2-step heal keeps the pruning one quick)."""
+    """Every recipe built from the tiny model (a 2-step heal keeps the pruning one quick, the
+    adapter trains its one top layer for one epoch)."""
     from airan.factory.tiny import write_random_lora
 
     built = {}
@@ -82,6 +82,8 @@ def tiny_variants(tiny_cache, tiny_parent) -> dict[str, Path]:
             extra["n_drop"] = 1
         if recipe.method == "merge-lora":
             extra["adapter"] = str(write_random_lora(tiny_parent, tiny_cache / "tiny-lora", seed=3))
+        if recipe.method == "lora":
+            extra.update(top_layers=1, epochs=1, accum=3, warmup_steps=1)
         built[name] = build_variant(
             _tiny_recipe(name, **extra), parent_dir=tiny_parent, show_progress=False, **TINY_CALIB
         )
@@ -270,7 +272,7 @@ def test_layer_drop_recipe_builds_a_shallower_servable_model(tiny_cache):
 
 MANIFEST_FIELDS = (
     "name", "parent", "method", "parameters_recipe", "format", "parameters", "parent_parameters",
-    "weight_bytes", "seed", "calibration", "heldout", "files_sha256", "rebuild_command", "build_seconds",
+    "weight_bytes", "seed", "heldout", "files_sha256", "request", "rebuild_command", "build_seconds",
 )  # fmt: skip
 
 
@@ -281,12 +283,19 @@ def test_every_variant_has_a_complete_manifest(tiny_variants, tiny_parent):
         assert not missing, f"{name}: {missing}"
         assert manifest["parent"] == tiny_parent.name and manifest["method"] == RECIPES[name].method
         assert manifest["parameters_recipe"].keys() == RECIPES[name].params.keys()
-        assert manifest["request"]["parent_answers"] is False and manifest["request"]["seed"] == 0
-        assert manifest["calibration"]["source"] == "sims" and len(manifest["calibration"]["sha256"]) == 64
-        assert manifest["calibration"]["items"] == TINY_CALIB["calib_items"]
+        assert manifest["request"]["seed"] == 0 and manifest["request"]["parent"] == tiny_parent.name
         assert manifest["weight_bytes"] == describe(path)["weight_bytes"] > 0
+        assert manifest["files_sha256"].keys() == {f.name for f in path.glob("*.safetensors")}
         ppl = manifest["heldout"]["perplexity"]
         assert all(math.isfinite(v) and v > 1 for v in ppl.values())
+        if RECIPES[name].is_adapter:  # trained on labelled simulator items; a PEFT adapter, served on its parent
+            assert manifest["data"]["train_items"] == TINY_CALIB["calib_items"]
+            assert manifest["data"]["heldout_items"] == TINY_CALIB["heldout_items"] and len(manifest["data"]["sha256"]) == 64
+            assert (path / "adapter_config.json").is_file() and not (path / "config.json").exists()
+            continue
+        assert manifest["request"]["parent_answers"] is False
+        assert manifest["calibration"]["source"] == "sims" and len(manifest["calibration"]["sha256"]) == 64
+        assert manifest["calibration"]["items"] == TINY_CALIB["calib_items"]
         # the tokenizer and chat template came along
         assert (path / "tokenizer.json").is_file() and (path / "tokenizer_config.json").is_file()
 
@@ -461,7 +470,13 @@ def test_cli_build_and_list(tiny_cache, tiny_parent):
 
     rows = _list_rows(runner)
     assert set(RECIPES) <= set(rows)
-    assert all(f"airan model build {name}" in rows[name]["status"] for name in RECIPES)
+    from airan.store.registry import packaged_adapter_dir
+
+    for name in RECIPES:  # each says how to build it, but for the committed adapter the default config serves
+        if rows[name]["path"] == str(packaged_adapter_dir(name)):
+            assert rows[name]["status"] == "ready" and RECIPES[name].is_adapter
+        else:
+            assert f"airan model build {name}" in rows[name]["status"]
 
     # a variant under a registry name (built here from the tiny model) shows as built
     build_variant(RECIPES["smollm2-wanda50"], parent_dir=tiny_parent, show_progress=False, **TINY_CALIB)
@@ -565,7 +580,8 @@ REAL_TIMEOUT_S = 1200
 
 @pytest.mark.slow
 @pytest.mark.timeout(REAL_TIMEOUT_S)
-@pytest.mark.parametrize("name", list(RECIPES))
+# model variants; the committed adapter is served beside its parent in test_lora_variant.py
+@pytest.mark.parametrize("name", [n for n, r in RECIPES.items() if not r.is_adapter])
 def test_real_variant_loads_in_vllm_and_answers_a_diagnosis(name):
     result = _served(name)
     assert not isinstance(result["diagnosis"], Exception), f"{result['diagnosis']}: {result['text']}"

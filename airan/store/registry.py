@@ -1,18 +1,37 @@
-"""Turns a config `ModelSpec` into a directory vLLM can load, and describes it.
+"""Where prepared models live, and what a config `ModelSpec` resolves to.
 
-`materialize` is what replicas call before building an engine: it is cheap
-when the model is already there and never downloads anything on its own
-except generating the tiny model, which takes about a second.
+The store only reads: `materialize` returns the directory of a model the
+factory has already prepared (or a local directory the config names), and
+raises `ModelNotAvailable` naming the command that makes it otherwise. It
+imports no torch, transformers or factory code, so the server pays for none.
+
+Every prepared model is a directory in the model cache holding its files and a
+`manifest.json` (written by `airan.factory.buildonce` before the directory is
+renamed into place, so a manifest means a complete build):
+
+    cache_dir()/models/<name>-<key>/          airan model prepare tiny
+    cache_dir()/models/smollm2-135m-instruct/ airan model prepare smollm2
+    cache_dir()/models/<variant>/             airan model build <variant>
+    airan/store/adapters/<adapter>/           committed LoRA adapters
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import struct
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from airan.config import ModelSpec, cache_dir
-from airan.factory.tiny import TinyModelParams, ensure_tiny_model
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+SMOLLM2_NAME = "smollm2-135m-instruct"
+# LoRA adapters that ship with the package (small; sites and CI serve them without training)
+PACKAGED_ADAPTERS = Path(__file__).resolve().parent / "adapters"
 
 # safetensors dtype codes -> the names the config and torch use
 _SAFETENSORS_DTYPES = {
@@ -36,6 +55,65 @@ class ModelNotAvailable(RuntimeError):
     """The model a spec names cannot be served yet; the message says what to do."""
 
 
+# --- where things live ---------------------------------------------------------------------
+
+
+def models_root(models_dir: Path | None = None) -> Path:
+    return Path(models_dir) if models_dir is not None else cache_dir() / "models"
+
+
+def model_dir(name: str, models_dir: Path | None = None) -> Path:
+    """Where the build of `name` (SmolLM2, a variant, an adapter) is published."""
+    return models_root(models_dir) / name
+
+
+def packaged_adapter_dir(name: str) -> Path:
+    return PACKAGED_ADAPTERS / name
+
+
+TinyDtype = Literal["float32", "bfloat16", "float16"]
+_BYTE_TOKENS, _SPECIAL_TOKENS = 256, 4  # the tiny tokenizer: byte-level BPE + ChatML/pad specials
+
+
+@dataclass(frozen=True)
+class TinyModelParams:
+    """Everything that determines a generated tiny model's files (and its directory name)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    # fewer KV heads than query heads: grouped-query attention, like SmolLM2
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 2048
+    vocab_size: int = 4096  # BPE target; the trained vocab may be a little smaller
+    dtype: TinyDtype = "float32"
+    seed: int = 0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        # vLLM's CPU attention backend supports head sizes from 32 up
+        if self.head_dim < 32:
+            raise ValueError(f"head_dim {self.head_dim} < 32 is not servable by vLLM on CPU")
+        if self.max_position_embeddings < 1024:
+            raise ValueError("max_position_embeddings must be >= 1024")
+        if self.vocab_size < _BYTE_TOKENS + _SPECIAL_TOKENS:
+            raise ValueError("vocab_size must cover the 256 byte tokens and the special tokens")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def key(self) -> str:
+        """Short hash of the parameters: the directory name's suffix."""
+        payload = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+
 def tiny_params_for(spec: ModelSpec) -> TinyModelParams:
     """Generation parameters of the tiny model a `tiny-random` spec asks for."""
     defaults = TinyModelParams()
@@ -47,32 +125,86 @@ def tiny_params_for(spec: ModelSpec) -> TinyModelParams:
     )
 
 
+def tiny_model_dir(name: str, params: TinyModelParams, models_dir: Path | None = None) -> Path:
+    return models_root(models_dir) / f"{name}-{params.key()}"
+
+
+# --- manifests -----------------------------------------------------------------------------
+
+
+def read_manifest(path: Path) -> dict | None:
+    """The manifest of the complete build in directory `path`, or None (absent, unreadable, of
+    another manifest version, or with truncated weights)."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("manifest_version") != MANIFEST_VERSION:
+        return None
+    if not weights_complete(Path(path), manifest.get("weight_bytes")):
+        return None
+    return manifest
+
+
+def find_prepared_smollm2(models_dir: Path | None = None) -> Path | None:
+    """The converted SmolLM2 directory if a complete preparation is there, else None."""
+    path = model_dir(SMOLLM2_NAME, models_dir)
+    return path if read_manifest(path) is not None and (path / "config.json").is_file() else None
+
+
+def weights_complete(path: Path, expected_weight_bytes: int | None = None) -> bool:
+    """Cheap truncation check: every safetensors file is as long as its header says, and the
+    tensor bytes add up to `expected_weight_bytes` when that is given."""
+    files = list(path.glob("*.safetensors"))
+    if not files:
+        return False
+    total = 0
+    for file in files:
+        try:
+            header = read_safetensors_header(file)
+            with open(file, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+        except (OSError, ValueError):
+            return False
+        data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if file.stat().st_size != 8 + header_len + data_end:
+            return False
+        total += data_end
+    return expected_weight_bytes is None or total == expected_weight_bytes
+
+
+# --- resolving a spec ----------------------------------------------------------------------
+
+
 def materialize(spec: ModelSpec) -> Path:
-    """Return a local HF-format directory for `spec`, or raise `ModelNotAvailable`."""
+    """The local HF-format (or PEFT adapter) directory for `spec`; raise `ModelNotAvailable`,
+    naming the command that prepares it, when it is not there. Never builds anything."""
     if spec.source == "tiny-random":
-        return ensure_tiny_model(spec.name, tiny_params_for(spec))
+        path = tiny_model_dir(spec.name, tiny_params_for(spec))
+        if read_manifest(path) is None:
+            raise ModelNotAvailable(
+                f"model '{spec.name}': the tiny test model is not generated in {models_root()}; "
+                "run `airan model prepare tiny` (about a second; with --config for the config you serve)"
+            )
+        return path
     if spec.source == "local":
         return _check_local_dir(spec.name, Path(spec.path).expanduser(), spec.is_adapter)
     if spec.source == "smollm2":
-        from airan.factory.smollm2 import find_prepared_smollm2
-
         prepared = find_prepared_smollm2()
         if prepared is None:
             raise ModelNotAvailable(
-                f"model '{spec.name}': SmolLM2 is not prepared in {cache_dir() / 'models'}; "
+                f"model '{spec.name}': SmolLM2 is not prepared in {models_root()}; "
                 "run `airan model prepare smollm2` (downloads ~93 MB once, converts in ~20 s)"
             )
         return prepared
     if spec.source == "variant":
-        from airan.factory.variants import load_variant_manifest
-
-        manifest = load_variant_manifest(spec.name)
-        if manifest is None:
+        path = model_dir(spec.name)
+        if read_manifest(path) is None:
             raise ModelNotAvailable(
-                f"model '{spec.name}': the variant is not built in {cache_dir() / 'models'}; "
+                f"model '{spec.name}': the variant is not built in {models_root()}; "
                 f"run `airan model build {spec.name}`"
             )
-        return Path(manifest["path"])
+        return path
     raise ModelNotAvailable(f"model '{spec.name}': unknown source '{spec.source}'")
 
 
@@ -104,6 +236,9 @@ def _check_local_dir(name: str, path: Path, adapter: bool = False) -> Path:
             "the copy looks incomplete"
         )
     return path
+
+
+# --- describing a directory ----------------------------------------------------------------
 
 
 def read_safetensors_header(file: Path) -> dict:
@@ -160,7 +295,7 @@ def describe(path: str | Path) -> dict:
 
 def cached_models() -> list[Path]:
     """Model directories in the cache (complete ones only: temp builds are skipped)."""
-    root = cache_dir() / "models"
+    root = models_root()
     if not root.is_dir():
         return []
     return sorted(

@@ -1,8 +1,8 @@
-"""Lighter variants of a served model, built locally from it (no hub): quantised, pruned.
+"""Variants of a served model, built locally from it (no hub): quantised, pruned, merged, adapted.
 
-`airan model build NAME|all` runs a recipe from `recipes.RECIPES`; each
-variant lands in `cache_dir()/models/<name>` with a manifest.json (parent,
-method, parameters, calibration-data hash, parameter count, weight bytes).
+`airan model build NAME|all` runs a recipe from `recipes.RECIPES` (`build.build_variant`);
+each variant lands in `cache_dir()/models/<name>` with a manifest.json (parent, method,
+parameters, calibration or training data hash, parameter count, weight bytes).
 """
 from airan.factory.variants.build import (
     VariantBuildError,

@@ -2,124 +2,84 @@
 
 A build is deterministic for (recipe, parent weights, seed, calibration
 size): the calibration prompts come from the simulator at that seed, every
-choice is a stable sort, and torch runs on the CPU. It goes into a temporary
-directory beside the final one and is renamed into place with its
-manifest.json already inside, so readers never see half a variant, and an
-existing variant is reused when its manifest records the same request.
+choice is a stable sort, and torch runs on the CPU. `buildonce.build_once`
+builds it in a temporary directory beside the final one and renames it into
+place with its manifest.json already inside, so readers never see half a
+variant, and an existing variant is reused when its manifest records the same
+request. A recipe of method `lora` trains an adapter (`lora.train_adapter`)
+instead of transforming the parent's weights; everything else is the same.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform
 import shutil
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
-from airan.config import ModelSpec, cache_dir
-from airan.factory.variants.calibration import CalibrationSet, calibration_set, perplexity, with_parent_answers
+from airan.config import ModelSpec
+from airan.factory.buildonce import Steps, build_once, weights_sha256
+from airan.factory.smollm2 import ModelPrepareError, prepare_smollm2
+from airan.factory.variants import lora
+from airan.factory.variants.calibration import (
+    CALIBRATION_VERSION,
+    CalibrationSet,
+    calibration_set,
+    perplexity,
+    with_parent_answers,
+)
+from airan.factory.variants.hf import load_frozen
 from airan.factory.variants.recipes import RECIPES, Recipe, get_recipe
+from airan.store.registry import (
+    MANIFEST,
+    PACKAGED_ADAPTERS,
+    SMOLLM2_NAME,
+    ModelNotAvailable,
+    describe,
+    model_dir,
+    models_root,
+    packaged_adapter_dir,
+    read_manifest,
+)
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
 # bump when a transform changes what it writes: older builds then stop matching and are rebuilt
 FACTORY_VERSION = 2
-DEFAULT_HELDOUT_ITEMS = 16
 CALIB_MAX_TOKENS = 1024  # the simulator's prompts are 300-820 SmolLM2 tokens: none is cut
 # One torch thread by default: results are then bitwise repeatable (a GEMM may split its sums
 # differently across threads), and on the shared 2-core machines two threads were 2-4x *slower*
 # than one whenever other engineers' engines were busy (OpenMP barriers spin on a busy core).
+# Training (lora) picks its own unless told: see lora._threads.
 DEFAULT_THREADS = 1
 # files of the parent that describe its weights, not the tokenizer: never copied
-_NOT_COPIED = {"config.json", MANIFEST, "airan_tiny.json", "model.safetensors.index.json"}
+_NOT_COPIED = {"config.json", MANIFEST, "model.safetensors.index.json"}
 
 
 class VariantBuildError(RuntimeError):
     """A build that cannot go on for a reason a person can fix; the message says which."""
 
 
-def models_root(models_dir: Path | None = None) -> Path:
-    return models_dir or cache_dir() / "models"
-
-
 def variant_dir(name: str, models_dir: Path | None = None) -> Path:
-    return models_root(models_dir) / name
+    return model_dir(name, models_dir)
 
 
 def load_variant_manifest(name: str, models_dir: Path | None = None) -> dict | None:
     """The manifest of a complete build of `name`, or None."""
-    from airan.factory.smollm2 import _weights_complete
-
-    path = variant_dir(name, models_dir)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("manifest_version") != MANIFEST_VERSION:
-        return None
-    if not _weights_complete(path, manifest.get("weight_bytes", -1)):
-        return None
-    return manifest
+    return read_manifest(variant_dir(name, models_dir))
 
 
 def variant_spec(name: str, models_dir: Path | None = None, **overrides) -> ModelSpec:
     """A config `ModelSpec` serving a built variant (source local, registry facts filled)."""
-    from airan.store.registry import ModelNotAvailable
-
     manifest = load_variant_manifest(name, models_dir)
     if manifest is None:
         raise ModelNotAvailable(f"variant '{name}' is not built; run `airan model build {name}`")
     fields = {
-        "name": name, "source": "local", "path": Path(manifest["path"]), "dtype": "bfloat16",
+        "name": name, "source": "local", "path": variant_dir(name, models_dir), "dtype": "bfloat16",
         "format": manifest["format"], "parameters": manifest["parameters"],
         "weight_bytes": manifest["weight_bytes"], "parent": manifest["parent"], "method": manifest["method"],
     }  # fmt: skip
     fields.update(overrides)
     return ModelSpec(**fields)
-
-
-# --- steps ----------------------------------------------------------------------------
-
-
-class _Steps:
-    """Numbered step lines on stderr, like `airan model prepare`."""
-
-    def __init__(self, name: str, total: int, enabled: bool) -> None:
-        from rich.console import Console
-
-        self.name, self.total, self.enabled, self.done = name, total, enabled, 0
-        self.console = Console(stderr=True, highlight=False)
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, text: str):
-        steps = self
-
-        class _Step:
-            def __enter__(self):
-                steps.done += 1
-                self.start = time.perf_counter()
-                if steps.enabled:
-                    steps.console.print(f"[bold]{steps.name} [{steps.done}/{steps.total}][/bold] {text} ...")
-
-            def __exit__(self, *exc):
-                elapsed = time.perf_counter() - self.start
-                steps.seconds[text] = round(elapsed, 2)
-                if steps.enabled and exc[0] is None:
-                    steps.console.print(f"      done in {elapsed:.1f} s", style="dim")
-
-        return _Step()
-
-
-def _sha256_files(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(files):
-        digest.update(file.name.encode())
-        with open(file, "rb") as f:
-            while chunk := f.read(4 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _resolve_parent(recipe: Recipe, parent_dir: Path | None, root: Path, threads: int,
@@ -129,8 +89,6 @@ def _resolve_parent(recipe: Recipe, parent_dir: Path | None, root: Path, threads
     if recipe.parent in RECIPES:  # a variant of a variant: build (or reuse) the parent first
         return recipe.parent, build_variant(recipe.parent, models_dir=root, threads=threads, show_progress=show_progress)
     if recipe.parent == "smollm2":
-        from airan.factory.smollm2 import SMOLLM2_NAME, ModelPrepareError, prepare_smollm2
-
         try:
             return SMOLLM2_NAME, prepare_smollm2(show_progress=show_progress)
         except ModelPrepareError as e:
@@ -139,29 +97,6 @@ def _resolve_parent(recipe: Recipe, parent_dir: Path | None, root: Path, threads
     if not (path / "config.json").is_file():
         raise VariantBuildError(f"parent '{recipe.parent}' is neither 'smollm2' nor a model directory")
     return path.name, path
-
-
-def load_frozen(path: Path, dtype=None):
-    """A Hugging Face causal LM in eval mode with gradients off (float32 unless `dtype`), quietly."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        # SDPA: the layer-by-layer passes give no mask and rely on its causal flag
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa")
-    finally:
-        hf_logging.set_verbosity(previous)
-        if bars:
-            hf_logging.enable_progress_bar()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def _storage_dtype(parent_config: dict):
@@ -192,20 +127,16 @@ def _copy_side_files(parent: Path, out: Path) -> None:
 _PARENT_PPL: dict[tuple[str, str], float] = {}
 
 
-def _request(recipe: Recipe, parent_name: str, parent_sha: str, seed: int, calib_items: int,
-             heldout_items: int, threads: int, parent_answers: bool) -> dict:  # fmt: skip
-    from airan.factory.variants.calibration import CALIBRATION_VERSION
-
+def _request(recipe: Recipe, parent_name: str, parent: Path, seed: int, calib_items: int,
+             heldout_items: int) -> dict:  # fmt: skip
+    """What every build depends on; its manifest records it, and a build recording the same is reused."""
     return {
         "factory_version": FACTORY_VERSION,
-        "calibration_version": CALIBRATION_VERSION,
-        "threads": threads,
-        "parent_answers": parent_answers,
         "variant": recipe.name,
         "method": recipe.method,
         "params": dict(recipe.params),
         "parent": parent_name,
-        "parent_weights_sha256": parent_sha,
+        "parent_weights_sha256": weights_sha256(parent),
         "seed": seed,
         "calib_items": calib_items,
         "heldout_items": heldout_items,
@@ -217,69 +148,80 @@ def build_variant(
     *,
     seed: int = 0,
     calib_items: int | None = None,
-    heldout_items: int = DEFAULT_HELDOUT_ITEMS,
+    heldout_items: int | None = None,
     models_dir: Path | None = None,
     parent_dir: Path | None = None,
     force: bool = False,
     show_progress: bool = True,
-    threads: int = DEFAULT_THREADS,
+    threads: int | None = None,
     parent_answers: bool = True,
 ) -> Path:
     """Build (or reuse) the variant; return its directory.
 
-    parent_answers=False calibrates on the prompts alone (no vLLM run; the unit
-    tests use it), which is recorded in the manifest's request.
+    calib_items / heldout_items default to the recipe's; threads to DEFAULT_THREADS (a lora
+    recipe: what the machine's load allows, not recorded). parent_answers=False calibrates on
+    the prompts alone (no vLLM run; the unit tests use it), which is recorded in the request.
     """
-    import fcntl
-
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     calib_items = calib_items or recipe.calib_items
-    if calib_items < 1 or heldout_items < 1 or threads < 1:
+    heldout_items = heldout_items or recipe.heldout_items
+    if calib_items < 1 or heldout_items < 1 or (threads is not None and threads < 1):
         raise VariantBuildError("calib_items, heldout_items and threads must be >= 1")
     root = models_root(models_dir)
-    root.mkdir(parents=True, exist_ok=True)
     parent_name, parent = _resolve_parent(recipe, parent_dir, root, threads, show_progress)
-    parent_sha = _sha256_files(list(parent.glob("*.safetensors")))
-    request = _request(recipe, parent_name, parent_sha, seed, calib_items, heldout_items, threads,
-                       parent_answers)
-    if recipe.method == "merge-lora":  # a retrained adapter is a new build
-        request["adapter_sha256"] = _sha256_files(list(_adapter_dir(recipe).glob("*.safetensors")))
+    final = variant_dir(recipe.name, root)
+    request = _request(recipe, parent_name, parent, seed, calib_items, heldout_items)
+    if recipe.is_adapter:
+        request |= lora.request_extras(parent)
+        settings = lora.TrainSettings.of(recipe, seed, calib_items, heldout_items)
+        build = partial(lora.train_adapter, recipe=recipe, s=settings, parent=parent, parent_name=parent_name,
+                        threads=threads, show_progress=show_progress)  # fmt: skip
+    else:
+        request |= {"calibration_version": CALIBRATION_VERSION, "threads": threads or DEFAULT_THREADS,
+                    "parent_answers": parent_answers}  # fmt: skip
+        if recipe.method == "merge-lora":  # a retrained adapter is a new build
+            request["adapter_sha256"] = weights_sha256(_adapter_dir(recipe))
+        build = partial(_build_model, recipe=recipe, request=request, parent=parent, root=root,
+                        show_progress=show_progress)  # fmt: skip
 
-    def reusable() -> Path | None:
-        manifest = load_variant_manifest(recipe.name, root)
-        return variant_dir(recipe.name, root) if manifest and manifest.get("request") == request and not force else None
+    def build_and_describe(work: Path) -> dict:
+        return {**build(work), "path": str(final), "rebuild_command": _rebuild_command(recipe, request)}
 
-    if (done := reusable()) is not None:
-        return done
-    # one build per variant at a time; a second caller waits and then reuses the result
-    with open(root / f".{recipe.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if (done := reusable()) is not None:
-                return done
-            import torch
-
-            previous_threads = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                return _build_locked(recipe, request, parent, root, show_progress)
-            finally:
-                torch.set_num_threads(previous_threads)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return build_once(final, request, build_and_describe, force=force)
 
 
-def _build_locked(recipe: Recipe, request: dict, parent: Path, root: Path, show_progress: bool) -> Path:
+def _rebuild_command(recipe: Recipe, request: dict) -> str:
+    command = (f"airan model build {recipe.name} --seed {request['seed']} --calib-items {request['calib_items']} "
+               f"--heldout-items {request['heldout_items']}")  # fmt: skip
+    if "threads" in request:
+        command += f" --threads {request['threads']}"
+    if recipe.is_adapter:
+        command += " --export airan/store/adapters"
+    return command
+
+
+def _build_model(work: Path, recipe: Recipe, request: dict, parent: Path, root: Path, show_progress: bool) -> dict:
+    """Transform the parent into a model directory in `work`; return the manifest's facts."""
     import torch
-    from transformers import AutoTokenizer
 
-    from airan.store.registry import describe
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(request["threads"])
+    try:
+        return _transform(work, recipe, request, parent, root, show_progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _transform(work: Path, recipe: Recipe, request: dict, parent: Path, root: Path, show_progress: bool) -> dict:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
 
     started = time.perf_counter()
     seed = request["seed"]
     torch.manual_seed(seed)
     heal_steps = int(recipe.params.get("heal_steps", 0))
-    steps = _Steps(recipe.name, 6 + (1 if heal_steps else 0) + (1 if request["parent_answers"] else 0), show_progress)
+    steps = Steps(recipe.name, 6 + (1 if heal_steps else 0) + (1 if request["parent_answers"] else 0), show_progress)
     parent_config = json.loads((parent / "config.json").read_text())
     store_dtype = _storage_dtype(parent_config)
     tied = bool(parent_config.get("tie_word_embeddings", False))
@@ -310,18 +252,14 @@ def _build_locked(recipe: Recipe, request: dict, parent: Path, root: Path, show_
         parent_ppl = _PARENT_PPL[key]
 
     ppl: dict[str, float] = {"parent": parent_ppl}
-    config_updates: dict = {}
-    quant_tensors: dict = {}
-    skip: set[str] = set()
-    details: dict = {}
     with steps(f"{recipe.method} on {len(calib.token_ids)} calibration prompts ({calib.n_tokens} tokens)"):
         details, config_updates, quant_tensors, skip = _apply(recipe, model, calib, store_dtype, show_progress)
     if heal_steps:
         ppl["before_heal"] = perplexity(model, heldout)
         with steps(f"healing: {heal_steps} distillation steps"):
-            teacher = load_frozen(parent)
-            from airan.factory.variants.structured import heal_
+            from airan.factory.variants.structured import heal_  # torch at import, like every transform
 
+            teacher = load_frozen(parent)
             details["heal"] = heal_(
                 model, teacher, calib.token_ids, calib.loss_start, steps=heal_steps,
                 lr=float(recipe.params.get("heal_lr", 5e-5)), seed=seed, show_progress=show_progress,
@@ -331,67 +269,36 @@ def _build_locked(recipe: Recipe, request: dict, parent: Path, root: Path, show_
         ppl["variant"] = perplexity(model, heldout)
     parameters = sum(p.numel() for p in model.parameters())
 
-    final = variant_dir(recipe.name, root)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}-", dir=root))
-    try:
-        with steps(f"writing {recipe.format} into the model cache"):
-            from safetensors.torch import save_file
-
-            tensors = _state_tensors(model, store_dtype, tied, skip)
-            tensors.update(quant_tensors)
-            save_file(tensors, str(work / "model.safetensors"), metadata={"format": "pt"})
-            config = {**parent_config, **config_updates}
-            (work / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            _copy_side_files(parent, work)
-            facts = describe(work)
-            manifest = {
-                "manifest_version": MANIFEST_VERSION,
-                "name": recipe.name,
-                "path": str(final),
-                "parent": request["parent"],
-                "parent_path": str(parent),
-                "method": recipe.method,
-                "summary": recipe.summary,
-                "parameters_recipe": dict(recipe.params),
-                "format": recipe.format,
-                "dtype": str(store_dtype).removeprefix("torch."),
-                # logical parameters of the network (a packed int4 tensor stores 8 per element)
-                "parameters": parameters,
-                "parent_parameters": parent_parameters,
-                "stored_elements": facts["parameters"],
-                "weight_bytes": facts["weight_bytes"],
-                "seed": seed,
-                "calibration": calib.describe(),
-                "heldout": {**heldout.describe(), "perplexity": {k: round(v, 4) for k, v in ppl.items()}},
-                "details": details,
-                "files_sha256": {f.name: _sha256_files([f]) for f in sorted(work.glob("*.safetensors"))},
-                "request": request,
-                "rebuild_command": f"airan model build {recipe.name} --seed {seed} "
-                f"--calib-items {request['calib_items']} --heldout-items {request['heldout_items']} "
-                f"--threads {request['threads']}",
-                "build_seconds": round(time.perf_counter() - started, 1),
-                "step_seconds": steps.seconds,
-                "versions": _versions(),
-            }
-            (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        publish_dir(work, final)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
-    return final
-
-
-def publish_dir(work: Path, final: Path) -> None:
-    """Move a finished build into place at once, replacing an older one; readable by Ray workers,
-    which may run as another user."""
-    os.chmod(work, 0o755)
-    for file in work.iterdir():
-        os.chmod(file, 0o644)
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
-        os.rename(final, old / "v")
-        shutil.rmtree(old, ignore_errors=True)
-    os.rename(work, final)
+    with steps(f"writing {recipe.format} into the model cache"):
+        tensors = _state_tensors(model, store_dtype, tied, skip)
+        tensors.update(quant_tensors)
+        save_file(tensors, str(work / "model.safetensors"), metadata={"format": "pt"})
+        config = {**parent_config, **config_updates}
+        (work / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _copy_side_files(parent, work)
+        facts = describe(work)
+    return {
+        "name": recipe.name,
+        "parent": request["parent"],
+        "parent_path": str(parent),
+        "method": recipe.method,
+        "summary": recipe.summary,
+        "parameters_recipe": dict(recipe.params),
+        "format": recipe.format,
+        "dtype": str(store_dtype).removeprefix("torch."),
+        # logical parameters of the network (a packed int4 tensor stores 8 per element)
+        "parameters": parameters,
+        "parent_parameters": parent_parameters,
+        "stored_elements": facts["parameters"],
+        "weight_bytes": facts["weight_bytes"],
+        "seed": seed,
+        "calibration": calib.describe(),
+        "heldout": {**heldout.describe(), "perplexity": {k: round(v, 4) for k, v in ppl.items()}},
+        "details": details,
+        "build_seconds": round(time.perf_counter() - started, 1),
+        "step_seconds": steps.seconds,
+        "versions": _versions(),
+    }
 
 
 def _apply(recipe: Recipe, model, calib: CalibrationSet, store_dtype, show_progress: bool):
@@ -441,9 +348,10 @@ def _apply(recipe: Recipe, model, calib: CalibrationSet, store_dtype, show_progr
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         if merged is not model:  # peft merges into the base modules in place
             raise VariantBuildError("peft returned a new model instead of merging in place")
-        lora = json.loads((adapter / "adapter_config.json").read_text())
-        return {"adapter": recipe.params["adapter"], "rank": lora["r"], "lora_alpha": lora["lora_alpha"],
-                "target_modules": sorted(lora["target_modules"])}, {}, {}, set()  # fmt: skip
+        adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+        return {"adapter": recipe.params["adapter"], "rank": adapter_config["r"],
+                "lora_alpha": adapter_config["lora_alpha"], "target_modules": sorted(adapter_config["target_modules"])}, \
+            {}, {}, set()  # fmt: skip
     if recipe.method == "drop-layers":
         from airan.factory.variants.structured import drop_layers_
 
@@ -456,14 +364,13 @@ def _apply(recipe: Recipe, model, calib: CalibrationSet, store_dtype, show_progr
 
 
 def _adapter_dir(recipe: Recipe) -> Path:
-    from airan.factory.variants import lora_netops
-
+    """A merge recipe's adapter: a committed one by name (airan/store/adapters/), or a PEFT directory."""
     adapter = str(recipe.params.get("adapter"))
-    if adapter == lora_netops.NAME:
-        return lora_netops.PACKAGED_DIR
-    if (Path(adapter) / "adapter_config.json").is_file():  # a PEFT adapter directory
-        return Path(adapter)
-    raise VariantBuildError(f"adapter {adapter!r} is neither {lora_netops.NAME} nor a PEFT adapter directory")
+    for path in (packaged_adapter_dir(adapter), Path(adapter)):
+        if (path / "adapter_config.json").is_file():
+            return path
+    raise VariantBuildError(f"adapter {adapter!r} is neither a committed adapter in {PACKAGED_ADAPTERS} "
+                            "nor a PEFT adapter directory")  # fmt: skip
 
 
 def _versions() -> dict:
@@ -474,5 +381,27 @@ def _versions() -> dict:
             "python": platform.python_version()}  # fmt: skip
 
 
+def all_names() -> list[str]:
+    """What `airan model build all` builds: every recipe but those whose build ships with airan
+    (a committed adapter in airan/store/adapters/ is retrained only when asked for by name)."""
+    return [name for name in RECIPES if read_manifest(packaged_adapter_dir(name)) is None]
+
+
 def build_all(names: list[str] | None = None, **kwargs) -> list[Path]:
-    return [build_variant(RECIPES[n], **kwargs) for n in (names or list(RECIPES))]
+    return [build_variant(RECIPES[n], **kwargs) for n in (names or all_names())]
+
+
+def export(name: str, path: Path, dest: Path) -> Path:
+    """Copy what the repository keeps of a build into `dest`: an adapter whole (DEST/<name>/,
+    small, served as committed), a model variant its manifest only (DEST/<name>.json)."""
+    dest = Path(dest)
+    if get_recipe(name).is_adapter:
+        target = dest / name
+        target.mkdir(parents=True, exist_ok=True)
+        for file in ("adapter_config.json", "adapter_model.safetensors", MANIFEST):
+            shutil.copyfile(path / file, target / file)
+        return target
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / f"{name}.json"
+    target.write_text(json.dumps(read_manifest(path), indent=2, sort_keys=True) + "\n")
+    return target

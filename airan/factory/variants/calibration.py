@@ -24,7 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from airan.core.diagnosis import DIAGNOSIS_MAX_TOKENS
+from airan.core.diagnosis import DIAGNOSIS_MAX_TOKENS, diagnosis_schema
+from airan.core.prompting import build_messages
+from airan.core.query import KpiSample, Query
+from sims.events import random_events
+from sims.queries import QueryParams
+from sims.simulate import SimConfig, Simulator, run
+from sims.timefmt import parse_start
+from sims.topology import generate_topology
 
 # the simulated period and city; fixed so a seed names one calibration set
 SIM_SITES = 8
@@ -82,12 +89,6 @@ class CalibrationSet:
 @lru_cache(maxsize=4)
 def simulated_queries(seed: int) -> tuple:
     """All queries of one simulated city and period, in a seeded random order."""
-    from sims.events import random_events
-    from sims.queries import QueryParams
-    from sims.simulate import SimConfig, Simulator, run
-    from sims.timefmt import parse_start
-    from sims.topology import generate_topology
-
     topology = generate_topology(SIM_SITES, seed=seed)
     events = random_events(topology, SIM_DURATION_S, SIM_EVENTS, seed=seed)
     config = SimConfig(
@@ -104,8 +105,6 @@ def simulated_queries(seed: int) -> tuple:
 
 
 def _as_airan_query(q, t0: float, mode: str):
-    from airan.core.query import KpiSample, Query
-
     return Query(
         question=q.question,
         request_id=q.query_id,
@@ -133,8 +132,6 @@ def calibration_set(tokenizer, n_items: int, seed: int = 0, *, split: str = "cal
     (seed + HELDOUT_SEED_OFFSET). Prompts are cut to `max_tokens` from the
     end of the system turn on, keeping the question-specific part.
     """
-    from airan.core.prompting import build_messages
-
     if split not in ("calib", "heldout"):
         raise ValueError(f"unknown split {split!r}")
     if n_items < 1:
@@ -232,8 +229,6 @@ def _vllm_answers(parent: Path, data: CalibrationSet, seed: int, show_progress: 
     from vllm.config import StructuredOutputsConfig
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import StructuredOutputsParams
-
-    from airan.core.diagnosis import diagnosis_schema
 
     llm = LLM(
         model=str(parent), tokenizer=str(parent), dtype="auto", max_model_len=data.max_tokens,

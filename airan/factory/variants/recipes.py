@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal
 
-Method = Literal["w8a8", "w4a16", "prune-mlp", "drop-layers", "wanda", "merge-lora"]
+Method = Literal["w8a8", "w4a16", "prune-mlp", "drop-layers", "wanda", "merge-lora", "lora"]
 
 FORMATS = {
     "w8a8": "compressed-tensors/int-quantized",
@@ -15,6 +15,7 @@ FORMATS = {
     "drop-layers": "safetensors",
     "wanda": "safetensors",
     "merge-lora": "safetensors",
+    "lora": "peft-lora/safetensors",  # an adapter served on top of its parent, not a model
 }
 
 
@@ -28,8 +29,10 @@ class Recipe:
     parent: str = "smollm2"
     summary: str = ""
     # 16 simulator prompts + answers (~9.6k SmolLM2 tokens): every variant builds within the
-    # ~30 min budget on a shared 2-core box; the layer passes cost ~0.25 s per 1k tokens per layer
+    # ~30 min budget on a shared 2-core box; the layer passes cost ~0.25 s per 1k tokens per layer.
+    # A trained method (lora) trains on `calib_items` items.
     calib_items: int = 16
+    heldout_items: int = 16  # for the perplexity check (and a trained method's held-out scores)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
@@ -37,6 +40,11 @@ class Recipe:
     @property
     def format(self) -> str:
         return FORMATS[self.method]
+
+    @property
+    def is_adapter(self) -> bool:
+        """The build is a LoRA adapter (served beside its parent), not a model directory."""
+        return self.method == "lora"
 
     def with_params(self, **updates) -> Recipe:
         return replace(self, params={**self.params, **updates})
@@ -80,8 +88,20 @@ RECIPES: dict[str, Recipe] = {
             summary="Wanda 50% unstructured (dense with zeros): the pruning quality reference, not faster",
         ),
         Recipe(
+            "smollm2-netops-lora",
+            "lora",
+            {"rank": 16, "alpha": 32, "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+             "up_proj", "down_proj"), "top_layers": 4, "epochs": 8, "accum": 4, "lr": 1e-3, "warmup_steps": 10,
+             "cause_weight": 20.0},
+            summary="LoRA r=16 on the top 4 layers, trained on simulator NetOps diagnoses (TRAIN seeds, "
+            "disjoint from the evaluation's) whose gold answers are the cause table's playbooks",
+            calib_items=112,
+            heldout_items=14,
+        ),
+        Recipe(
             "smollm2-netops-merged",
             "merge-lora",
+            # the committed copy (airan/store/adapters/), or a PEFT adapter directory
             {"adapter": "smollm2-netops-lora"},
             summary="the NetOps LoRA adapter merged into the base weights: the adapter's answers at the "
             "base's speed (vLLM's CPU LoRA path is several times slower)",
