@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from airan.config import ConfigError, dump_config, load_config
+from airan.config import dump_config, load_config_or_exit
 from airan.evaluation.cli import app as eval_app
 from airan.factory.cli import app as model_app
 from sims.cli import app as sim_app
@@ -23,14 +23,6 @@ ConfigOption = Annotated[
 ]
 
 
-def _load(config: Path | None):
-    try:
-        return load_config(config)
-    except ConfigError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2)
-
-
 @app.command()
 def serve(
     config: ConfigOption = None,
@@ -45,7 +37,7 @@ def serve(
     from airan.serving.server import ControlPlane
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = _load(config)
+    cfg = load_config_or_exit(config)
     if port is not None:
         cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"port": port})})
 
@@ -131,17 +123,13 @@ def demo(config: ConfigOption = None) -> None:
     """Start 3 simulated sites on local Ray, place replicas, ask a few questions, shut down."""
     from airan.demo import run_demo
 
-    raise typer.Exit(run_demo(_load(config)))
+    raise typer.Exit(run_demo(load_config_or_exit(config)))
 
 
 @config_app.command("validate")
 def config_validate(file: Annotated[Path, typer.Argument(help="YAML config to check")]) -> None:
     """Exit 0 if FILE is a valid airan config, else print every problem and exit 1."""
-    try:
-        config = load_config(file)
-    except ConfigError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(1)
+    config = load_config_or_exit(file, exit_code=1)
     typer.echo(
         f"{file}: valid ({len(config.sites)} sites, {len(config.models)} models, "
         f"{sum(r.count for r in config.replicas)} replicas)"
@@ -151,7 +139,7 @@ def config_validate(file: Annotated[Path, typer.Argument(help="YAML config to ch
 @config_app.command("show")
 def config_show(config: ConfigOption = None) -> None:
     """Print the config with every default filled in."""
-    typer.echo(dump_config(_load(config)))
+    typer.echo(dump_config(load_config_or_exit(config)))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ offending path instead of being silently ignored.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
@@ -302,6 +303,16 @@ def load_config(path: str | os.PathLike | None = None) -> AiranConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     return parse_config(_catalog_file_beside(_model_paths_beside(raw, path.parent), path.parent), source=str(path))
+
+
+def load_config_or_exit(path: str | os.PathLike | None = None, exit_code: int = 2) -> AiranConfig:
+    """`load_config` for command lines: a config that cannot be used prints why on stderr and
+    exits with `exit_code` (2, a usage error, like any bad option), never with a traceback."""
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(exit_code) from None
 
 
 def _catalog_file_beside(raw: object, base: Path) -> object:

@@ -6,7 +6,7 @@ simulator and unit tests use it without gRPC.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, replace
 
 from airan.config import LimitsConfig
@@ -44,6 +44,29 @@ class Query:
     def context_cells(self) -> list[str]:
         """Cells a diagnosis may name: the ones the request mentions, nothing else."""
         return sorted({*self.cell_ids, *(k.cell_id for k in self.kpis if k.cell_id)})
+
+
+def query_from_fields(
+    question: str,
+    request_id: str,
+    controller_id: str,
+    site_ids: Iterable[str],
+    cell_ids: Iterable[str],
+    kpis: Iterable[tuple[str, float, str, str, float | None]],
+    **options,
+) -> Query:
+    """A `Query` from the fields a controller's request carries, whatever carried them (a gRPC
+    `AskRequest`, a simulator query): id lists become tuples, each KPI row (name, value, unit,
+    cell id, unix seconds or None) a `KpiSample`; `options` are the other `Query` fields."""
+    return Query(
+        question=question,
+        request_id=request_id,
+        controller_id=controller_id,
+        site_ids=tuple(site_ids),
+        cell_ids=tuple(cell_ids),
+        kpis=tuple(KpiSample(*row) for row in kpis),
+        **options,
+    )
 
 
 def validate_query(

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from airan.config import ConfigError, ModelSpec, cache_dir, load_config
+from airan.config import ModelSpec, cache_dir, load_config_or_exit
 from airan.factory.smollm2 import SMOLLM2_NAME, ModelPrepareError, prepare_smollm2
 from airan.factory.tiny import ensure_tiny_model
 from airan.factory.variants import RECIPES, VariantBuildError, build_variant, load_variant_manifest, variant_dir
@@ -48,14 +48,6 @@ def _count(parameters: int | None) -> str:
     return f"{parameters / 1e6:.1f}M" if parameters >= 1e6 else f"{parameters / 1e3:.1f}K"
 
 
-def _load(config: Path | None):
-    try:
-        return load_config(config)
-    except ConfigError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(1)
-
-
 def _print_prepared(name: str, path: Path) -> None:
     facts = describe(path)
     typer.echo(
@@ -88,7 +80,7 @@ def prepare(
         typer.echo("error: --source applies to smollm2 only", err=True)
         raise typer.Exit(2)
     # the tiny models the config asks for; the default one when it names none
-    specs = [m for m in _load(config).models if m.source == "tiny-random"] or [
+    specs = [m for m in load_config_or_exit(config).models if m.source == "tiny-random"] or [
         ModelSpec(name="tiny-llama", source="tiny-random", dtype="float32")
     ]
     for spec in specs:
@@ -199,7 +191,7 @@ def _variant_rows(shown: set[str]) -> list[dict]:
 def model_rows(config: Path | None) -> list[dict]:
     """The registry as plain rows: configured models, variant recipes, then anything else in the cache."""
     rows: list[dict] = []
-    models = _load(config).models
+    models = load_config_or_exit(config).models
     for spec in models:
         status, path, facts = _spec_row(spec)
         facts = facts or {}
@@ -258,7 +250,7 @@ def catalog_show(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Show the catalog of the config (memory need, expected tok/s, quality rank)."""
     if ctx.invoked_subcommand is not None:
         return
-    catalog = _load(config).catalog
+    catalog = load_config_or_exit(config).catalog
     if not catalog:
         typer.echo("the config has no catalog; make one with `airan model catalog refresh`", err=True)
         raise typer.Exit(1)

@@ -26,7 +26,7 @@ import numpy as np
 
 from airan.core.diagnosis import DIAGNOSIS_MAX_TOKENS, diagnosis_schema
 from airan.core.prompting import build_messages
-from airan.core.query import KpiSample, Query
+from airan.core.query import Query, query_from_fields
 from sims.events import random_events
 from sims.queries import QueryParams
 from sims.simulate import SimConfig, Simulator, run
@@ -104,19 +104,10 @@ def simulated_queries(seed: int) -> tuple:
     return tuple((queries[i], t0) for i in order)
 
 
-def _as_airan_query(q, t0: float, mode: str):
-    return Query(
-        question=q.question,
-        request_id=q.query_id,
-        controller_id=q.controller_id,
-        site_ids=tuple(q.site_ids),
-        cell_ids=tuple(q.cell_ids),
-        kpis=tuple(
-            KpiSample(k["name"], float(k["value"]), k["unit"], k["cell_id"], t0 + float(k["t_s"]))
-            for k in q.kpi_context
-        ),
-        mode=mode,
-    )
+def _as_airan_query(q, t0: float, mode: str) -> Query:
+    """A simulator query as the server's core would see it (KPI times are offsets from `t0`)."""
+    kpis = ((k["name"], float(k["value"]), k["unit"], k["cell_id"], t0 + float(k["t_s"])) for k in q.kpi_context)
+    return query_from_fields(q.question, q.query_id, q.controller_id, q.site_ids, q.cell_ids, kpis, mode=mode)
 
 
 def _ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:

@@ -13,7 +13,7 @@ from airan.config import SiteConfig
 from airan.core.diagnosis import Diagnosis
 from airan.errors import invalid
 from airan.serving.gateway import Answer
-from airan.core.query import KpiSample, Query
+from airan.core.query import Query, query_from_fields
 from airan.core.routing import Priority, ReplicaState, ReplicaView
 from airan.serving.sites import SiteState
 from airan.v1 import control_pb2, netops_pb2
@@ -59,22 +59,17 @@ def query_from_proto(req: netops_pb2.AskRequest, now_monotonic: float, grpc_rema
         deadlines.append(now_monotonic + (req.deadline.ToNanoseconds() / 1e9 - time.time()))
     if grpc_remaining_s is not None:
         deadlines.append(now_monotonic + grpc_remaining_s)
-    return Query(
-        question=req.question,
-        request_id=req.request_id,
-        controller_id=req.controller_id,
-        site_ids=tuple(req.site_ids),
-        cell_ids=tuple(req.cell_ids),
-        kpis=tuple(
-            KpiSample(
-                k.name,
-                k.value,
-                k.unit,
-                k.cell_id,
-                k.time.ToNanoseconds() / 1e9 if k.HasField("time") else None,
-            )
-            for k in req.kpi_context
-        ),
+    kpis = (
+        (k.name, k.value, k.unit, k.cell_id, k.time.ToNanoseconds() / 1e9 if k.HasField("time") else None)
+        for k in req.kpi_context
+    )
+    return query_from_fields(
+        req.question,
+        req.request_id,
+        req.controller_id,
+        req.site_ids,
+        req.cell_ids,
+        kpis,
         priority=_PRIORITY.get(req.priority, Priority.BEST_EFFORT),
         max_tokens=req.max_tokens,
         temperature=req.temperature,
