@@ -1,6 +1,5 @@
 """The control-plane core with in-process fake replicas: every query ends in one answer or one error."""
 import asyncio
-import json
 import time
 
 import pytest
@@ -59,7 +58,7 @@ async def test_stream_yields_deltas_then_exactly_one_answer(gateway):
         (q(site_ids=("bs-99",)), ErrorKind.NOT_FOUND, "bs-99"),
         (q(max_tokens=901), ErrorKind.INVALID_ARGUMENT, "limit of 900"),
         (q("word " * 300, max_tokens=900), ErrorKind.INVALID_ARGUMENT, "-token prompt"),
-        (q(mode="diagnosis", max_tokens=20), ErrorKind.INVALID_ARGUMENT, "max_tokens >= 64"),
+        (q(mode="diagnosis", max_tokens=10), ErrorKind.INVALID_ARGUMENT, "max_tokens >= 16"),
         (q("word " * 900), ErrorKind.INVALID_ARGUMENT, "characters"),
         (q(deadline=time.monotonic() - 1), ErrorKind.DEADLINE_EXCEEDED, "already passed"),
         (q(temperature=float("nan")), ErrorKind.INVALID_ARGUMENT, "temperature"),
@@ -137,50 +136,63 @@ async def test_load_is_spread_across_replicas(gateway):
     assert served == {"r1", "r2"}
 
 
-def _diag(cause="CONGESTION", cells=("bs-01/c1",), **kw):
-    body = {
-        "cause": cause,
-        "affected_cells": list(cells),
-        "severity": "HIGH",
-        "actions": [{"type": "OFFLOAD_TRAFFIC", "target_cell": cells[0] if cells else "x", "share_pct": 20}],
-        "confidence_pct": 70,
-        "rationale": "PRB use at 99%",
-    }
-    body.update(kw)
-    return json.dumps(body)
+T = 1_700_000_000.0
+# bs-01/c1 saturates while its co-site cell stays put: evidence the prompt must carry, NaN included
+DIAG_KPIS = tuple(
+    KpiSample(name, v, unit, cell, T + 60 * i)
+    for i in range(3)
+    for name, unit, cell, v in (
+        ("RRU.PrbTotDl", "%", "bs-01/c1", (60.0, 62.0, 99.0)[i]),
+        ("DRB.UEThpDl", "kbit/s", "bs-01/c1", (16000.0, 15800.0, 6000.0)[i]),
+        ("RRU.PrbTotDl", "%", "bs-01/c2", (40.0, 41.0, 40.0)[i]),
+        ("DRB.UEThpDl", "kbit/s", "bs-01/c2", (15000.0, float("nan"), float("nan"))[i]),
+    )
+)
 
 
-DIAG_KPIS = (KpiSample("RRU.PrbTotDl", 99.0, "%", "bs-01/c1", 1000.0), KpiSample("RRC.ConnMean", 50, "UE", "bs-01/c2", 1000.0))
-
-
-async def test_diagnosis_is_parsed_into_typed_fields_under_a_schema_of_context_cells(gateway):
-    replica = FakeReplica(answers=[_diag()])
+async def test_diagnosis_is_a_compact_answer_under_a_grammar_of_context_cells(gateway):
+    replica = FakeReplica(answers=["CONGESTION A; RRU.PrbTotDl"])
     gw, _ = gateway({"r1": ("bs-01", replica)})
     ans = await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS), request_id=call_id())
-    assert ans.diagnosis.cause == "CONGESTION" and ans.diagnosis.affected_cell_ids == ("bs-01/c1",)
-    assert ans.diagnosis.actions[0].value == 20 and ans.diagnosis.confidence == 0.7 and ans.attempts == 1
-    schema = replica.params[0].json_schema
-    assert schema["properties"]["affected_cells"]["items"]["enum"] == ["bs-01/c1", "bs-01/c2"]
-    assert replica.params[0].max_tokens == 160
+    d = ans.diagnosis
+    assert d.cause == "CONGESTION" and d.affected_cell_ids == ("bs-01/c1",) and ans.attempts == 1
+    # severity and the action with its parameter come from the cause's playbook, aimed at the cell
+    assert d.severity == "MEDIUM" and d.actions[0].type == "OFFLOAD_TRAFFIC" and d.actions[0].value == 20
+    assert d.actions[0].target_cell_id == "bs-01/c1"
+    assert d.cited_kpis == ("RRU.PrbTotDl",) and "bs-01/c1 RRU.PrbTotDl 61 → 99% (+38 points)" in d.rationale
+    assert d.evidence and any("bs-01/c1 PRBs saturated" in line for line in d.evidence)
+    grammar = replica.params[0].grammar
+    assert grammar.aliases == ("A", "B") and "RRU.PrbTotDl" in grammar.kpis
+    assert replica.params[0].max_tokens == 48 and ans.prompt.version == "netops-v3"
+
+
+async def test_a_near_rt_diagnosis_is_brief(gateway):
+    from airan.core.routing import Priority
+
+    replica = FakeReplica(answers=["CONGESTION A"])
+    gw, _ = gateway({"r1": ("bs-01", replica)})
+    ans = await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS, priority=Priority.NEAR_RT), request_id=call_id())
+    assert ans.diagnosis.cause == "CONGESTION" and replica.params[0].grammar.kpis == ()
+    assert replica.params[0].max_tokens == 16
 
 
 async def test_invalid_diagnosis_is_retried_once_with_sampling(gateway):
-    replica = FakeReplica(answers=[_diag(cells=("bs-07/c9",)), _diag()])
+    replica = FakeReplica(answers=["CONGESTION Z", "CONGESTION A"])
     gw, _ = gateway({"r1": ("bs-01", replica)})
     ans = await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS), request_id=call_id())
     assert ans.attempts == 2 and replica.calls == 2 and replica.params[1].temperature >= 0.7
 
 
 async def test_invalid_diagnosis_twice_is_an_error_never_a_success(gateway):
-    replica = FakeReplica(answers=['{"cause": "CONGESTION"', _diag(cause="ALIENS")])
+    replica = FakeReplica(answers=["ALIENS A", "NORMAL A"])
     gw, _ = gateway({"r1": ("bs-01", replica)})
     with pytest.raises(AiranError) as e:
         await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS), request_id=call_id())
-    assert e.value.kind is ErrorKind.INTERNAL and "2 attempt(s)" in e.value.message and "not JSON" in e.value.message
+    assert e.value.kind is ErrorKind.INTERNAL and "2 attempt(s)" in e.value.message and "no known cause" in e.value.message
 
 
 async def test_diagnosis_stream_sends_only_the_checked_answer(gateway):
-    gw, _ = gateway({"r1": ("bs-01", FakeReplica(answers=[_diag()]))})
+    gw, _ = gateway({"r1": ("bs-01", FakeReplica(answers=["CONGESTION A"]))})
     events = [e async for e in gw.stream(q(mode="diagnosis", kpis=DIAG_KPIS), request_id=call_id())]
     assert len(events) == 1 and events[0].diagnosis.cause == "CONGESTION"
 

@@ -59,3 +59,43 @@ def test_budget_keeps_the_question_and_the_newest_rows(renderer, question, n_row
 def test_diagnosis_mode_adds_the_cause_guide():
     msgs = build_messages(Query(question="why?", request_id="r", mode="diagnosis"))
     assert "CONGESTION" in msgs[0]["content"] and "JSON" in msgs[0]["content"]
+
+
+# --- the compact diagnosis prompt --------------------------------------------------------------
+
+def _case_query(item, priority=None):
+    from airan.core.query import KpiSample
+    from airan.core.routing import Priority
+
+    return Query(
+        question=item.question, request_id="r", mode="diagnosis", cell_ids=item.cell_ids,
+        kpis=tuple(KpiSample(k.name, k.value, k.unit, k.cell_id, k.time_s) for k in item.kpis),
+        priority=priority or Priority.NON_RT,
+    )  # fmt: skip
+
+
+def test_diagnosis_prompt_shows_aliases_evidence_and_the_question_never_raw_rows():
+    from airan.core.prompting import diagnosis_context, diagnosis_messages
+    from airan.evaluation.cases import build_cases
+
+    item = next(i for i in build_cases(14, 21) if i.label == "CONGESTION" and len({k.cell_id for k in i.kpis}) > 1)
+    query = _case_query(item)
+    ctx = diagnosis_context(query)
+    user = diagnosis_messages(query, ctx)[1]["content"]
+    assert user.startswith("Cells: A=") and "Evidence:\n- " in user and user.endswith(f"Question: {item.question}")
+    assert not any(c in user for c in ("e+0", "e-0", "nan", "inf"))
+    assert item.focus_cell not in user.split("\n", 1)[1].replace(f"Question: {item.question}", "")  # aliases only
+
+
+def test_diagnosis_prompt_drops_evidence_lines_to_fit_and_never_the_question():
+    from airan.core.prompting import diagnosis_context
+    from airan.evaluation.cases import build_cases
+
+    renderer = PromptRenderer(ensure_tiny_model())
+    query = _case_query(build_cases(2, 22)[1])
+    ctx = diagnosis_context(query)
+    full = renderer.render(query, 4096, ctx)
+    assert full.version == "netops-v3" and full.context_rows_dropped == 0
+    tight = renderer.render(query, len(full.token_ids) - 1, ctx)
+    assert tight.context_rows_dropped >= 1 and len(tight.token_ids) < len(full.token_ids)
+    assert set(tight.citable_kpis) <= set(full.citable_kpis)

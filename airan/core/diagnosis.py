@@ -54,6 +54,11 @@ class Diagnosis:
     actions: tuple[Action, ...]
     confidence: float  # 0..1
     rationale: str
+    # compact path: what the model was shown, the detector's own answer, the KPIs the model cited
+    evidence: tuple[str, ...] = ()
+    detector_cause: str = ""
+    detector_confidence: float = 0.0
+    cited_kpis: tuple[str, ...] = ()
 
     @property
     def abstained(self) -> bool:
@@ -146,3 +151,121 @@ def cause_from_text(text: str) -> str:
     hits = {c.name: min((lowered.find(k) for k in c.keywords if k in lowered), default=-1) for c in causes.CAUSES.values()}
     found = {c: pos for c, pos in hits.items() if pos >= 0}
     return min(found, key=found.get) if found else "UNKNOWN"
+
+
+# --- the compact answer: what the served model emits ----------------------------------------------
+#
+# A JSON key costs a decode step, and a near-RT loop has a second. So the model emits only what needs
+# judgement: the cause, the affected cells by a one-letter alias, and (when the budget allows) the KPIs it
+# cites, e.g. `CONGESTION A; RRU.PrbTotDl, DRB.UEThpDl`. Severity and the action with its parameter come
+# from the cause's playbook (airan/core/causes.py); the rationale is the evidence of the cited KPIs; the
+# confidence is the detector's calibrated probability of the chosen cause. Constrained decoding keeps the
+# answer inside `AnswerGrammar`, and `parse_compact` re-checks it.
+
+COMPACT_PROMPT_VERSION = "netops-v3"
+ALIASES = "ABCDEFGHJKLMNPQRSTUVWXYZ"  # no I or O: they read like 1 and 0
+MAX_CITED_KPIS = 3
+COMPACT_RATIONALE_CHARS = 240  # up to three evidence lines
+# budgets: a brief answer is a cause and a few aliases; a full one adds up to three KPI names
+BRIEF_MAX_TOKENS = 16
+FULL_MAX_TOKENS = 48
+
+
+def cell_aliases(cells: list[str]) -> dict[str, str]:
+    """Cell id -> one letter, in sorted cell order (at most len(ALIASES) cells get one)."""
+    return {cell: ALIASES[i] for i, cell in enumerate(sorted(set(cells))[: len(ALIASES)])}
+
+
+@dataclass(frozen=True)
+class AnswerGrammar:
+    """The compact answer's language for one request: causes, the context's cell aliases, citable KPIs."""
+
+    causes: tuple[str, ...]
+    aliases: tuple[str, ...]
+    kpis: tuple[str, ...] = ()  # citable KPI names (those in the evidence); empty = a brief answer
+
+    def regex(self) -> str:
+        import re
+
+        events = [c for c in self.causes if c not in ("NORMAL", "UNKNOWN")]
+        plain = [c for c in self.causes if c in ("NORMAL", "UNKNOWN")]
+        alias = f"[{''.join(self.aliases)}]"
+        cells = f" {alias}(,{alias}){{0,{MAX_AFFECTED_CELLS - 1}}}" if self.aliases else ""
+        cite = ""
+        if self.kpis:
+            kpi = "(" + "|".join(re.escape(k) for k in self.kpis) + ")"
+            cite = f"(; {kpi}(, {kpi}){{0,{MAX_CITED_KPIS - 1}}})?"
+        return "(" + "|".join([*plain, f"({'|'.join(events)}){cells}{cite}"]) + ")"
+
+    def gbnf(self) -> str:
+        """The same language as a llama.cpp GBNF grammar."""
+
+        def alt(words) -> str:
+            return " | ".join(f'"{w}"' for w in words)
+
+        events = [c for c in self.causes if c not in ("NORMAL", "UNKNOWN")]
+        plain = [c for c in self.causes if c in ("NORMAL", "UNKNOWN")]
+        event = "cause" + (" cells" if self.aliases else "") + (" cite?" if self.kpis else "")
+        lines = [f"root ::= {alt(plain)} | event", f"event ::= {event}", f"cause ::= {alt(events)}"]
+        if self.aliases:
+            more = ' ("," alias)?' * (MAX_AFFECTED_CELLS - 1)
+            lines += [f'cells ::= " " alias{more}', f"alias ::= {alt(self.aliases)}"]
+        if self.kpis:
+            more = ' (", " kpi)?' * (MAX_CITED_KPIS - 1)
+            lines += [f'cite ::= "; " kpi{more}', f"kpi ::= {alt(self.kpis)}"]
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class CompactAnswer:
+    cause: str
+    cells: tuple[str, ...]  # cell ids
+    cited_kpis: tuple[str, ...]
+
+
+def parse_compact(text: str, aliases: dict[str, str], citable: tuple[str, ...] = ()) -> CompactAnswer:
+    """`CAUSE [A,B][; KPI, KPI]` -> cause, cell ids, cited KPIs; InvalidDiagnosis says which rule failed."""
+    head, _, cited = text.strip().partition(";")
+    words = head.split()
+    if not words or words[0] not in causes.CAUSES:
+        raise InvalidDiagnosis(f"no known cause at the start of {text[:60]!r}")
+    cause = words[0]
+    cell_of = {a: c for c, a in aliases.items()}
+    letters = [x for w in words[1:] for x in w.split(",") if x]
+    unknown = [x for x in letters if x not in cell_of]
+    if unknown:
+        raise InvalidDiagnosis(f"cell alias(es) {unknown} not in the context ({', '.join(cell_of)})")
+    if cause in ("NORMAL", "UNKNOWN") and letters:
+        raise InvalidDiagnosis(f"{cause} names no cells")
+    kpis = tuple(dict.fromkeys(k.strip() for k in cited.split(",") if k.strip()))
+    stray = [k for k in kpis if citable and k not in citable]
+    if stray:
+        raise InvalidDiagnosis(f"cited KPI(s) {stray} are not in the evidence")
+    return CompactAnswer(cause, tuple(dict.fromkeys(cell_of[x] for x in letters)), kpis[:MAX_CITED_KPIS])
+
+
+def compact_text(cause: str, cells: tuple[str, ...], aliases: dict[str, str], cited: tuple[str, ...] = ()) -> str:
+    """The training target for an answer (the inverse of `parse_compact`)."""
+    text = cause
+    if cells and cause not in ("NORMAL", "UNKNOWN"):
+        text += " " + ",".join(aliases[c] for c in sorted(cells, key=lambda c: aliases[c]))
+    if cited:
+        text += "; " + ", ".join(cited)
+    return text
+
+
+def playbook_diagnosis(
+    cause: str, cells: tuple[str, ...], confidence: float, rationale: str = ""
+) -> Diagnosis:
+    """A full typed diagnosis from a cause and its cells: severity and actions from the cause's playbook."""
+    row = causes.CAUSES[cause]
+    actions = []
+    for name, value in row.actions:
+        spec = causes.ACTIONS[name]
+        if spec.needs_target_cell and not cells:
+            actions.append(Action("ESCALATE"))  # nothing to act on: a person decides
+        elif spec.parameter is None:
+            actions.append(Action(name))
+        else:
+            actions.append(Action(name, cells[0] if spec.needs_target_cell else "", float(value), spec.unit))
+    return Diagnosis(cause, cells, row.severity, tuple(actions), float(confidence), rationale[:COMPACT_RATIONALE_CHARS])

@@ -83,16 +83,19 @@ class CellFlags:
     def ho_failing(self) -> bool:
         return self.ho_fail_ratio is not None and self.ho_fail_ratio >= HO_FAIL_RATIO
 
-    def describe(self, now_of: dict[str, float | None]) -> list[str]:
-        out = []
+    def describe(self, now_of: dict[str, float | None], name: str | None = None) -> list[tuple[str, str | None]]:
+        """(line, the KPI it is about) per raised flag; `name` shows the cell under another name."""
+        cell = name or self.cell
+        out: list[tuple[str, str | None]] = []
         if self.silent:
-            out.append(f"no report from {self.cell} since {_when(self.silent_since)}")
+            out.append((f"no report from {cell} since {_when(self.silent_since)}", None))
         if self.prb_saturated:
-            out.append(f"{self.cell} PRBs saturated ({_fmt(now_of.get('RRU.PrbTotDl'), '%')})")
+            out.append((f"{cell} PRBs saturated ({_fmt(now_of.get('RRU.PrbTotDl'), '%')})", "RRU.PrbTotDl"))
         if self.bler_high:
-            out.append(f"{self.cell} BLER {_fmt(now_of.get('TB.BlerDl'), '%')} above the {BLER_TARGET_PCT:.0f}% target")
+            bler = _fmt(now_of.get("TB.BlerDl"), "%")
+            out.append((f"{cell} BLER {bler} above the {BLER_TARGET_PCT:.0f}% target", "TB.BlerDl"))
         if self.ho_failing:
-            out.append(f"{self.cell} handover failures {100 * self.ho_fail_ratio:.0f}% of attempts")
+            out.append((f"{cell} handover failures {100 * self.ho_fail_ratio:.0f}% of attempts", "MM.HoExeInterFail"))
         return out
 
 
@@ -111,25 +114,34 @@ class Evidence:
         m = self.of(cell, kpi)
         return m is not None and m.salience >= threshold
 
-    def lines(self, max_lines: int = 8, min_salience: float = 0.5) -> list[str]:
-        """The evidence block: flags first, then the most salient movements, in human units."""
-        out: list[str] = []
+    def items(
+        self, max_lines: int = 8, min_salience: float = 0.5, names: dict[str, str] | None = None
+    ) -> list[tuple[str, str, str | None]]:
+        """(line, cell, KPI or None) for the evidence block: flags first, then the most salient movements."""
+        names = names or {}
+        out: list[tuple[str, str, str | None]] = []
         for cell in self.cells:
             flags = self.flags.get(cell)
             if flags is not None:
-                out += flags.describe({m.kpi: m.now for m in self.movements if m.cell == cell})
+                now_of = {m.kpi: m.now for m in self.movements if m.cell == cell}
+                out += [(line, cell, kpi) for line, kpi in flags.describe(now_of, names.get(cell))]
         for m in self.movements:
             if len(out) >= max_lines:
                 break
             if m.salience < min_salience or (m.missing_since is not None and self.flags[m.cell].silent):
                 continue
-            out.append(render_movement(m))
-        if not out:
-            out.append("no KPI moved noticeably in the window")
+            out.append((render_movement(m, names.get(m.cell)), m.cell, m.kpi))
         return out[:max_lines]
+
+    def lines(self, max_lines: int = 8, min_salience: float = 0.5, names: dict[str, str] | None = None) -> list[str]:
+        """The evidence block in human units, or one line saying nothing moved."""
+        return [line for line, _, _ in self.items(max_lines, min_salience, names)] or [NOTHING_MOVED]
 
     def render(self, max_lines: int = 8) -> str:
         return "\n".join(f"- {line}" for line in self.lines(max_lines))
+
+
+NOTHING_MOVED = "no KPI moved noticeably in the window"
 
 
 def site_of(cell: str) -> str:
@@ -296,11 +308,12 @@ def _when(t: float | None) -> str:
     return f"sample {int(t) + 1}"
 
 
-def render_movement(m: Movement) -> str:
+def render_movement(m: Movement, name: str | None = None) -> str:
+    cell = name or m.cell
     if m.missing_since is not None:
-        return f"{m.cell} {m.kpi} not reported since {_when(m.missing_since)}"
+        return f"{cell} {m.kpi} not reported since {_when(m.missing_since)}"
     if m.before is None:
-        return f"{m.cell} {m.kpi} {_fmt(m.now, m.unit)}"
+        return f"{cell} {m.kpi} {_fmt(m.now, m.unit)}"
     # both ends in the unit of the larger one ("0.9 → 7.1 Mbit/s", not "900 kbit/s → 7.1 Mbit/s")
     _, unit = _scaled(max(abs(m.before), abs(m.now)), m.unit)
     factor = 1.0 if unit == m.unit else 1000.0
@@ -310,7 +323,7 @@ def render_movement(m: Movement) -> str:
         delta = f"{'+' if m.change >= 0 else '−'}{_number(abs(m.change))}{' points' if unit == '%' else sep + unit}"
     else:
         delta = f"{'+' if m.change >= 0 else '−'}{abs(m.change) * 100:.0f}%"
-    return f"{m.cell} {m.kpi} {_number(before)} → {_number(now)}{sep}{unit} ({delta})"
+    return f"{cell} {m.kpi} {_number(before)} → {_number(now)}{sep}{unit} ({delta})"
 
 
 # --- detector features -----------------------------------------------------------------------

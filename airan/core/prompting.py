@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from airan.core.diagnosis import diagnosis_instructions
-from airan.errors import invalid
+from airan.core import causes
+from airan.core.detector import Detector, DetectorAnswer
+from airan.core.diagnosis import (
+    COMPACT_PROMPT_VERSION, AnswerGrammar, CompactAnswer, Diagnosis, cell_aliases,
+    diagnosis_instructions, parse_compact, playbook_diagnosis,
+)  # fmt: skip
+from airan.core.evidence import NOTHING_MOVED, Evidence, compute_evidence
 from airan.core.query import KpiSample, Query
+from airan.core.routing.types import Priority
+from airan.errors import invalid
 
 PROMPT_VERSION = "netops-v2"
 SYSTEM_PROMPT = (
@@ -70,6 +77,91 @@ class RenderedPrompt:
     context_rows: int
     context_rows_dropped: int
     version: str = PROMPT_VERSION
+    citable_kpis: tuple[str, ...] = ()  # compact diagnosis: KPIs named in the evidence lines shown
+
+
+# --- diagnosis: evidence, the detector's opinion and a compact answer -----------------------------
+
+DIAGNOSIS_SYSTEM = (
+    "You diagnose radio cells from KPI evidence. Reply with the cause, then the letters of the affected "
+    "cells, then optionally '; ' and the KPIs that show it. Causes: " + ", ".join(causes.CAUSES) + "."
+)
+EVIDENCE_LINES = 8
+
+
+@dataclass(frozen=True)
+class DiagnosisContext:
+    """What a diagnosis prompt is made of, computed once per request from its KPI context (pure)."""
+
+    aliases: dict[str, str]  # cell id -> letter
+    evidence: Evidence
+    detector: DetectorAnswer | None
+    brief: bool  # near-RT: cause and cells only
+
+    def lines(self, n: int = EVIDENCE_LINES) -> list[tuple[str, str, str | None]]:
+        return self.evidence.items(max_lines=n, names=self.aliases)
+
+    def detector_line(self) -> str | None:
+        d = self.detector
+        if d is None:
+            return None
+        where = ",".join(self.aliases[c] for c in d.affected_cells if c in self.aliases)
+        line = f"Detector: {d.cause} {d.confidence:.2f}" + (f" on {where}" if where else "")
+        deciding = d.affected_cells[0] if d.affected_cells else None
+        if deciding is None and d.probabilities:
+            deciding = max(d.probabilities, key=lambda c: 1.0 - d.probabilities[c].get("NORMAL", 0.0))
+        runner_up = [(k, p) for k, p in d.top(deciding, 3) if k != d.cause][:1] if deciding else []
+        if runner_up:
+            line += f" (next {runner_up[0][0]} {runner_up[0][1]:.2f})"
+        return line
+
+    def grammar(self, citable: tuple[str, ...]) -> AnswerGrammar:
+        return AnswerGrammar(tuple(causes.CAUSES), tuple(self.aliases.values()), () if self.brief else citable)
+
+    def diagnosis(self, answer: CompactAnswer) -> Diagnosis:
+        """The typed diagnosis of a compact answer: playbook, detector confidence, cited evidence."""
+        d = self.detector
+        confidence = 0.0
+        if d is not None:
+            cells = answer.cells or tuple(d.probabilities)
+            confidence = max((d.probabilities.get(c, {}).get(answer.cause, 0.0) for c in cells), default=0.0)
+        items = self.evidence.items(max_lines=len(self.evidence.movements) + 4 * len(self.evidence.cells))
+        cited = [line for line, cell, kpi in items if kpi in answer.cited_kpis and (not answer.cells or cell in answer.cells)]
+        return replace(
+            playbook_diagnosis(answer.cause, answer.cells, confidence, "; ".join(dict.fromkeys(cited))),
+            evidence=tuple(self.evidence.lines()),
+            detector_cause=d.cause if d else "",
+            detector_confidence=d.confidence if d else 0.0,
+            cited_kpis=answer.cited_kpis,
+        )
+
+    def parse(self, text: str, citable: tuple[str, ...]) -> Diagnosis:
+        return self.diagnosis(parse_compact(text, self.aliases, () if self.brief else citable))
+
+
+def diagnosis_context(query: Query, detector: Detector | None = None) -> DiagnosisContext:
+    evidence = compute_evidence(query.kpis)
+    aliases = cell_aliases(query.context_cells)
+    answer = detector.predict(evidence, query.cell_ids) if detector is not None else None
+    return DiagnosisContext(aliases, evidence, answer, query.priority == Priority.NEAR_RT)
+
+
+def diagnosis_messages(query: Query, ctx: DiagnosisContext, n_lines: int = EVIDENCE_LINES) -> list[dict[str, str]]:
+    parts = []
+    if ctx.aliases:
+        parts.append("Cells: " + ", ".join(f"{a}={c}" for c, a in ctx.aliases.items()))
+    lines = [line for line, _, _ in ctx.lines(n_lines)] or [NOTHING_MOVED]
+    parts.append("Evidence:\n" + "\n".join(f"- {line}" for line in lines))
+    if (line := ctx.detector_line()) is not None:
+        parts.append(line)
+    parts.append(f"Question: {query.question}")
+    if ctx.brief:
+        parts.append("Answer with the cause and cells only.")
+    return [{"role": "system", "content": DIAGNOSIS_SYSTEM}, {"role": "user", "content": "\n".join(parts)}]
+
+
+def citable_kpis(ctx: DiagnosisContext, n_lines: int = EVIDENCE_LINES) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(kpi for _, _, kpi in ctx.lines(n_lines) if kpi))
 
 
 class PromptRenderer:
@@ -81,13 +173,11 @@ class PromptRenderer:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
 
     def _ids(self, query: Query, rows: list[tuple[str, str]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(
-            build_messages(query, rows), add_generation_prompt=True, tokenize=True
-        )
-        # transformers may hand back a BatchEncoding-like mapping
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return self._chat_ids(build_messages(query, rows))
 
-    def render(self, query: Query, budget_tokens: int) -> RenderedPrompt:
+    def render(self, query: Query, budget_tokens: int, diagnosis: DiagnosisContext | None = None) -> RenderedPrompt:
+        if diagnosis is not None:
+            return self._render_diagnosis(query, budget_tokens, diagnosis)
         rows = context_rows(query)
         ids = self._ids(query, rows)
         if len(ids) <= budget_tokens:
@@ -110,3 +200,19 @@ class PromptRenderer:
             )
         keep, ids = best
         return RenderedPrompt(ids, len(rows), len(rows) - keep)
+
+    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def _render_diagnosis(self, query: Query, budget_tokens: int, ctx: DiagnosisContext) -> RenderedPrompt:
+        """Evidence lines are dropped least salient first until the prompt fits; the question never is."""
+        shown = len(ctx.lines())
+        for n in range(shown, -1, -1):  # bounded by EVIDENCE_LINES
+            ids = self._chat_ids(diagnosis_messages(query, ctx, n))
+            if len(ids) <= budget_tokens:
+                return RenderedPrompt(ids, shown, shown - n, COMPACT_PROMPT_VERSION, citable_kpis(ctx, n))
+        raise invalid(
+            f"the question alone makes a {len(ids)}-token diagnosis prompt, over the {budget_tokens} tokens "
+            "left for it: shorten the question"
+        )

@@ -10,7 +10,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, replace
 
 from airan.config import LimitsConfig
-from airan.core.diagnosis import DIAGNOSIS_MAX_TOKENS, DIAGNOSIS_MIN_TOKENS
+from airan.core.diagnosis import BRIEF_MAX_TOKENS, FULL_MAX_TOKENS
 from airan.errors import AiranError, ErrorKind, invalid
 from airan.core.routing.types import Priority
 
@@ -90,11 +90,13 @@ def validate_query(
     if query.mode not in ("free_text", "diagnosis"):
         raise invalid(f"unknown response mode '{query.mode}'")
     diagnosis = query.mode == "diagnosis"
-    max_tokens = query.max_tokens or (DIAGNOSIS_MAX_TOKENS if diagnosis else limits.default_max_tokens)
-    if diagnosis and max_tokens < DIAGNOSIS_MIN_TOKENS:
+    # a near-RT diagnosis is the compact answer's cause and cells; others may cite KPIs too
+    diagnosis_tokens = BRIEF_MAX_TOKENS if query.priority == Priority.NEAR_RT else FULL_MAX_TOKENS
+    max_tokens = query.max_tokens or (diagnosis_tokens if diagnosis else limits.default_max_tokens)
+    if diagnosis and max_tokens < BRIEF_MAX_TOKENS:
         raise invalid(
-            f"diagnosis mode needs max_tokens >= {DIAGNOSIS_MIN_TOKENS} to complete its JSON answer "
-            f"(got {max_tokens}); leave it 0 for the default of {DIAGNOSIS_MAX_TOKENS}"
+            f"diagnosis mode needs max_tokens >= {BRIEF_MAX_TOKENS} to complete its answer "
+            f"(got {max_tokens}); leave it 0 for the default of {diagnosis_tokens}"
         )
     if max_tokens > limits.max_tokens_limit:
         raise invalid(

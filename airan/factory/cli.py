@@ -155,6 +155,35 @@ def build(
             typer.echo(f"  exported to {export_build(name, path, export)}")
 
 
+@app.command("build-detector")
+def build_detector_command(
+    train_items: Annotated[int, typer.Option(help="simulator cases from the TRAIN seeds", min=70)] = 14_000,
+    seed: Annotated[int, typer.Option(help="LightGBM's seed (bagging, feature sampling)")] = 0,
+    force: Annotated[bool, typer.Option(help="retrain even when the same build is in the cache")] = False,
+    export: Annotated[
+        Optional[Path], typer.Option(help="also copy the model to DIR/netops-detector (to commit: airan/store/detector)")
+    ] = None,
+) -> None:
+    """Train the fast detector (gradient-boosted trees on KPI evidence) into the model cache."""
+    import shutil
+
+    from airan.factory.detector import DETECTOR_NAME, DetectorRecipe, build_detector
+
+    path = build_detector(cache_dir() / "models" / DETECTOR_NAME, DetectorRecipe(train_items=train_items, seed=seed),
+                          force=force)  # fmt: skip
+    manifest = json.loads((path / "manifest.json").read_text())
+    typer.echo(
+        f"{DETECTOR_NAME}: {path}\n  dev macro-F1 {manifest['dev_macro_f1']:.3f}, {manifest['best_iteration']} rounds, "
+        f"temperature {manifest['temperature']}, ECE {manifest['dev_ece']['raw']:.3f} -> "
+        f"{manifest['dev_ece']['calibrated']:.3f}, built in {manifest['build_seconds']:.0f} s"
+    )
+    if export is not None:
+        target = export / DETECTOR_NAME
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(path, target)
+        typer.echo(f"  exported to {target}")
+
+
 COLUMNS = ("name", "source", "status", "params", "size", "dtype", "context", "path")
 
 

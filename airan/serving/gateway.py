@@ -27,9 +27,10 @@ from airan.serving.engine.protocol import (
     ReplicaUnavailableError,
     RequestFailedError,
 )
-from airan.core.diagnosis import Diagnosis, InvalidDiagnosis, diagnosis_schema, parse_diagnosis
+from airan.core.detector import Detector
+from airan.core.diagnosis import Diagnosis, InvalidDiagnosis
+from airan.core.prompting import DiagnosisContext, RenderedPrompt, diagnosis_context
 from airan.errors import AiranError, ErrorKind
-from airan.core.prompting import RenderedPrompt
 from airan.core.query import Query, validate_query
 from airan.core.routing import ReplicaView, Router, RoutingContext, RoutingRequest
 from airan.serving.sites import SiteRegistry
@@ -56,7 +57,9 @@ class ReplicaPool(Protocol):
 
 
 class PromptRendererLike(Protocol):
-    def render(self, query: Query, budget_tokens: int) -> RenderedPrompt: ...
+    def render(
+        self, query: Query, budget_tokens: int, diagnosis: DiagnosisContext | None = None
+    ) -> RenderedPrompt: ...
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,10 @@ class Gateway:
         renderers: Mapping[str, PromptRendererLike],
         router: Router | None = None,
         clock: Callable[[], float] = time.monotonic,
+        detector: Detector | None = None,
     ) -> None:
         self.config = config
+        self.detector = detector  # evidence the model sees; None: the prompt carries the KPI evidence only
         self.pool = pool
         self.sites = sites
         self.renderers = renderers
@@ -207,7 +212,8 @@ class Gateway:
         spec = self.config.model(model)
         max_len = self.config.model(spec.parent).max_model_len if spec.is_adapter else spec.max_model_len
         lora = model if spec.is_adapter else None
-        prompt = self.renderers[model].render(query, budget_tokens=max_len - query.max_tokens)
+        diagnosis = diagnosis_context(query, self.detector) if query.mode == "diagnosis" else None
+        prompt = self.renderers[model].render(query, max_len - query.max_tokens, diagnosis)
 
         request = RoutingRequest(
             request_id=query.request_id,
@@ -229,10 +235,10 @@ class Gateway:
                 yield event
             return
 
-        # Diagnosis: decode under the schema, check every rule, retry once (sampling,
+        # Diagnosis: decode under the request's compact grammar, check every rule, retry once (sampling,
         # so the retry can differ) while the deadline allows; never return an invalid one.
-        cells = query.context_cells
-        params = GenerationParams(query.max_tokens, query.temperature, json_schema=diagnosis_schema(cells), lora=lora)
+        grammar = diagnosis.grammar(prompt.citable_kpis)
+        params = GenerationParams(query.max_tokens, query.temperature, grammar=grammar, lora=lora)
         problems = []
         for attempt in (1, 2):
             answer = None
@@ -240,7 +246,7 @@ class Gateway:
                 if isinstance(event, Answer):
                     answer = event  # diagnosis mode streams no text deltas: only checked answers leave
             try:
-                answer = replace(answer, diagnosis=parse_diagnosis(answer.text, cells), attempts=attempt)
+                answer = replace(answer, diagnosis=diagnosis.parse(answer.text, prompt.citable_kpis), attempts=attempt)
             except InvalidDiagnosis as e:
                 problems.append(str(e))
                 if query.deadline is not None and query.deadline <= self.clock():

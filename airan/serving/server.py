@@ -18,7 +18,8 @@ from airan.serving.cluster.replicas import RayReplicaPool
 from airan.serving.cluster.sites import SiteCluster
 from airan.config import AiranConfig
 from airan.serving.gateway import Gateway
-from airan.store.registry import materialize
+from airan.core.detector import MODEL_FILE, Detector
+from airan.store.registry import PACKAGED_DETECTOR, materialize
 from airan.core.prompting import PromptRenderer
 from airan.serving.sites import SiteRegistry
 from airan.v1 import control_pb2, control_pb2_grpc, netops_pb2, netops_pb2_grpc
@@ -83,7 +84,7 @@ class ControlPlane:
         self.startup_s["replicas"] = time.monotonic() - t0
 
         sites = SiteRegistry(self.config.sites, self.config.radio.min_ai_headroom)
-        self.gateway = Gateway(self.config, self.pool, sites, renderers)
+        self.gateway = Gateway(self.config, self.pool, sites, renderers, detector=load_detector())
         await self._start_grpc(self.cluster.node_of_site())
         return self
 
@@ -131,3 +132,11 @@ class ControlPlane:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+def load_detector() -> Detector | None:
+    """The packaged fast detector, or None (diagnosis prompts then carry the KPI evidence only)."""
+    if not (PACKAGED_DETECTOR / MODEL_FILE).is_file():
+        log.warning("no detector at %s: run `airan model build-detector --export airan/store/detector`", PACKAGED_DETECTOR)
+        return None
+    return Detector.load(PACKAGED_DETECTOR)

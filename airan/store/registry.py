@@ -32,6 +32,8 @@ MANIFEST_VERSION = 1
 SMOLLM2_NAME = "smollm2-135m-instruct"
 # LoRA adapters that ship with the package (small; sites and CI serve them without training)
 PACKAGED_ADAPTERS = Path(__file__).resolve().parent / "adapters"
+# the fast diagnosis detector (LightGBM text model + manifest), rebuilt by `airan model build-detector`
+PACKAGED_DETECTOR = Path(__file__).resolve().parent / "detector" / "netops-detector"
 
 # safetensors dtype codes -> the names the config and torch use
 _SAFETENSORS_DTYPES = {

@@ -96,6 +96,10 @@ def diagnosis_to_proto(d: Diagnosis) -> netops_pb2.Diagnosis:
         ],
         confidence=d.confidence,
         rationale=d.rationale,
+        evidence=list(d.evidence),
+        detector_cause=netops_pb2.Cause.Value(f"CAUSE_{d.detector_cause}") if d.detector_cause else 0,
+        detector_confidence=d.detector_confidence,
+        cited_kpis=list(d.cited_kpis),
     )
 
 

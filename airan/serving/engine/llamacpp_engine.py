@@ -84,17 +84,19 @@ class LlamaCppEngine:
             raise EngineDeadError("engine not started")
         return self._llm
 
-    def _grammar(self, schema: dict | None):
-        if not schema:
+    def _grammar(self, params: GenerationParams):
+        if params.grammar is None and not params.json_schema:
             return None
         from llama_cpp import LlamaGrammar
 
-        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        if params.grammar is not None:
+            return LlamaGrammar.from_string(params.grammar.gbnf(), verbose=False)
+        return LlamaGrammar.from_json_schema(json.dumps(params.json_schema), verbose=False)
 
     def _run(self, prompt: list[int], params: GenerationParams, request_id: str, emit) -> None:
         """Blocking decode loop (a worker thread); `emit(token_ids_so_far, finished, reason)`."""
         llm = self._engine()
-        grammar = self._grammar(params.json_schema)
+        grammar = self._grammar(params)
         self._waiting += 1
         with self._lock:
             self._waiting -= 1

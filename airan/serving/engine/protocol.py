@@ -16,6 +16,14 @@ from typing import Protocol, runtime_checkable
 from airan.config import ConfigError
 
 
+class Grammar(Protocol):
+    """A constrained-decoding language: engines read it as a regex (vLLM) or a GBNF grammar (llama.cpp)."""
+
+    def regex(self) -> str: ...
+
+    def gbnf(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     max_tokens: int
@@ -23,6 +31,8 @@ class GenerationParams:
     seed: int | None = None
     # a JSON schema the output must follow (structured outputs), if any
     json_schema: dict | None = None
+    # or a grammar (e.g. airan.core.diagnosis.AnswerGrammar): each engine takes the form it supports
+    grammar: Grammar | None = None
     # name of the LoRA adapter to apply; the replica must hold it
     lora: str | None = None
     # keep generating past end-of-sequence (fixed-length runs in benchmarks)

@@ -173,9 +173,7 @@ class VllmEngine:
             seed=params.seed,
             ignore_eos=params.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
-            structured_outputs=StructuredOutputsParams(json=params.json_schema)
-            if params.json_schema
-            else None,
+            structured_outputs=_structured(params, StructuredOutputsParams),
         )
         lora_request = self._lora_request(params.lora)
         completion_tokens = 0
@@ -255,4 +253,12 @@ def _engine_queue_ms(out) -> float | None:
     queued, scheduled = getattr(metrics, "queued_ts", 0.0), getattr(metrics, "scheduled_ts", 0.0)
     if queued and scheduled and scheduled >= queued:
         return (scheduled - queued) * 1000.0
+    return None
+
+
+def _structured(params: GenerationParams, structured_outputs_params):
+    if params.grammar is not None:
+        return structured_outputs_params(regex=params.grammar.regex())
+    if params.json_schema:
+        return structured_outputs_params(json=params.json_schema)
     return None
