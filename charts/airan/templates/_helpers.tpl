@@ -132,3 +132,92 @@ grpc:
 {{- default "default" .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
+
+{{/*
+Model store: where a pod's models live, and where airan's cache (AIRAN_CACHE) is. The
+control plane and every site's Ray pod use the same path, because the control plane
+resolves each model to a directory there (airan/store/registry.py) and hands that path
+to the replicas it places on the sites.
+*/}}
+{{- define "airan.modelCache" -}}
+{{- printf "%s/.airan-cache" .Values.modelStore.mountPath }}
+{{- end }}
+
+{{- define "airan.configPath" -}}/etc/airan/config.yaml{{- end }}
+
+{{/*
+The prepare steps a pod runs before airan starts: what `airan serve` would otherwise
+exit asking for, since the server only reads prepared models. The models are those
+the control plane resolves at startup (every replica's model and adapters, and the
+default model) or, for a site's Ray pod, those its own replicas serve:
+  source tiny-random -> airan model prepare tiny --config <config> (every tiny model the config names)
+  source smollm2     -> airan model prepare smollm2 [--source modelPrepare.smollm2Source]
+  source variant     -> airan model build <name>, with modelPrepare.buildVariants (after smollm2,
+                        the parent of every recipe)
+local models (and adapters) are staged by the operator. Returns a JSON list of
+{name, command}. Call with (dict "root" $ "site" "<site id>"), or site "" for the
+control plane.
+*/}}
+{{- define "airan.modelPrepare.steps" -}}
+{{- $root := .root -}}
+{{- $mp := $root.Values.modelPrepare -}}
+{{- $steps := list -}}
+{{- if $mp.enabled -}}
+{{- $used := list -}}
+{{- range $root.Values.replicas -}}
+{{- if or (not $.site) (eq .site $.site) -}}
+{{- $used = concat $used (list .model) (.adapters | default list) -}}
+{{- end -}}
+{{- end -}}
+{{- if not .site -}}
+{{- $used = append $used ($root.Values.server.default_model | default (first $root.Values.models).name) -}}
+{{- end -}}
+{{- $tiny := false -}}
+{{- $smollm2 := false -}}
+{{- $variants := list -}}
+{{- range $root.Values.models -}}
+{{- if has .name $used -}}
+{{- if eq .source "tiny-random" -}}{{- $tiny = true -}}{{- end -}}
+{{- if eq .source "smollm2" -}}{{- $smollm2 = true -}}{{- end -}}
+{{- if and (eq .source "variant") $mp.buildVariants -}}{{- $variants = append $variants .name -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if $tiny -}}
+{{- $steps = append $steps (dict "name" "prepare-tiny" "command" (list "airan" "model" "prepare" "tiny" "--config" (include "airan.configPath" $root))) -}}
+{{- end -}}
+{{- if or $smollm2 $variants -}}
+{{- $command := list "airan" "model" "prepare" "smollm2" -}}
+{{- with $mp.smollm2Source -}}{{- $command = concat $command (list "--source" .) -}}{{- end -}}
+{{- $steps = append $steps (dict "name" "prepare-smollm2" "command" $command) -}}
+{{- end -}}
+{{- range $variants -}}
+{{- $name := printf "build-%s" (. | lower | replace "." "-" | replace "_" "-") | trunc 63 | trimSuffix "-" -}}
+{{- $steps = append $steps (dict "name" $name "command" (list "airan" "model" "build" .)) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $steps -}}
+{{- end }}
+
+{{/*
+The initContainers that run those steps, in the pod's image, on the pod's model store.
+Call with (dict "root" $ "steps" <steps> "image" <image> "resources" <the main container's>).
+*/}}
+{{- define "airan.modelPrepare.initContainers" -}}
+{{- $root := .root -}}
+{{- $resources := $root.Values.modelPrepare.resources | default .resources -}}
+{{- range .steps }}
+- name: {{ .name }}
+  image: {{ $.image | quote }}
+  imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+  command: {{ toJson .command }}
+  env:
+    - {name: AIRAN_CACHE, value: {{ include "airan.modelCache" $root | quote }}}
+  resources:
+    {{- toYaml $resources | nindent 4 }}
+  securityContext:
+    {{- toYaml $root.Values.containerSecurityContext | nindent 4 }}
+  volumeMounts:
+    - {name: config, mountPath: {{ include "airan.configPath" $root | quote }}, subPath: config.yaml, readOnly: true}
+    - {name: models, mountPath: {{ $root.Values.modelStore.mountPath | quote }}}
+{{- end }}
+{{- end }}
