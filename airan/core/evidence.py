@@ -66,6 +66,8 @@ class Movement:
             return 3.0  # a cell or KPI that went silent
         scale = _ABSOLUTE.get(self.kpi, _RELATIVE_SCALE)
         own = abs(self.change) / scale if self.change is not None else 0.0
+        if not self.absolute:  # cells differ in size: a count or rate says little against co-site cells
+            return own
         site = abs(self.vs_site) / scale if self.vs_site is not None else 0.0
         return own + 0.25 * site
 
@@ -115,7 +117,7 @@ class Evidence:
         return m is not None and m.salience >= threshold
 
     def items(
-        self, max_lines: int = 8, min_salience: float = 0.5, names: dict[str, str] | None = None
+        self, max_lines: int = 8, min_salience: float = 1.0, names: dict[str, str] | None = None
     ) -> list[tuple[str, str, str | None]]:
         """(line, cell, KPI or None) for the evidence block: flags first, then the most salient movements."""
         names = names or {}
@@ -133,7 +135,7 @@ class Evidence:
             out.append((render_movement(m, names.get(m.cell)), m.cell, m.kpi))
         return out[:max_lines]
 
-    def lines(self, max_lines: int = 8, min_salience: float = 0.5, names: dict[str, str] | None = None) -> list[str]:
+    def lines(self, max_lines: int = 8, min_salience: float = 1.0, names: dict[str, str] | None = None) -> list[str]:
         """The evidence block in human units, or one line saying nothing moved."""
         return [line for line, _, _ in self.items(max_lines, min_salience, names)] or [NOTHING_MOVED]
 
@@ -296,7 +298,7 @@ def _number(value: float) -> str:
 def _fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "n/a"
-    v, u = _scaled(value, unit)
+    v, u = _scaled(value, "" if unit == "count" else unit)
     return f"{_number(v)}{'' if u == '%' else ' '}{u}".rstrip()
 
 
@@ -315,10 +317,11 @@ def render_movement(m: Movement, name: str | None = None) -> str:
     if m.before is None:
         return f"{cell} {m.kpi} {_fmt(m.now, m.unit)}"
     # both ends in the unit of the larger one ("0.9 → 7.1 Mbit/s", not "900 kbit/s → 7.1 Mbit/s")
-    _, unit = _scaled(max(abs(m.before), abs(m.now)), m.unit)
-    factor = 1.0 if unit == m.unit else 1000.0
+    base = "" if m.unit == "count" else m.unit  # a counter's unit says nothing
+    _, unit = _scaled(max(abs(m.before), abs(m.now)), base)
+    factor = 1.0 if unit == base else 1000.0
     before, now = m.before / factor, m.now / factor
-    sep = "" if unit == "%" else " "
+    sep = "" if unit in ("%", "") else " "
     if m.absolute:
         delta = f"{'+' if m.change >= 0 else '−'}{_number(abs(m.change))}{' points' if unit == '%' else sep + unit}"
     else:

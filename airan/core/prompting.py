@@ -82,11 +82,12 @@ class RenderedPrompt:
 
 # --- diagnosis: evidence, the detector's opinion and a compact answer -----------------------------
 
+# the causes are not listed: the answer grammar holds them, and every token here is prefill time
 DIAGNOSIS_SYSTEM = (
-    "You diagnose radio cells from KPI evidence. Reply with the cause, then the letters of the affected "
-    "cells, then optionally '; ' and the KPIs that show it. Causes: " + ", ".join(causes.CAUSES) + "."
+    "Diagnose the cells from the KPI evidence. Answer with the cause, the affected cell letters, then "
+    "optionally '; ' and the KPIs that show it."
 )
-EVIDENCE_LINES = 8
+EVIDENCE_LINES = 6
 
 
 @dataclass(frozen=True)
