@@ -93,7 +93,11 @@ def injected_congestion(config: AiranConfig, seed: int = 7):
     )
 
 
-def _diagnosis_text(d: netops_pb2.Diagnosis) -> str:
+def _cause(value: int) -> str:
+    return netops_pb2.Cause.Name(value).removeprefix("CAUSE_")
+
+
+def _answer_text(d: netops_pb2.Diagnosis) -> str:
     actions = "; ".join(
         netops_pb2.ActionType.Name(a.type).removeprefix("ACTION_")
         + (f" {a.target_cell_id}" if a.target_cell_id else "")
@@ -101,27 +105,64 @@ def _diagnosis_text(d: netops_pb2.Diagnosis) -> str:
         for a in d.actions
     )
     return (
-        f"cause: {netops_pb2.Cause.Name(d.cause).removeprefix('CAUSE_')}\n"
-        f"cells: {', '.join(d.affected_cell_ids) or '-'}\n"
-        f"severity: {netops_pb2.Severity.Name(d.severity).removeprefix('SEVERITY_')}\n"
-        f"actions: {actions}\nconfidence: {d.confidence:.0%}\nrationale: {d.rationale}"
+        f"{_cause(d.cause)} on {', '.join(d.affected_cell_ids) or '-'}, "
+        f"{netops_pb2.Severity.Name(d.severity).removeprefix('SEVERITY_')}\n-> {actions}"
+        + (f"\ncites: {d.rationale}" if d.rationale else "")
     )
 
 
-async def _congestion_side_by_side(client: AsyncAiranClient, config: AiranConfig) -> None:
+def _verdict(cause: str, cells, want_cause: str, want_cells) -> str:
+    ok = cause == want_cause and (want_cause == "NORMAL" or set(want_cells) <= set(cells))
+    return "[green]right[/]" if ok else "[red]wrong[/]"
+
+
+async def _diagnoses(client: AsyncAiranClient, config: AiranConfig) -> None:
+    """The injected event, then held-out simulator cases: the model's answer beside the detector's."""
+    from airan.evaluation.cases import TEST_SEED, build_cases
+    from airan.evaluation.runner import ask_request
+
     event = injected_congestion(config)
-    free = await client.ask(build_request(max_tokens=96, **event), timeout_s=120)
-    diag = await client.ask(build_request(diagnosis=True, **event), timeout_s=120)
-    table = Table(title=f"injected congestion at {event['cell_ids'][0]} (simulated)", show_lines=True)
-    table.add_column("question + KPI context", overflow="fold", ratio=2)
-    table.add_column(f"free text ({free.timings.total_ms:.0f} ms)", overflow="fold", ratio=2)
-    table.add_column(f"structured diagnosis ({diag.timings.total_ms:.0f} ms)", overflow="fold", ratio=2)
-    table.add_row(
-        f"{event['question']}\n({len(event['kpis'])} KPI samples)",
-        free.text.strip() or "(empty)",
-        _diagnosis_text(diag.diagnosis),
-    )
+    cell = event["cell_ids"][0]
+    table = Table(title=f"diagnosis of an injected congestion at {cell} (simulated, {len(event['kpis'])} KPI samples)",
+                  show_lines=True)  # fmt: skip
+    for col in ("loop", "evidence the model saw", "model (compact answer)", "detector", "latency"):
+        table.add_column(col, overflow="fold")
+    for priority in ("near_rt", "non_rt"):
+        r = await client.ask(build_request(diagnosis=True, priority=priority, **event), timeout_s=120)
+        d = r.diagnosis
+        table.add_row(
+            priority.upper(), "\n".join(d.evidence), f"{_answer_text(d)}\n{_verdict(_cause(d.cause), d.affected_cell_ids, 'CONGESTION', [cell])}",
+            f"{_cause(d.detector_cause)} {d.detector_confidence:.2f}", f"{r.timings.total_ms:.0f} ms\n{r.prompt_tokens} prompt tokens",
+        )  # fmt: skip
     console.print(table)
+
+    # held-out cases (the evaluation's test seeds, one per label): show where the model is wrong
+    wrong = None
+    right = 0
+    items = build_cases(7, TEST_SEED)
+    errors = 0
+    for item in items:
+        try:
+            r = await client.ask(ask_request(item, diagnosis=True), timeout_s=120)
+        except grpc.aio.AioRpcError as e:  # an answer the gateway could not validate is an error, never a guess
+            errors += 1
+            console.print(f"  {item.item_id}: {e.code().name}: {e.details()[:160]}")
+            continue
+        d = r.diagnosis
+        if _cause(d.cause) == item.label:
+            right += 1
+        elif wrong is None:
+            wrong = (item, r)
+    console.print(f"held-out simulator cases: the model named the right cause in {right} of {len(items)}"
+                  + (f" ({errors} refused as invalid)" if errors else ""))
+    if wrong is not None:
+        item, r = wrong
+        d = r.diagnosis
+        console.print(
+            f"  a case it gets wrong: {item.item_id}, truth {item.label} on {', '.join(item.affected_cells) or '-'}; "
+            f"model {_cause(d.cause)} on {', '.join(d.affected_cell_ids) or '-'}; "
+            f"detector {_cause(d.detector_cause)} ({d.detector_confidence:.2f})"
+        )
 
 
 def _ensure_models(config: AiranConfig) -> None:
@@ -162,7 +203,7 @@ async def _demo(config: AiranConfig) -> int:
                     r.text.strip()[:240] or "(empty)",
                 )
             console.print(table)
-            await _congestion_side_by_side(client, config)
+            await _diagnoses(client, config)
 
             console.print(f"[bold]streaming[/] from {sites[-1]}: ", end="")
             async for chunk in client.ask_stream(

@@ -163,7 +163,7 @@ async def test_diagnosis_is_a_compact_answer_under_a_grammar_of_context_cells(ga
     assert d.evidence and any("bs-01/c1 PRBs saturated" in line for line in d.evidence)
     grammar = replica.params[0].grammar
     assert grammar.aliases == ("A", "B") and "RRU.PrbTotDl" in grammar.kpis
-    assert replica.params[0].max_tokens == 48 and ans.prompt.version == "netops-v3"
+    assert replica.params[0].max_tokens == 64 and ans.prompt.version == "netops-v3"
 
 
 async def test_a_near_rt_diagnosis_is_brief(gateway):
@@ -247,3 +247,10 @@ async def test_a_call_without_any_id_or_with_two_different_ids_is_a_callers_bug(
 def test_replica_node_ids_come_from_the_pool_protocol(gateway):
     gw, _ = gateway()
     assert gw.replica_node_ids() == {"r1": "node-bs-01", "r2": "node-bs-02"}
+
+
+async def test_an_answer_cut_by_max_tokens_loses_only_its_unfinished_citation(gateway):
+    replica = FakeReplica(answers=["CONGESTION A; RRU.PrbTotDl, DRB.UEThp"])  # "length": the fake's last chunk
+    gw, _ = gateway({"r1": ("bs-01", replica)})
+    ans = await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS), request_id=call_id())
+    assert ans.finish_reason == "length" and ans.diagnosis.cited_kpis == ("RRU.PrbTotDl",)

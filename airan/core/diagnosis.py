@@ -168,7 +168,7 @@ MAX_CITED_KPIS = 3
 COMPACT_RATIONALE_CHARS = 240  # up to three evidence lines
 # budgets: a brief answer is a cause and a few aliases; a full one adds up to three KPI names
 BRIEF_MAX_TOKENS = 16
-FULL_MAX_TOKENS = 48
+FULL_MAX_TOKENS = 64
 
 
 def cell_aliases(cells: list[str]) -> dict[str, str]:
@@ -223,8 +223,13 @@ class CompactAnswer:
     cited_kpis: tuple[str, ...]
 
 
-def parse_compact(text: str, aliases: dict[str, str], citable: tuple[str, ...] = ()) -> CompactAnswer:
-    """`CAUSE [A,B][; KPI, KPI]` -> cause, cell ids, cited KPIs; InvalidDiagnosis says which rule failed."""
+def parse_compact(
+    text: str, aliases: dict[str, str], citable: tuple[str, ...] = (), truncated: bool = False
+) -> CompactAnswer:
+    """`CAUSE [A,B][; KPI, KPI]` -> cause, cell ids, cited KPIs; InvalidDiagnosis says which rule failed.
+
+    `truncated`: the answer hit max_tokens, so a last citation cut short (a prefix of a citable KPI) is dropped.
+    """
     head, _, cited = text.strip().partition(";")
     words = head.split()
     if not words or words[0] not in causes.CAUSES:
@@ -238,6 +243,8 @@ def parse_compact(text: str, aliases: dict[str, str], citable: tuple[str, ...] =
     if cause in ("NORMAL", "UNKNOWN") and letters:
         raise InvalidDiagnosis(f"{cause} names no cells")
     kpis = tuple(dict.fromkeys(k.strip() for k in cited.split(",") if k.strip()))
+    if truncated and kpis and kpis[-1] not in citable and any(c.startswith(kpis[-1]) for c in citable):
+        kpis = kpis[:-1]
     stray = [k for k in kpis if citable and k not in citable]
     if stray:
         raise InvalidDiagnosis(f"cited KPI(s) {stray} are not in the evidence")

@@ -136,8 +136,8 @@ class DiagnosisContext:
             cited_kpis=answer.cited_kpis,
         )
 
-    def parse(self, text: str, citable: tuple[str, ...]) -> Diagnosis:
-        return self.diagnosis(parse_compact(text, self.aliases, () if self.brief else citable))
+    def parse(self, text: str, citable: tuple[str, ...], truncated: bool = False) -> Diagnosis:
+        return self.diagnosis(parse_compact(text, self.aliases, () if self.brief else citable, truncated))
 
 
 def diagnosis_context(query: Query, detector: Detector | None = None) -> DiagnosisContext:

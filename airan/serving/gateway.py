@@ -246,7 +246,8 @@ class Gateway:
                 if isinstance(event, Answer):
                     answer = event  # diagnosis mode streams no text deltas: only checked answers leave
             try:
-                answer = replace(answer, diagnosis=diagnosis.parse(answer.text, prompt.citable_kpis), attempts=attempt)
+                parsed = diagnosis.parse(answer.text, prompt.citable_kpis, truncated=answer.finish_reason == "length")
+                answer = replace(answer, diagnosis=parsed, attempts=attempt)
             except InvalidDiagnosis as e:
                 problems.append(str(e))
                 if query.deadline is not None and query.deadline <= self.clock():
