@@ -1,26 +1,26 @@
-"""Benchmark: NetOps diagnosis quality of (a) KPI-threshold rules, (b) the base model in free text,
-(c) the base model grounded with constrained decoding, on one fixed test set, in one run.
+"""Benchmark: NetOps diagnosis quality and latency of rules, the fast detector and served models, in one run.
 
-The test set (210 items, 30 per label: NORMAL and the simulator's six event kinds) and the
-development set (70 items, rule tuning only) come from disjoint seeds. Model answers go through the
-real path: gRPC client -> control plane -> Ray replica -> vLLM, SmolLM2-135M-Instruct (bf16) on a
-LocalStack with 1 site and 1 replica, a few queries in flight. (b) and (c) run one after the other.
+The same evaluation as `airan eval run` (airan/evaluation/runner.py), with run facts for a results
+file: the standard TEST set (700 cases, 100 per label) and the SHIFTED set (700: weaker events,
+night hours, single-cell sites, concurrent events, held-out wordings), the DEV set for tuning the
+rules only (disjoint seeds). In-process: `rules`, `detector` (the packaged LightGBM model on the
+evidence the server computes). Each `--model` is asked through the real path (gRPC client ->
+control plane -> Ray replica -> vLLM) in DIAGNOSIS mode at NON_RT, a few queries in flight;
+`--near-rt` also asks the brief NEAR_RT form.
 
-    .venv/bin/python benchmarks/bench_netops_eval.py                       # ~15-25 min on 2 cores
-    .venv/bin/python benchmarks/bench_netops_eval.py --n-test 28 --out-dir /tmp/evalsmoke
+    .venv/bin/python benchmarks/bench_netops_eval.py --model smollm2-135m-instruct           # ~1 h on 2 cores
+    .venv/bin/python benchmarks/bench_netops_eval.py --model smollm2-135m-instruct --test-items 140 \\
+        --shifted-items 140 --out benchmarks/results/netops_eval_small
 
-Writes <out-dir>/netops_eval.json (metrics, confusion matrices, rule thresholds, run facts),
-netops_eval_cm.png (one confusion-matrix panel per method) and netops_eval_predictions.jsonl.
-Latency is client-observed per query (with `--concurrency` in flight, so it includes queueing);
-tok/s is all completion tokens of a method over its wall time.
+Writes <out>/summary.json (per set and method: macro-F1 and its bootstrap CI, cell F1, action
+accuracy, faithfulness, prompt tokens, latency), macro_f1_<set>.png, confusion_<set>.png and
+predictions.jsonl.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,64 +29,47 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the progress lines readable
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the progress bars readable
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n-test", type=int, default=210)
-    ap.add_argument("--n-dev", type=int, default=70)
-    ap.add_argument("--split", choices=("test", "dev"), default="test", help="dev: for prompt work only")
-    ap.add_argument("--methods", default="rules,free_text,diagnosis")
+    ap.add_argument("--model", action="append", default=[], help="served model to ask (repeatable)")
+    ap.add_argument("--test-items", type=int, default=700)
+    ap.add_argument("--shifted-items", type=int, default=700)
+    ap.add_argument("--dev-items", type=int, default=700)
+    ap.add_argument("--baselines", default="rules,detector")
+    ap.add_argument("--near-rt", action="store_true", help="also ask each model at NEAR_RT (brief answers)")
     ap.add_argument("--concurrency", type=int, default=4)
-    ap.add_argument("--target", default=None, help="a running control plane (default: start SmolLM2 here)")
-    ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
-    ap.add_argument("--name", default="netops_eval")
+    ap.add_argument("--target", default=None, help="a running control plane (default: start one here)")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "netops_eval")
     args = ap.parse_args()
 
     from airan.evaluation import report
-    from airan.evaluation.dataset import build_splits
-    from airan.evaluation.runner import run_eval
+    from airan.evaluation.cli import build_set
+    from airan.evaluation.runner import evaluate
 
-    dev, test = build_splits(args.n_dev, args.n_test)
-    items = test if args.split == "test" else dev
-    started, load0, t0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), os.getloadavg(), time.perf_counter()
-
-    def progress(method: str, done: int, total: int) -> None:
-        if done == total or done % max(1, total // 10) == 0:
-            print(f"  {method}: {done}/{total} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-
-    result = asyncio.run(run_eval(items, dev, [m for m in args.methods.split(",") if m], address=args.target,
-                                  concurrency=args.concurrency, progress=progress))
-    result.meta.update({
-        "split": args.split,
+    baselines = [b for b in args.baselines.split(",") if b and b != "none"]
+    sets = {"test": build_set("test", args.test_items), "shifted": build_set("shifted", args.shifted_items)}
+    dev = build_set("dev", args.dev_items) if "rules" in baselines else []
+    started, t0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.perf_counter()
+    evaluation = asyncio.run(evaluate(
+        {k: v for k, v in sets.items() if v}, dev, args.model, baselines=baselines, near_rt=args.near_rt,
+        address=args.target, concurrency=args.concurrency, n_resamples=args.bootstrap,
+    ))  # fmt: skip
+    evaluation.meta.update({
         "started_utc": started,
-        "wall_s": round(time.perf_counter() - t0, 1),
-        # the machine is shared: other work's load shows in latency and tok/s
-        "loadavg_start_end": [round(load0[0], 2), round(os.getloadavg()[0], 2)],
-        "host": {"cpus": len(os.sched_getaffinity(0)), "machine": platform.machine(), "python": platform.python_version()},
-        "git_commit": _git_commit(),
+        "bench_wall_s": round(time.perf_counter() - t0, 1),
+        # the machine may be shared: other work's load shows in latency
+        "loadavg_end": round(os.getloadavg()[0], 2),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-    })
-    report.print_table(result.reports, title=f"NetOps evaluation ({args.split}, {len(items)} items)")
-    print(report.markdown_table(result.reports))
-    out = args.out_dir
-    paths = [
-        report.write_json(result, out / f"{args.name}.json"),
-        report.save_confusion_png(result.reports, out / f"{args.name}_cm.png",
-                                  title=f"{args.split} set, {len(items)} items, SmolLM2-135M-Instruct"),
-        report.write_predictions(result.predictions, items, out / f"{args.name}_predictions.jsonl"),
-    ]
-    print("wrote " + ", ".join(str(p) for p in paths))
+    })  # fmt: skip
+    summary = evaluation.summary()
+    report.print_summary(summary)
+    print(report.markdown_summary(summary))
+    print("wrote " + ", ".join(str(p) for p in report.write_outputs(evaluation, args.out)))
     return 0
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10, check=False).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
 
 
 if __name__ == "__main__":

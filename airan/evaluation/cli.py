@@ -1,4 +1,4 @@
-"""`airan eval`: build the labelled NetOps set, score rules and the model on it."""
+"""`airan eval`: the honest labelled NetOps cases, and rules, detector and served models scored on them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,36 +6,40 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(help="Evaluate NetOps answers on a labelled set built from the simulator.", no_args_is_help=True)
+app = typer.Typer(help="Evaluate NetOps diagnoses on labelled cases built from the simulator.", no_args_is_help=True)
 
-SplitOption = Annotated[str, typer.Option(help="dev (for tuning) or test (for reporting)")]
+SETS = ("dev", "test", "shifted")
 
 
-def _split(split: str, n_dev: int, n_test: int):
-    from airan.evaluation.dataset import build_splits
+def build_set(name: str, n: int):
+    """`dev` (tuning only), `test` (the standard setting) or `shifted` (settings training never sees)."""
+    from airan.evaluation.cases import DEV_SEED, TEST_SEED, build_cases, shifted_cases
 
-    if split not in ("dev", "test"):
-        typer.echo(f"--split must be dev or test, not {split!r}", err=True)
-        raise typer.Exit(2)
-    dev, test = build_splits(n_dev, n_test)
-    return dev, (dev if split == "dev" else test)
+    if name == "dev":
+        return build_cases(n, DEV_SEED, name="dev")
+    if name == "test":
+        return build_cases(n, TEST_SEED, name="test")
+    if name == "shifted":
+        return shifted_cases(n)
+    raise ValueError(f"unknown set {name!r}; choose from {', '.join(SETS)}")
 
 
 @app.command("dataset")
 def dataset(
     out: Annotated[Path, typer.Argument(help="JSONL file to write")],
-    split: SplitOption = "test",
-    n: Annotated[int, typer.Option(help="items in the split")] = 200,
+    set_name: Annotated[str, typer.Option("--set", help="dev, test or shifted")] = "test",
+    n: Annotated[int, typer.Option(help="items (labels in turn: a multiple of 7 is balanced)")] = 700,
 ) -> None:
-    """Write one split of the labelled set as JSONL (deterministic: same split and n, same file)."""
+    """Write one set of labelled cases as JSONL (deterministic: same set and n, same file)."""
     from collections import Counter
 
-    from airan.evaluation.dataset import DEV_SEED, TEST_SEED, build_dataset, write_jsonl
+    from airan.evaluation.dataset import write_jsonl
 
-    if split not in ("dev", "test"):
-        typer.echo(f"--split must be dev or test, not {split!r}", err=True)
+    try:
+        items = build_set(set_name, n)
+    except ValueError as e:
+        typer.echo(str(e), err=True)
         raise typer.Exit(2)
-    items = build_dataset(n, DEV_SEED if split == "dev" else TEST_SEED, split)
     write_jsonl(items, out)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(Counter(i.label for i in items).items()))
     typer.echo(f"{out}: {len(items)} items ({counts})")
@@ -43,58 +47,58 @@ def dataset(
 
 @app.command("run")
 def run(
-    split: SplitOption = "test",
-    n_test: Annotated[int, typer.Option(help="test items")] = 200,
-    n_dev: Annotated[int, typer.Option(help="development items (rule tuning; disjoint seeds)")] = 70,
-    methods: Annotated[str, typer.Option(help="comma-separated: rules, free_text, diagnosis")] = "rules,free_text,diagnosis",
+    model: Annotated[
+        Optional[list[str]], typer.Option("--model", help="a served model to ask (repeatable), e.g. smollm2-135m-instruct")
+    ] = None,
+    test_items: Annotated[int, typer.Option(help="standard TEST cases (7 labels in turn: 700 = 100 per label)")] = 700,
+    shifted_items: Annotated[int, typer.Option(help="SHIFTED cases (weaker, night, single-cell, concurrent, held-out wording)")] = 700,
+    dev_items: Annotated[int, typer.Option(help="DEV cases, for tuning the rules only (disjoint seeds)")] = 700,
+    baselines: Annotated[str, typer.Option(help="comma-separated in-process methods: rules, detector (or none)")] = "rules,detector",
+    near_rt: Annotated[bool, typer.Option("--near-rt", help="also ask each model at NEAR_RT (brief answers), reported as MODEL@near-rt")] = False,
+    concurrency: Annotated[int, typer.Option(help="model queries in flight")] = 4,
     target: Annotated[Optional[str], typer.Option(help="a running control plane host:port (default: start one)")] = None,
     config: Annotated[
-        Optional[Path], typer.Option("--config", "-c", help="airan YAML for the started stack (default: SmolLM2, 1 site)")
+        Optional[Path], typer.Option("--config", "-c", help="airan YAML for the started stack (default: one site serving the --model list)")
     ] = None,
-    model: Annotated[str, typer.Option(help="model variant to ask (default: the server's)")] = "",
-    concurrency: Annotated[int, typer.Option(help="model queries in flight")] = 4,
-    out_dir: Annotated[Path, typer.Option(help="where the JSON, PNG and predictions go")] = Path("eval-results"),
-    name: Annotated[str, typer.Option(help="file name stem")] = "netops_eval",
+    timeout_s: Annotated[float, typer.Option(help="per-request timeout (an expired one is an ERROR, a miss)")] = 300.0,
+    bootstrap: Annotated[int, typer.Option(min=1000, help="bootstrap resamples for the macro-F1 CI")] = 1000,
+    seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
+    out: Annotated[Path, typer.Option(help="directory for summary.json, PNGs and predictions.jsonl")] = Path("eval-results"),
+    progress: Annotated[bool, typer.Option(help="progress bars on stderr")] = True,
 ) -> None:
-    """Score rules, free text and grounded diagnoses; print a table, write JSON, predictions and a confusion PNG."""
+    """Rules, detector and each --model side by side on the TEST and SHIFTED sets; table, summary.json, PNGs."""
     import asyncio
-    import sys
 
-    from airan.config import ConfigError, load_config
+    from airan.config import load_config_or_exit
     from airan.evaluation import report
-    from airan.evaluation.runner import run_eval
+    from airan.evaluation.runner import evaluate
 
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    dev, items = _split(split, n_dev, n_test)
-    cfg = None
-    if config is not None:
-        try:
-            cfg = load_config(config)
-        except ConfigError as e:
-            typer.echo(str(e), err=True)
-            raise typer.Exit(2)
-
-    def progress(method: str, done: int, total: int) -> None:
-        if done == total or done % max(1, total // 10) == 0:
-            print(f"  {method}: {done}/{total}", file=sys.stderr, flush=True)
-
+    chosen = [b.strip() for b in baselines.split(",") if b.strip() and b.strip() != "none"]
+    models = list(dict.fromkeys(model or []))
+    if not chosen and not models:
+        typer.echo("nothing to evaluate: give --model and/or --baselines", err=True)
+        raise typer.Exit(2)
+    cfg = load_config_or_exit(config) if config is not None else None
+    sets = {"test": build_set("test", test_items), "shifted": build_set("shifted", shifted_items)}
+    sets = {k: v for k, v in sets.items() if v}
+    dev = build_set("dev", dev_items) if "rules" in chosen else []
     try:
-        result = asyncio.run(run_eval(items, dev, chosen, address=target, config=cfg, concurrency=concurrency,
-                                      model=model, progress=progress))
-    except ValueError as e:
+        evaluation = asyncio.run(evaluate(
+            sets, dev, models, baselines=chosen, near_rt=near_rt, address=target, config=cfg,
+            concurrency=concurrency, timeout_s=timeout_s, n_resamples=bootstrap, seed=seed, progress=progress,
+        ))  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2)
-    result.meta["split"] = split
-    report.print_table(result.reports, title=f"NetOps evaluation ({split}, {len(items)} items)")
-    json_path = report.write_json(result, out_dir / f"{name}.json")
-    png = report.save_confusion_png(result.reports, out_dir / f"{name}_cm.png", title=f"{split} set, {len(items)} items")
-    preds = report.write_predictions(result.predictions, items, out_dir / f"{name}_predictions.jsonl")
-    typer.echo(f"wrote {json_path}, {png}, {preds}")
+    summary = evaluation.summary()
+    report.print_summary(summary)
+    paths = report.write_outputs(evaluation, out)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))
 
 
 @app.command("adapter")
 def adapter(
-    split: SplitOption = "dev",
+    split: Annotated[str, typer.Option(help="dev (for tuning) or test (for reporting)")] = "dev",
     n: Annotated[int, typer.Option(help="items (labels in turn, so a multiple of 7 is balanced)")] = 70,
     path: Annotated[
         Optional[Path], typer.Option("--adapter", help="PEFT adapter directory (default: the committed smollm2-netops-lora)")
