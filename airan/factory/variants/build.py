@@ -349,9 +349,16 @@ def _apply(recipe: Recipe, model, calib: CalibrationSet, store_dtype, show_progr
         if merged is not model:  # peft merges into the base modules in place
             raise VariantBuildError("peft returned a new model instead of merging in place")
         adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+        # an adapter trained for an older prompt merges fine but answers today's prompt badly: say so
+        trained_for = lora.prompt_version_of(adapter)
+        if trained_for is not None and not lora.is_current(adapter):
+            Steps(recipe.name, 0, show_progress).say(
+                f"      warning: adapter {adapter} was trained for prompt {trained_for}, the server renders "
+                f"{lora.COMPACT_PROMPT_VERSION}: retrain it first with `airan model build {adapter.name} --force "
+                "--export airan/store/adapters`", style="yellow")  # fmt: skip
         return {"adapter": recipe.params["adapter"], "rank": adapter_config["r"],
-                "lora_alpha": adapter_config["lora_alpha"], "target_modules": sorted(adapter_config["target_modules"])}, \
-            {}, {}, set()  # fmt: skip
+                "lora_alpha": adapter_config["lora_alpha"], "target_modules": sorted(adapter_config["target_modules"]),
+                "adapter_prompt_version": trained_for}, {}, {}, set()  # fmt: skip
     if recipe.method == "drop-layers":
         from airan.factory.variants.structured import drop_layers_
 

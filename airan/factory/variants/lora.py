@@ -1,16 +1,26 @@
-"""The `lora` method: train a PEFT LoRA adapter on the NetOps diagnoses (`netops_data`).
+"""The `lora` method: train a PEFT LoRA adapter on the compact NetOps diagnosis (`netops_data`).
 
-Why only the top layers carry the adapter: the prompts are 1,400-1,850
-tokens, and a CPU forward of one costs seconds. With LoRA on the top
-`top_layers` layers only, the frozen layers below compute the same hidden
-states for every step, so each item goes through them once (cached) and the
-training steps run the top layers alone. vLLM serves the result as an
-ordinary PEFT adapter: the layers below simply have no LoRA weights.
+The served prompt is ~250 tokens (evidence lines, the detector's answer, the
+question) and the answer a few: `CONGESTION A; RRU.PrbTotDl`. LoRA sits on the
+top `top_layers` of the parent's layers; the frozen layers below compute the
+same hidden states at every step, so each item goes through them once
+(cached, with their keys and values for the development items) and the
+training steps run the top layers alone, a padded batch of `accum` items at a
+time (right padding: causal attention never lets a real position see a pad).
+The loss is the mean NLL of the answer's tokens and <|im_end|>, per item.
+
+Model selection: at `checkpoints` evenly spaced steps the adapter answers the
+DEV items as the server would ask for it, greedily under the answer grammar
+(the canonical token sequences of every cause, cell subset and end: the
+answer's end or '; ' before citations), and the checkpoint with the best DEV
+macro-F1 of the cause (ties: lower DEV target NLL) is the one written. vLLM
+serves the result as an ordinary PEFT adapter: the layers below simply have no
+LoRA weights.
 
 `airan model build smollm2-netops-lora` runs it like every recipe (see
 `build.build_variant`); `--export airan/store/adapters` copies the adapter
 where the repo keeps it. `airan eval adapter` scores base vs adapter through
-the real gRPC path.
+the real gRPC path. Deterministic for a seed and a thread count.
 """
 from __future__ import annotations
 
@@ -21,24 +31,30 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 
-from airan.core.prompting import PROMPT_VERSION, PromptRenderer, build_messages
-from airan.evaluation.queries import server_query
+from airan.core import causes
+from airan.core.diagnosis import (
+    COMPACT_PROMPT_VERSION, MAX_AFFECTED_CELLS, InvalidDiagnosis, compact_text, parse_compact,
+)  # fmt: skip
 from airan.factory.buildonce import Steps, sha256_file
+from airan.factory.variants import netops_data as D
 from airan.factory.variants.hf import load_frozen
-from airan.factory.variants.netops_data import TRAIN_SET_SEED, Example, build_example, data_sha256, training_split
 from airan.factory.variants.recipes import Recipe
 from airan.store.registry import describe
 
 FORMAT = "peft-lora/safetensors"
+PLAIN = ("NORMAL", "UNKNOWN")  # causes that name no cells
+MISS = "INVALID"  # a DEV answer that does not parse: a miss for every cause
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     """A LoRA build's settings: the recipe's parameters (recipes.py holds the values), its seed and
-    item counts."""
+    item counts (`heldout_items` are the DEV items that choose the checkpoint)."""
 
     train_items: int
     heldout_items: int
@@ -47,12 +63,12 @@ class TrainSettings:
     target_modules: tuple[str, ...]
     top_layers: int  # LoRA on the top layers only; the frozen ones below run once per item
     epochs: int
-    accum: int  # items per optimizer step
+    accum: int  # items per optimizer step (one padded batch)
     lr: float
     warmup_steps: int
-    # the cause is 2-5 of ~90 target tokens but the whole point: its tokens weigh this much more
-    cause_weight: float
-    seed: int
+    checkpoints: int = 4  # DEV evaluations, evenly spaced over the run; the best one is kept
+    near_rt_share: float = D.NEAR_RT_SHARE
+    seed: int = 0
 
     @classmethod
     def of(cls, recipe: Recipe, seed: int, train_items: int, heldout_items: int) -> TrainSettings:
@@ -61,16 +77,61 @@ class TrainSettings:
         return cls(train_items=train_items, heldout_items=heldout_items, seed=seed, **params)
 
     @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.train_items / self.accum)
+
+    @property
     def steps(self) -> int:
-        return math.ceil(self.train_items / self.accum) * self.epochs
+        return self.steps_per_epoch * self.epochs
+
+    def checkpoint_steps(self) -> list[int]:
+        """The steps (counted from 1) after which the DEV items are answered; the last step always."""
+        n = max(1, min(self.checkpoints, self.steps))
+        return sorted({math.ceil(k * self.steps / n) for k in range(1, n + 1)})
 
 
 def request_extras(parent: Path) -> dict:
-    """What a LoRA build depends on beyond the common request: the parent's config and the prompt."""
-    return {"parent_config_sha256": sha256_file(parent / "config.json"), "prompt_version": PROMPT_VERSION}
+    """What a LoRA build depends on beyond the common request: the parent's config, the prompt's
+    version, the detector whose answer the prompt shows, and a sample of the rendered prompts (so
+    a changed evidence or prompt rendering is a new build)."""
+    _passive_openmp()  # before the tokenizer's import loads torch
+    from airan.core.detector import MODEL_FILE
+    from airan.core.prompting import PromptRenderer
+    from airan.store.registry import PACKAGED_DETECTOR
+
+    detector = D.load_detector()
+    train, dev = D.data_split(7, 7, detector)
+    renderer = PromptRenderer(parent)
+    sample = D.build_examples(renderer, train + dev, D.priorities(14), detector)
+    return {
+        "parent_config_sha256": sha256_file(parent / "config.json"),
+        "prompt_version": COMPACT_PROMPT_VERSION,
+        "detector_sha256": sha256_file(PACKAGED_DETECTOR / MODEL_FILE),
+        "prompt_sample_sha256": D.data_sha256(sample),
+    }
+
+
+def prompt_version_of(adapter_dir: Path) -> str | None:
+    """The prompt version an adapter directory was trained for (its manifest's), or None."""
+    from airan.store.registry import read_manifest
+
+    manifest = read_manifest(Path(adapter_dir))
+    return None if manifest is None else manifest.get("prompt_version")
+
+
+def is_current(adapter_dir: Path) -> bool:
+    """Whether the adapter learnt the prompt the server renders now (COMPACT_PROMPT_VERSION)."""
+    return prompt_version_of(adapter_dir) == COMPACT_PROMPT_VERSION
 
 
 # --- model pieces ---------------------------------------------------------------------
+
+
+def _passive_openmp() -> None:
+    """OpenMP reads its wait policy once, when torch loads it: passive, so that both cores help on a
+    box others load too (see _threads). Nothing once torch is loaded."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _threads() -> int:
@@ -88,49 +149,84 @@ def _load_parent(path: Path):
     return load_frozen(path, torch.bfloat16)
 
 
-def _rope(model, hidden):
+class KV:
+    """The keys and values of the layers that ran with it (what attention's `update` asks of a cache)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, object] = {}
+        self.values: dict[int, object] = {}
+
+    def update(self, key, value, layer_idx: int, *args, **kwargs):
+        import torch
+
+        if layer_idx in self.keys:
+            key = torch.cat([self.keys[layer_idx], key], dim=-2)
+            value = torch.cat([self.values[layer_idx], value], dim=-2)
+        self.keys[layer_idx], self.values[layer_idx] = key, value
+        return key, value
+
+    def first(self, n: int) -> KV:
+        """A cache of the first `n` positions (the tensors are shared, never written in place)."""
+        out = KV()
+        out.keys = {i: k[..., :n, :] for i, k in self.keys.items()}
+        out.values = {i: v[..., :n, :] for i, v in self.values.items()}
+        return out
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.keys[layer_idx].shape[-2]) if layer_idx in self.keys else 0
+
+
+def _rope(model, hidden, start: int = 0):
     import torch
 
-    positions = torch.arange(hidden.shape[1])[None]
+    positions = torch.arange(start, start + hidden.shape[1])[None]
     return model.model.rotary_emb(hidden, positions)
 
 
-def _run_layers(layers, hidden, rope):
+def _run_layers(layers, hidden, rope, cache: KV | None = None):
     for layer in layers:
-        out = layer(hidden, position_embeddings=rope, attention_mask=None)
+        out = layer(hidden, position_embeddings=rope, attention_mask=None, past_key_values=cache,
+                    use_cache=cache is not None)  # fmt: skip
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
 
 
-def bottom_states(model, ex: Example, n_bottom: int):
-    """Hidden states entering layer `n_bottom` (frozen below it, so computed once per item)."""
+def bottom_states(model, ex: D.Example, n_bottom: int, with_kv: bool = False):
+    """Hidden states entering layer `n_bottom` (frozen below it, so computed once per item) and,
+    with `with_kv`, those layers' keys and values (to decode DEV answers)."""
     import torch
 
+    cache = KV() if with_kv else None
     with torch.no_grad():
         hidden = model.model.embed_tokens(torch.tensor([ex.input_ids]))
-        return _run_layers(model.model.layers[:n_bottom], hidden, _rope(model, hidden))[0].contiguous()
+        hidden = _run_layers(model.model.layers[:n_bottom], hidden, _rope(model, hidden), cache)
+    return hidden[0].contiguous(), cache
 
 
-def target_nll(model, ex: Example, cached, n_bottom: int, cause_weight: float = 1.0):
-    """NLL of the target tokens (mean; the cause's tokens weighted `cause_weight`), from the cached
-    states through the top layers; and which target tokens the model would predict right."""
+def batch_nll(model, examples: Sequence[D.Example], states: Sequence, n_bottom: int, cache: KV | None = None):
+    """Per item, the mean NLL of its target tokens (+ <|im_end|>), from the cached states through the
+    top layers; the batch is right-padded (causal attention: a real position never sees a pad)."""
     import torch
 
-    hidden = cached[None]
-    hidden = _run_layers(model.model.layers[n_bottom:], hidden, _rope(model, hidden))
-    # logits only where a target token is predicted: the 49k-word head is costly over 1.8k positions
-    where = slice(ex.n_prompt - 1, len(ex.input_ids) - 1)
-    logits = model.lm_head(model.model.norm(hidden[0, where])).float()
-    targets = torch.tensor(ex.input_ids[ex.n_prompt :])
-    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-    weights = torch.ones_like(nll)
-    weights[list(ex.cause_tokens)] = cause_weight
-    return (nll * weights).sum() / weights.sum(), logits.argmax(-1).eq(targets)
-
-
-def cause_right(ex: Example, hits) -> bool:
-    """Teacher-forced: every token of the cause predicted (the constrained decoder's choice, near enough)."""
-    return bool(hits[list(ex.cause_tokens)].all())
+    width = max(s.shape[0] for s in states)
+    hidden = torch.zeros(len(states), width, states[0].shape[-1], dtype=states[0].dtype)
+    for b, s in enumerate(states):
+        hidden[b, : s.shape[0]] = s
+    hidden = _run_layers(model.model.layers[n_bottom:], hidden, _rope(model, hidden), cache)
+    # logits only where a target token is predicted: the 49k-word head is costly over every position
+    rows, cols, targets, owner = [], [], [], []
+    for b, ex in enumerate(examples):
+        n = len(ex.input_ids) - ex.n_prompt
+        rows += [b] * n
+        cols += range(ex.n_prompt - 1, len(ex.input_ids) - 1)
+        targets += ex.input_ids[ex.n_prompt :]
+        owner += [b] * n
+    logits = model.lm_head(model.model.norm(hidden[rows, cols])).float()
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(targets), reduction="none")
+    owner_t = torch.tensor(owner)
+    sums = torch.zeros(len(examples)).index_add(0, owner_t, nll)
+    counts = torch.zeros(len(examples)).index_add(0, owner_t, torch.ones_like(nll))
+    return sums / counts, logits
 
 
 def _lr_at(step: int, s: TrainSettings) -> float:
@@ -140,33 +236,142 @@ def _lr_at(step: int, s: TrainSettings) -> float:
     return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+# --- answering a DEV item under the grammar -------------------------------------------------
+
+
+def answer_trie(tok, ex: D.Example, eos: int, allowed: Sequence[str] = tuple(causes.CAUSES)) -> dict:
+    """Token trie of the answers the request's grammar allows in canonical form: every cause; an
+    event's cells as a non-empty subset of the prompt's letters in order; then the end of the turn,
+    or (when the answer may cite) ';' where the citations would begin. A node: {token: node};
+    the key None marks a complete answer."""
+    letters = [a for _, a in ex.aliases]
+    subsets = [c for k in range(1, min(MAX_AFFECTED_CELLS, len(letters)) + 1) for c in combinations(letters, k)]
+    texts: list[tuple[str, bool]] = []
+    for cause in allowed:
+        if cause in PLAIN or not letters:
+            texts.append((cause, False))
+            continue
+        inverse = {a: c for c, a in ex.aliases}
+        for subset in subsets:
+            texts.append((compact_text(cause, tuple(inverse[a] for a in subset), ex.alias_map), bool(ex.citable)))
+    root: dict = {}
+    for text, may_cite in texts:
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        ends = [ids + [eos]] + ([list(tok(text + ";", add_special_tokens=False)["input_ids"])] if may_cite else [])
+        for seq in ends:
+            node = root
+            for t in seq:
+                node = node.setdefault(t, {})
+            node[None] = {}
+    return root
+
+
+def _feed(model, tokens: Sequence[int], position: int, cache: KV):
+    """Next-token logits after `tokens` (at `position` on), through every layer with the cache."""
+    import torch
+
+    hidden = model.model.embed_tokens(torch.tensor([list(tokens)]))
+    mask = None
+    if len(tokens) > 1:  # a prefix sits in the cache: causal, aligned at the end (True = attends)
+        q = torch.arange(position, position + len(tokens))[:, None]
+        mask = (torch.arange(position + len(tokens))[None, :] <= q)[None, None]
+    rope = _rope(model, hidden, position)
+    for layer in model.model.layers:
+        out = layer(hidden, position_embeddings=rope, attention_mask=mask, past_key_values=cache, use_cache=True)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return model.lm_head(model.model.norm(hidden[0, -1])).float()
+
+
+def dev_answer(model, tok, ex: D.Example, state, kv: KV, trie: dict, n_bottom: int, eos: int) -> tuple[str, float]:
+    """(the greedy answer under the grammar, the target's teacher-forced NLL) for one DEV item.
+
+    The model is asked only where the grammar leaves a choice; the tokens it forces in between are
+    fed in one pass."""
+    import torch
+
+    with torch.no_grad():
+        cache = kv.first(len(ex.input_ids))
+        nll, logits = batch_nll(model, [ex], [state], n_bottom, cache)
+        cache = cache.first(ex.n_prompt)  # the prompt's keys and values in every layer
+        scores, node, out, pending, position = logits[0], trie, [], [], ex.n_prompt
+        while True:
+            allowed = [t for t in node if t is not None]
+            if not allowed:
+                break
+            if len(allowed) > 1:
+                if pending:
+                    scores = _feed(model, pending, position, cache)
+                    position += len(pending)
+                    pending = []
+                token = max(allowed, key=lambda t: (scores[t].item(), -t))
+            else:
+                token = allowed[0]
+            out.append(token)
+            pending.append(token)
+            node = node[token]
+            if None in node and len(node) == 1:
+                break
+    text = tok.decode([t for t in out if t != eos]).strip().removesuffix(";").strip()
+    return text, float(nll[0])
+
+
+def dev_scores(answers: Sequence[str], examples: Sequence[D.Example], nlls: Sequence[float]) -> dict:
+    from airan.evaluation.metrics import macro_f1
+
+    gold, pred, cells_right = [], [], 0
+    for text, ex in zip(answers, examples):
+        gold.append(ex.label)
+        try:
+            a = parse_compact(text, ex.alias_map, ex.citable)
+        except InvalidDiagnosis:
+            pred.append(MISS)
+            continue
+        pred.append(a.cause)
+        cells_right += a.cause == ex.label and set(a.cells) == set(ex.cells)
+    n = max(1, len(examples))
+    return {
+        "macro_f1": round(macro_f1(gold, pred), 4),
+        "accuracy": round(sum(g == p for g, p in zip(gold, pred)) / n, 4),
+        "exact_cells": round(cells_right / n, 4),  # right cause and exactly the affected cells
+        "invalid": pred.count(MISS),
+        "target_nll": round(sum(nlls) / n, 4),
+        "predicted": {c: pred.count(c) for c in sorted(set(pred))},
+    }
+
+
 # --- the build ------------------------------------------------------------------------
 
 
 def train_adapter(work: Path, recipe: Recipe, s: TrainSettings, parent: Path, parent_name: str,
                   threads: int | None = None, show_progress: bool = True) -> dict:  # fmt: skip
     """Train the adapter into `work` (PEFT files); return the manifest's facts."""
-    if "torch" not in sys.modules:  # OpenMP reads it once, when torch loads it
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _passive_openmp()
     import torch
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
+    from airan.core.prompting import DIAGNOSIS_SYSTEM, PromptRenderer
+
     started = time.perf_counter()
-    steps = Steps(recipe.name, total=4, enabled=show_progress)
+    steps = Steps(recipe.name, total=5, enabled=show_progress)
     threads = threads or _threads()
     torch.set_num_threads(threads)
     torch.manual_seed(s.seed)
 
-    with steps("training and held-out items, rendered as the server renders them"):
-        train_items, heldout_items = training_split(s.train_items, s.heldout_items, s.seed)
+    with steps("training and DEV items, rendered as the gateway renders them"):
+        detector = D.load_detector()
+        train_items, dev_items = D.data_split(s.train_items, s.heldout_items, detector)
         renderer = PromptRenderer(parent)
-        system_prompt = build_messages(server_query(train_items[0]))[0]["content"] if train_items else ""
-        train = [build_example(renderer, i) for i in train_items]
-        heldout = [build_example(renderer, i) for i in heldout_items]
-    steps.say(f"      {len(train)} training + {len(heldout)} held-out items "
-              f"({sum(len(e.input_ids) for e in train + heldout)} tokens), {threads} thread(s)")  # fmt: skip
+        tok = renderer.tokenizer
+        train = D.build_examples(renderer, train_items, D.priorities(len(train_items), s.near_rt_share), detector,
+                                 show_progress)  # fmt: skip
+        dev = D.build_examples(renderer, dev_items, D.priorities(len(dev_items), s.near_rt_share), detector,
+                               show_progress)  # fmt: skip
+        eos = tok.convert_tokens_to_ids("<|im_end|>")
+        tries = [answer_trie(tok, ex, eos) for ex in dev]
+    steps.say(f"      {len(train)} training + {len(dev)} DEV items "
+              f"({sum(len(e.input_ids) for e in train + dev)} tokens), {threads} thread(s)")  # fmt: skip
 
     model = _load_parent(parent)
     parent_parameters = sum(p.numel() for p in model.parameters())
@@ -176,9 +381,18 @@ def train_adapter(work: Path, recipe: Recipe, s: TrainSettings, parent: Path, pa
     n_bottom = n_layers - s.top_layers
 
     with steps(f"frozen layers 0-{n_bottom - 1}, once per item"):
-        cache = [bottom_states(model, ex, n_bottom)
-                 for ex in tqdm(train + heldout, unit="item", disable=not show_progress, leave=False)]  # fmt: skip
-    train_cache, heldout_cache = cache[: len(train)], cache[len(train) :]
+        bar = tqdm(total=len(train) + len(dev), unit="item", disable=not show_progress, leave=False)
+        t0 = time.perf_counter()
+        train_cache = []
+        for ex in train:
+            train_cache.append(bottom_states(model, ex, n_bottom)[0])
+            bar.update(1)
+        cache_seconds = time.perf_counter() - t0
+        dev_cache = []
+        for ex in dev:
+            dev_cache.append(bottom_states(model, ex, n_bottom, with_kv=True))
+            bar.update(1)
+        bar.close()
 
     config = LoraConfig(
         r=s.rank, lora_alpha=s.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
@@ -188,57 +402,75 @@ def train_adapter(work: Path, recipe: Recipe, s: TrainSettings, parent: Path, pa
     torch.manual_seed(s.seed)  # LoRA A's initialisation
     peft_model = get_peft_model(model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
 
-    def heldout_scores(adapter: bool) -> tuple[float, float]:
-        """(mean target NLL, teacher-forced cause accuracy) on the held-out items."""
-        total = count = right = 0.0
-        with torch.no_grad():
-            for ex, c in zip(heldout, heldout_cache):
-                if adapter:
-                    nll, hits = target_nll(model, ex, c, n_bottom)
-                else:
-                    with peft_model.disable_adapter():
-                        nll, hits = target_nll(model, ex, c, n_bottom)
-                n = len(ex.input_ids) - ex.n_prompt
-                total, count, right = total + nll.item() * n, count + n, right + cause_right(ex, hits)
-        return (total / count, right / len(heldout)) if heldout else (float("nan"), float("nan"))
+    def evaluate(label: str) -> dict:
+        t = time.perf_counter()
+        answers, nlls = [], []
+        for ex, (state, kv), trie in tqdm(list(zip(dev, dev_cache, tries)), unit="item", leave=False,
+                                           desc=f"DEV {label}", disable=not show_progress):  # fmt: skip
+            text, nll = dev_answer(model, tok, ex, state, kv, trie, n_bottom, eos)
+            answers.append(text)
+            nlls.append(nll)
+        return {**dev_scores(answers, dev, nlls), "seconds": round(time.perf_counter() - t, 1)}
 
-    parent_nll, parent_cause = heldout_scores(adapter=False)
+    with steps(f"the parent's DEV answers ({len(dev)} items, under the grammar)"):
+        peft_model.eval()
+        parent_scores = evaluate("parent")
+    steps.say(f"      parent: DEV macro-F1 {parent_scores['macro_f1']:.3f}, accuracy {parent_scores['accuracy']:.3f}")
+
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(s.seed)
     history: list[dict] = []
-    with steps(f"training LoRA r={s.rank}: {s.steps} steps"):
-        peft_model.train()
+    checkpoints: list[dict] = []
+    best: tuple[tuple[float, float], int, list] | None = None
+    when = set(s.checkpoint_steps())
+    train_seconds = eval_seconds = 0.0
+    with steps(f"training LoRA r={s.rank} on layers {n_bottom}-{n_layers - 1}: {s.steps} steps, "
+               f"DEV checks after steps {sorted(when)}"):  # fmt: skip
         bar = tqdm(total=s.steps, unit="step", disable=not show_progress, leave=False)
         step = 0
         for epoch in range(s.epochs):
             order = torch.randperm(len(train), generator=generator).tolist()
             for start in range(0, len(order), s.accum):
+                t = time.perf_counter()
+                peft_model.train()
                 batch = order[start : start + s.accum]
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, s)
-                losses, hits, causes = [], [], []
-                for k in batch:
-                    loss, hit = target_nll(model, train[k], train_cache[k], n_bottom, s.cause_weight)
-                    (loss / len(batch)).backward()
-                    losses.append(loss.item())
-                    hits.append(hit.float().mean().item())
-                    causes.append(cause_right(train[k], hit))
+                nll, _ = batch_nll(model, [train[k] for k in batch], [train_cache[k] for k in batch], n_bottom)
+                loss = nll.mean()
+                loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                history.append({"step": step, "epoch": epoch, "loss": sum(losses) / len(losses),
-                                "token_acc": sum(hits) / len(hits), "cause_acc": sum(causes) / len(causes)})  # fmt: skip
+                train_seconds += time.perf_counter() - t
+                history.append({"step": step + 1, "epoch": epoch, "loss": loss.item()})
                 step += 1
                 bar.update(1)
                 recent = history[-20:]
-                bar.set_postfix(loss=f"{history[-1]['loss']:.3f}",
-                                cause_acc_20=f"{sum(h['cause_acc'] for h in recent) / len(recent):.2f}")  # fmt: skip
+                bar.set_postfix(loss_20=f"{sum(h['loss'] for h in recent) / len(recent):.3f}")
+                if step in when:
+                    peft_model.eval()
+                    scores = evaluate(f"step {step}")
+                    eval_seconds += scores["seconds"]
+                    checkpoints.append({"step": step, "epoch": round(step / s.steps_per_epoch, 2), **scores})
+                    key = (scores["macro_f1"], -scores["target_nll"])
+                    if best is None or key > best[0]:
+                        best = (key, step, [p.detach().clone() for p in params])
+                    if show_progress:
+                        bar.write(f"      step {step}: DEV macro-F1 {scores['macro_f1']:.3f}, accuracy "
+                                  f"{scores['accuracy']:.3f}, target NLL {scores['target_nll']:.3f}")  # fmt: skip
         bar.close()
-        peft_model.eval()
-    adapter_nll, adapter_cause = heldout_scores(adapter=True)
+    assert best is not None
+    _, chosen_step, weights = best
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)
+    chosen = next(c for c in checkpoints if c["step"] == chosen_step)
+    peft_model.eval()
 
-    with steps("writing the PEFT adapter (bfloat16)"):
+    with steps(f"writing the PEFT adapter of step {chosen_step} (bfloat16)"):
         peft_model.save_pretrained(str(work))
         # trained in float32, stored in the parent's bfloat16 (what vLLM computes in): half the bytes
         weights_file = str(work / "adapter_model.safetensors")
@@ -250,6 +482,7 @@ def train_adapter(work: Path, recipe: Recipe, s: TrainSettings, parent: Path, pa
         cfg_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
         (work / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
     tail = history[-max(1, len(history) // 10) :]
+    n_train = max(1, len(train))
     return {
         "name": recipe.name,
         "method": recipe.method,
@@ -264,39 +497,60 @@ def train_adapter(work: Path, recipe: Recipe, s: TrainSettings, parent: Path, pa
         "target_modules": list(s.target_modules),
         "layers": list(range(n_bottom, n_layers)),
         "parameters": sum(p.numel() for p in params),
+        "trainable_tensors": len(names),
         "parent_parameters": parent_parameters,
         "weight_bytes": describe(work)["weight_bytes"],
         "adapter_bytes": (work / "adapter_model.safetensors").stat().st_size,
         "seed": s.seed,
-        "prompt_version": PROMPT_VERSION,
-        # the adapter learnt this prompt: a changed system prompt means retraining
-        "system_prompt_sha256": hashlib.sha256(system_prompt.encode()).hexdigest(),
+        "prompt_version": COMPACT_PROMPT_VERSION,
+        # the adapter learnt this system prompt (and the rest of the rendering: data.sha256)
+        "system_prompt_sha256": hashlib.sha256(DIAGNOSIS_SYSTEM.encode()).hexdigest(),
         "data": {
-            "source": "airan.evaluation.dataset.build_dataset",
-            "train_set_seed": TRAIN_SET_SEED + s.seed,
-            "train_items": len(train),
+            "source": "airan.evaluation.cases.build_case (TRAIN past the detector's cases; DEV)",
+            "train_set_seed": D.TRAIN_SEED,
+            "train_first_index": D.first_train_index(detector),
             "train_item_seeds": [train_items[0].seed, train_items[-1].seed] if train_items else [],
-            "heldout_items": len(heldout),
-            "labels": sorted({e.label for e in train}),
+            "dev_set_seed": D.DEV_SEED,
+            "train_items": len(train),
+            "heldout_items": len(dev),
+            "near_rt_share": s.near_rt_share,
+            "train": D.describe(train),
+            "dev": D.describe(dev),
             "tokens": sum(len(e.input_ids) for e in train),
             "target_tokens": sum(len(e.input_ids) - e.n_prompt for e in train),
-            "sha256": data_sha256(train + heldout),
+            "sha256": D.data_sha256(train + dev),
+            "detector": {"sha256": sha256_file(_detector_file()), "train_items": D.first_train_index(detector)},
         },
         "training": {**dataclasses.asdict(s), "steps": s.steps, "optimizer": "AdamW",
-                     "schedule": "warmup+cosine to 10%",
+                     "schedule": "warmup+cosine to 10%", "loss": "mean target NLL per item (+<|im_end|>)",
                      "final_loss": round(sum(h["loss"] for h in tail) / len(tail), 4),
-                     "final_token_acc": round(sum(h["token_acc"] for h in tail) / len(tail), 4),
-                     "final_cause_acc": round(sum(h["cause_acc"] for h in tail) / len(tail), 4),
-                     "loss_every_10": [round(h["loss"], 4) for h in history[::10]], "threads": threads},
-        "heldout": {"target_nll": {"parent": round(parent_nll, 4), "adapter": round(adapter_nll, 4)},
-                    "cause_accuracy_teacher_forced": {"parent": round(parent_cause, 4),
-                                                      "adapter": round(adapter_cause, 4)},
-                    "perplexity": {"parent": round(math.exp(parent_nll), 4),
-                                   "variant": round(math.exp(adapter_nll), 4)}},
+                     "loss_every_10": [round(h["loss"], 4) for h in history[::10]], "threads": threads,
+                     "seconds": {"cache": round(cache_seconds, 1), "train": round(train_seconds, 1),
+                                 "dev_checks": round(eval_seconds, 1)},
+                     "seconds_per_item": {"cache": round(cache_seconds / n_train, 4),
+                                          "train": round(train_seconds / (n_train * s.epochs), 4)}},
+        "selection": {
+            "metric": "DEV macro-F1 of the cause, greedy under the answer grammar (ties: lower target NLL)",
+            "chosen_step": chosen_step,
+            "chosen": chosen,
+            "parent": parent_scores,
+            "checkpoints": checkpoints,
+        },
+        "heldout": {"target_nll": {"parent": parent_scores["target_nll"], "adapter": chosen["target_nll"]},
+                    "macro_f1": {"parent": parent_scores["macro_f1"], "adapter": chosen["macro_f1"]},
+                    "perplexity": {"parent": round(math.exp(parent_scores["target_nll"]), 4),
+                                   "variant": round(math.exp(chosen["target_nll"]), 4)}},
         "build_seconds": round(time.perf_counter() - started, 1),
         "step_seconds": steps.seconds,
         "versions": _versions(),
     }  # fmt: skip
+
+
+def _detector_file() -> Path:
+    from airan.core.detector import MODEL_FILE
+    from airan.store.registry import PACKAGED_DETECTOR
+
+    return PACKAGED_DETECTOR / MODEL_FILE
 
 
 def _versions() -> dict:

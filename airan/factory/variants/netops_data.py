@@ -1,135 +1,211 @@
-"""Training data of the NetOps LoRA adapter: items, gold diagnoses, token examples.
+"""Training data of the NetOps LoRA adapter: the served compact diagnosis prompt and its gold answer.
 
-Items: labelled scenarios from the evaluation harness's builder (`build_dataset`)
-at a TRAIN set seed whose item seeds can never meet its DEV or TEST ones
-(checked). Input: exactly the diagnosis-mode prompt the gateway renders for the
-request the harness sends (`airan.evaluation.queries.server_query`, then the
-parent's chat template within the server's token budget). Target: the gold
-diagnosis as compact JSON in the schema's key order - what xgrammar lets the
-model write - then <|im_end|>; the loss is on those tokens only.
+Items: honest simulator cases (`airan.evaluation.cases.build_case`) from the
+TRAIN set seed for training and the DEV set seed for model selection; TEST and
+SHIFTED are never read here. The packaged detector was fitted on the first
+`train_items` TRAIN cases (98% right on them, 89% on unseen ones), and its
+answer is a line of the prompt: trained on those cases the model would learn to
+copy a detector that looks nearly always right. So training starts at the
+first TRAIN case the detector never saw (`first_train_index`).
 
-The gold answer is the cause table's playbook (`airan.core.causes`): one
-consistent policy per cause (severity, actions with their values clamped to the
-action's bounds, the key KPI the rationale cites), which the rules can check.
+Each item is asked as a controller asks it: about 40% at NEAR_RT (a brief
+answer: cause and cells), the rest at NON_RT (citations allowed). The prompt
+is exactly the one the gateway renders for that request: the `Query` of the
+request's proto round trip (`served_query`), `diagnosis_context` with the
+packaged detector, `PromptRenderer.render(query, max_model_len - max_tokens,
+diagnosis=ctx)`. The target is `compact_text(label, affected cells, aliases,
+cited)` then `<|im_end|>`; the loss is on those tokens only. `cited` names up
+to three KPIs the label's cause moves (`causes.CAUSES[label].moves`, not the
+STEADY ones), that the prompt shows (`RenderedPrompt.citable_kpis`) and that
+moved the cause's way on an affected cell, most salient first; none for a
+NEAR_RT item or NORMAL.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
-from airan.core.causes import ACTIONS, CAUSES
-from airan.core.diagnosis import DIAGNOSIS_MAX_TOKENS, RATIONALE_CHARS
-from airan.evaluation.queries import MAX_MODEL_LEN, server_query
-from airan.evaluation.dataset import DEV_SEED, SEEDS_PER_SET, TEST_SEED, build_dataset
+from airan.core import causes
+from airan.core.causes import LABELS
+from airan.core.diagnosis import MAX_CITED_KPIS, compact_text
+from airan.evaluation.cases import DEV_SEED, SEEDS_PER_SET, SHIFTED_SEED, TEST_SEED, TRAIN_SEED, build_case
+from airan.evaluation.queries import MAX_MODEL_LEN
 
-# item seeds are set_seed * SEEDS_PER_SET + i: any set seed other than DEV/TEST is disjoint
-TRAIN_SET_SEED = 11
-CONFIDENCE_PCT = 80
-
-
-# --- the gold answer ------------------------------------------------------------------
-
-
-def _rationale(label: str, cell: str, query) -> str:
-    if label == "NORMAL":
-        return f"no KPI of {cell} moved by more than 25%"
-    name = CAUSES[label].key_kpi
-    points = sorted((k.time_s or 0.0, k.value, k.unit) for k in query.kpis if k.cell_id == cell and k.name == name)
-    latest = max((k.time_s or 0.0) for k in query.kpis if k.cell_id == cell)
-    if not points:
-        return f"{name} not reported on {cell}"
-    (t0, a, unit), (t1, b, _) = points[0], points[-1]
-    unit = f" {unit}" if unit else ""
-    if t1 < latest:  # the cell stopped reporting it (no UE left to report it)
-        return f"{name} {a:.4g}{unit} -> not reported on {cell}"
-    return f"{name} {a:.4g} -> {b:.4g}{unit} on {cell}"
+NEAR_RT, NON_RT = "near_rt", "non_rt"
+NEAR_RT_SHARE = 0.4
+# the detector's training cases when its manifest does not say (airan/factory/detector.py's default)
+DETECTOR_TRAIN_ITEMS = 14_000
 
 
-def _actions(label: str, cell: str) -> list[dict]:
-    """The cause's playbook actions as the schema writes them; cell-targeted ones act on `cell`."""
-    out = []
-    for name, value in CAUSES[label].actions:
-        spec = ACTIONS[name]
-        action: dict = {"type": name}
-        if spec.parameter is not None:
-            if spec.needs_target_cell:
-                action["target_cell"] = cell
-            action[spec.parameter] = max(spec.minimum, min(spec.maximum, int(value)))
-        out.append(action)
-    return out
+# --- items ----------------------------------------------------------------------------
 
 
-def target_json(item, query=None) -> str:
-    """The gold diagnosis as the constrained decoder writes it: schema key order, no whitespace."""
-    query = query or server_query(item)
-    cell = item.focus_cell
-    answer = {
-        "cause": item.label,
-        "affected_cells": list(item.affected_cells),
-        "severity": CAUSES[item.label].severity,
-        "actions": _actions(item.label, cell),
-        "confidence_pct": CONFIDENCE_PCT,
-        "rationale": _rationale(item.label, cell, query)[:RATIONALE_CHARS],
-    }
-    return json.dumps(answer, separators=(",", ":"), ensure_ascii=False)
+def priorities(n: int, near_rt_share: float = NEAR_RT_SHARE) -> list[str]:
+    """Item i is NEAR_RT when floor((i+1)*share) > floor(i*share): exactly round(n*share) of n, spread
+    evenly; with share 0.4 the pattern repeats every 5 items, co-prime with the 7 labels' turn, so
+    every label gets the same share over 35 items."""
+    if not 0.0 <= near_rt_share <= 1.0:
+        raise ValueError("near_rt_share must be within 0..1")
+    return [NEAR_RT if int((i + 1) * near_rt_share) > int(i * near_rt_share) else NON_RT for i in range(n)]
 
 
-# --- training items -------------------------------------------------------------------
+def load_detector():
+    """The packaged detector: its answer is part of the prompt the model is trained on."""
+    return _packaged_detector()
+
+
+@lru_cache(maxsize=1)
+def _packaged_detector():
+    from airan.core.detector import Detector
+    from airan.store.registry import PACKAGED_DETECTOR
+
+    return Detector.load(PACKAGED_DETECTOR)
+
+
+def first_train_index(detector) -> int:
+    """The first TRAIN case the detector was not fitted on."""
+    request = (getattr(detector, "manifest", None) or {}).get("request") or {}
+    return int(request.get("train_items", DETECTOR_TRAIN_ITEMS)) if isinstance(request, dict) else DETECTOR_TRAIN_ITEMS
+
+
+def case_items(n: int, set_seed: int, start: int = 0, name: str = ""):
+    """Cases start..start+n-1 of a set, exactly as `build_cases` makes them (labels in turn, item i
+    from seed set_seed * SEEDS_PER_SET + i)."""
+    if start < 0 or start + n > SEEDS_PER_SET:
+        raise ValueError(f"cases must lie within 0..{SEEDS_PER_SET}")
+    prefix = name or f"s{set_seed}"
+    return [build_case(set_seed * SEEDS_PER_SET + i, LABELS[i % len(LABELS)], f"{prefix}-{i:05d}")
+            for i in range(start, start + n)]  # fmt: skip
 
 
 def assert_disjoint_from_eval(items) -> None:
-    """No training item may share a seed (= a simulated scenario) with the harness's DEV or TEST sets."""
-    for set_seed, split in ((DEV_SEED, "DEV"), (TEST_SEED, "TEST")):
+    """No training item may share a seed (= a simulated scenario) with the DEV, TEST or SHIFTED sets."""
+    for set_seed, split in ((DEV_SEED, "DEV"), (TEST_SEED, "TEST"), (SHIFTED_SEED, "SHIFTED")):
         lo, hi = set_seed * SEEDS_PER_SET, (set_seed + 1) * SEEDS_PER_SET
         clash = [i.seed for i in items if lo <= i.seed < hi]
         if clash:
             raise AssertionError(f"{len(clash)} training item(s) use {split} seeds, e.g. {clash[0]}")
 
 
-def training_split(n_train: int, n_heldout: int, seed: int = 0):
-    """(train, held-out) items from the TRAIN set seed; held-out items follow the training ones."""
-    set_seed = TRAIN_SET_SEED + seed
-    if set_seed in (DEV_SEED, TEST_SEED):  # never: TRAIN_SET_SEED > both, seed >= 0
-        raise ValueError(f"training set seed {set_seed} is a DEV/TEST seed")
-    items = build_dataset(n_train + n_heldout, set_seed, "train")
-    assert_disjoint_from_eval(items)
-    return items[:n_train], items[n_train:]
+def data_split(n_train: int, n_dev: int, detector):
+    """(train, dev) items: TRAIN cases past the detector's, and the first DEV cases."""
+    start = first_train_index(detector)
+    train = case_items(n_train, TRAIN_SEED, start, "train")
+    assert_disjoint_from_eval(train)
+    return train, case_items(n_dev, DEV_SEED, 0, "dev")
+
+
+# --- the served prompt and the gold answer ----------------------------------------------
+
+
+def served_query(item, priority: str = NON_RT):
+    """The `Query` the gateway builds from the controller's request for `item` at `priority`:
+    `airan.evaluation.queries.server_query` (proto round trip, validation) with the priority set."""
+    from airan.client import PRIORITIES
+    from airan.config import LimitsConfig
+    from airan.core.query import validate_query
+    from airan.evaluation.runner import ask_request
+    from airan.serving.api.convert import query_from_proto
+
+    request = ask_request(item, True)
+    request.priority = PRIORITIES[priority]
+    query = query_from_proto(request, time.monotonic(), None)
+    return validate_query(query, LimitsConfig(), (), time.monotonic())
+
+
+def cited_kpis(label: str, cells: Sequence[str], ctx, citable: Sequence[str]) -> tuple[str, ...]:
+    """Up to MAX_CITED_KPIS KPIs the cause moves that the prompt shows and that moved its way on an
+    affected cell (salience >= 1, the faithfulness threshold), most salient first."""
+    salience: dict[str, float] = {}
+    for kpi, direction in causes.CAUSES[label].moves:
+        if direction == causes.STEADY or kpi not in citable:
+            continue
+        for cell in cells:
+            m = ctx.evidence.of(cell, kpi)
+            if m is None or not ctx.evidence.moved(cell, kpi):
+                continue
+            if m.missing_since is not None:
+                ok = direction == causes.FALLS  # it stopped being reported: nothing left to count
+            else:
+                ok = m.change is not None and m.change * direction > 0
+            if ok:
+                salience[kpi] = max(salience.get(kpi, 0.0), m.salience)
+    return tuple(sorted(salience, key=lambda k: -salience[k])[:MAX_CITED_KPIS])
 
 
 @dataclass(frozen=True)
 class Example:
     item_id: str
     label: str
-    input_ids: tuple[int, ...]  # prompt + target
+    cells: tuple[str, ...]  # the gold affected cells (ids)
+    aliases: tuple[tuple[str, str], ...]  # (cell id, letter) as the prompt shows them
+    brief: bool  # asked at NEAR_RT: cause and cells only
+    citable: tuple[str, ...]  # KPIs the answer may cite (none when brief)
+    input_ids: tuple[int, ...]  # prompt + target + <|im_end|>
     n_prompt: int
     target: str
-    cause_tokens: tuple[int, ...] = ()  # indices into the target tokens that spell the cause
 
     @property
     def labels(self) -> list[int]:
         """Next-token labels in the HF convention: -100 (no loss) on every prompt token."""
         return [-100] * self.n_prompt + list(self.input_ids[self.n_prompt :])
 
+    @property
+    def alias_map(self) -> dict[str, str]:
+        return dict(self.aliases)
 
-def build_example(renderer, item) -> Example:
-    """Prompt ids exactly as the server renders them, then the target's ids and the end of the turn."""
-    query = server_query(item)
-    prompt = renderer.render(query, budget_tokens=MAX_MODEL_LEN - (query.max_tokens or DIAGNOSIS_MAX_TOKENS))
+
+def build_example(renderer, item, priority: str = NON_RT, detector=None) -> Example:
+    """The gateway's prompt ids for the request, then the gold compact answer and <|im_end|>."""
+    from airan.core.prompting import diagnosis_context
+
+    detector = detector if detector is not None else load_detector()
+    query = served_query(item, priority)
+    ctx = diagnosis_context(query, detector)
+    prompt = renderer.render(query, MAX_MODEL_LEN - query.max_tokens, diagnosis=ctx)
+    citable = () if ctx.brief else tuple(prompt.citable_kpis)
+    cells = () if item.label == "NORMAL" else tuple(item.affected_cells)
+    missing = [c for c in cells if c not in ctx.aliases]
+    if missing:
+        raise ValueError(f"{item.item_id}: affected cell(s) {missing} have no letter in the prompt")
+    cited = () if ctx.brief or not cells else cited_kpis(item.label, cells, ctx, citable)
+    target = compact_text(item.label, cells, ctx.aliases, cited)
     tok = renderer.tokenizer
-    target = target_json(item, query)
-    enc = tok(target, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"]) + [tok.convert_tokens_to_ids("<|im_end|>")]
-    start = target.index('"cause":"') + len('"cause":"')
-    end = start + len(item.label)
-    cause = tuple(k for k, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start)
-    return Example(item.item_id, item.label, tuple(prompt.token_ids) + tuple(ids), len(prompt.token_ids), target, cause)
+    ids = list(tok(target, add_special_tokens=False)["input_ids"]) + [tok.convert_tokens_to_ids("<|im_end|>")]
+    return Example(item.item_id, item.label, cells, tuple(ctx.aliases.items()), ctx.brief, citable,
+                   tuple(prompt.token_ids) + tuple(ids), len(prompt.token_ids), target)  # fmt: skip
 
 
-def data_sha256(examples: list[Example]) -> str:
+def build_examples(renderer, items, prios: Sequence[str], detector, show_progress: bool = False) -> list[Example]:
+    from tqdm.auto import tqdm
+
+    pairs = list(zip(items, prios, strict=True))
+    return [build_example(renderer, item, p, detector)
+            for item, p in tqdm(pairs, unit="item", disable=not show_progress, leave=False)]  # fmt: skip
+
+
+def data_sha256(examples: Sequence[Example]) -> str:
     digest = hashlib.sha256()
     for ex in examples:
         digest.update(ex.item_id.encode())
         digest.update(json.dumps(ex.input_ids).encode())
         digest.update(str(ex.n_prompt).encode())
     return digest.hexdigest()
+
+
+def describe(examples: Sequence[Example]) -> dict:
+    """Counts for the manifest: labels, priorities, citations, tokens."""
+    n = max(1, len(examples))
+    return {
+        "items": len(examples),
+        "labels": {label: sum(e.label == label for e in examples) for label in LABELS},
+        "near_rt": sum(e.brief for e in examples),
+        "with_citations": sum(";" in e.target for e in examples),
+        "prompt_tokens_mean": round(sum(e.n_prompt for e in examples) / n, 1),
+        "prompt_tokens_max": max((e.n_prompt for e in examples), default=0),
+        "target_tokens": sum(len(e.input_ids) - e.n_prompt for e in examples),
+    }

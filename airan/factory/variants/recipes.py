@@ -32,7 +32,7 @@ class Recipe:
     # ~30 min budget on a shared 2-core box; the layer passes cost ~0.25 s per 1k tokens per layer.
     # A trained method (lora) trains on `calib_items` items.
     calib_items: int = 16
-    heldout_items: int = 16  # for the perplexity check (and a trained method's held-out scores)
+    heldout_items: int = 16  # for the perplexity check (a trained method: the DEV items that pick its checkpoint)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
@@ -90,19 +90,30 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "smollm2-netops-lora",
             "lora",
+            # Sized for about an hour on the shared 2-core box. Measured on SmolLM2 (2 threads, bf16, LoRA
+            # r=16 on all 7 projections of layers 18-29, ~270-token served prompts; timing probe and a
+            # 48-item build of this recipe, 2026-11-30): frozen layers 0-17 0.22 s per item once (0.012
+            # s/layer), training 0.45 s per item-epoch (batch 8), a DEV answer under the grammar 0.44 s
+            # (load 2.1-2.3 from others). 2000 items x 2 epochs = 1,790 s, caching 2,140 items 460 s,
+            # parent + 4 DEV checks of 140 items 305 s, data 25 s: ~43 min. At load 2.9 the same rates were
+            # 0.28 / 0.69 / 0.70 s (~65 min); at load 4.7 0.51 / 1.63 / ~0.8 s (~2.3 h): build when CI idles.
+            # 500 steps of 8 items; lr with warmup then cosine to 10%; the best DEV checkpoint is kept.
             {"rank": 16, "alpha": 32, "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-             "up_proj", "down_proj"), "top_layers": 4, "epochs": 8, "accum": 4, "lr": 1e-3, "warmup_steps": 10,
-             "cause_weight": 20.0},
-            summary="LoRA r=16 on the top 4 layers, trained on simulator NetOps diagnoses (TRAIN seeds, "
-            "disjoint from the evaluation's) whose gold answers are the cause table's playbooks",
-            calib_items=112,
-            heldout_items=14,
+             "up_proj", "down_proj"), "top_layers": 12, "epochs": 2, "accum": 8, "lr": 5e-4, "warmup_steps": 25,
+             "checkpoints": 4, "near_rt_share": 0.4},
+            summary="LoRA r=16 on the top 12 of 30 layers, trained on the served compact diagnosis prompt "
+            "(evidence, the detector's answer) of simulator cases (TRAIN seeds the detector never saw; "
+            "40% near-RT brief answers), the checkpoint with the best DEV macro-F1 kept",
+            calib_items=2000,
+            heldout_items=140,
         ),
         Recipe(
             "smollm2-netops-merged",
             "merge-lora",
             # the committed copy (airan/store/adapters/), or a PEFT adapter directory
             {"adapter": "smollm2-netops-lora"},
+            # the committed adapter is still the netops-v2 one until it is retrained (see its manifest's
+            # prompt_version); the merge then builds but warns, and its manifest records the version
             summary="the NetOps LoRA adapter merged into the base weights: the adapter's answers at the "
             "base's speed (vLLM's CPU LoRA path is several times slower)",
         ),
