@@ -135,3 +135,15 @@ def test_any_context_gives_evidence_and_finite_sized_features(rows):
     assert 1 <= len(lines) <= 8 and all("nan" not in line.lower() and "inf" not in line for line in lines)
     for cell in ev.cells:
         assert cell_features(ev, cell).shape == (len(FEATURE_NAMES),)
+
+
+def test_a_counter_from_zero_reads_as_such_not_as_a_billion_percent():
+    ev = compute_evidence(samples("bs-01/c1", MM_HoExeInterFail=[0, 0, 12], RRC_ConnMean=[2, 2, 90]))
+    assert "bs-01/c1 MM.HoExeInterFail 0 → 12 (from 0)" in ev.lines()
+    assert ev.of("bs-01/c1", "RRC.ConnMean").change == 10.0  # capped at +1000 %
+    assert "bs-01/c1 RRC.ConnMean 2 → 90 UEs (over +1000%)" in ev.lines()
+
+
+def test_saturation_from_used_and_available_prbs_shows_its_value():
+    kpis = [KpiSample("RRU.PrbUsedDl", 270.0, "PRBs", "bs-01/c1", T0), KpiSample("RRU.PrbAvailDl", 273.0, "PRBs", "bs-01/c1", T0)]
+    assert compute_evidence(kpis).lines()[0] == "bs-01/c1 PRBs saturated (98.9%)"

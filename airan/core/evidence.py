@@ -33,6 +33,7 @@ KNOWN_KPIS: tuple[str, ...] = (
 # KPIs on an absolute scale: their change is a difference (dB, points), not a ratio
 _ABSOLUTE = {"RRU.PrbTotDl": 10.0, "RRU.PrbTotUl": 10.0, "TB.BlerDl": 5.0, "L1M.SS-SINR": 3.0, "CARR.WBCQIMean": 1.5}
 _RELATIVE_SCALE = 0.3  # a 30 % move of a count or rate is one unit of salience
+MAX_RELATIVE_CHANGE = 10.0
 PRB_SATURATED_PCT = 90.0
 BLER_TARGET_PCT = 10.0  # the usual initial-BLER target of link adaptation
 HO_FAIL_RATIO = 0.1
@@ -78,6 +79,7 @@ class CellFlags:
     prb_saturated: bool = False
     bler_high: bool = False
     ho_fail_ratio: float | None = None  # failures / attempts in the latest sample with attempts
+    prb_pct: float | None = None  # DL PRB use: RRU.PrbTotDl, or used / available PRBs
     silent: bool = False  # every KPI's latest sample missing: the cell stopped reporting
     silent_since: float | None = None
 
@@ -92,7 +94,7 @@ class CellFlags:
         if self.silent:
             out.append((f"no report from {cell} since {_when(self.silent_since)}", None))
         if self.prb_saturated:
-            out.append((f"{cell} PRBs saturated ({_fmt(now_of.get('RRU.PrbTotDl'), '%')})", "RRU.PrbTotDl"))
+            out.append((f"{cell} PRBs saturated ({_fmt(self.prb_pct, '%')})", "RRU.PrbTotDl"))
         if self.bler_high:
             bler = _fmt(now_of.get("TB.BlerDl"), "%")
             out.append((f"{cell} BLER {bler} above the {BLER_TARGET_PCT:.0f}% target", "TB.BlerDl"))
@@ -187,8 +189,8 @@ def _change(kpi: str, before: float | None, now: float | None) -> float | None:
         return None
     if kpi in _ABSOLUTE:
         return now - before
-    floor = max(abs(before), 1e-6)
-    return (now - before) / floor
+    # a ratio from (near) zero is unbounded: -100 % .. +1000 % says all a reader or a tree needs
+    return float(np.clip((now - before) / max(abs(before), 1e-6), -1.0, MAX_RELATIVE_CHANGE))
 
 
 def _movement(cell: str, kpi: str, unit: str, row: np.ndarray, times: Sequence[float | None], site_now) -> Movement:
@@ -265,7 +267,7 @@ def _flags(cell: str, rows: dict[str, np.ndarray], times) -> CellFlags:
             i = both[-1]
             ratio = float(fail[i] / req[i])
     return CellFlags(
-        cell, prb_saturated=prb is not None and prb >= PRB_SATURATED_PCT,
+        cell, prb_saturated=prb is not None and prb >= PRB_SATURATED_PCT, prb_pct=prb,
         bler_high=bler is not None and bler > BLER_TARGET_PCT, ho_fail_ratio=ratio, silent=silent,
         silent_since=silent_since,
     )  # fmt: skip
@@ -324,6 +326,10 @@ def render_movement(m: Movement, name: str | None = None) -> str:
     sep = "" if unit in ("%", "") else " "
     if m.absolute:
         delta = f"{'+' if m.change >= 0 else '−'}{_number(abs(m.change))}{' points' if unit == '%' else sep + unit}"
+    elif m.before == 0:
+        delta = "from 0"
+    elif m.change >= MAX_RELATIVE_CHANGE:
+        delta = f"over +{MAX_RELATIVE_CHANGE * 100:.0f}%"
     else:
         delta = f"{'+' if m.change >= 0 else '−'}{abs(m.change) * 100:.0f}%"
     return f"{cell} {m.kpi} {_number(before)} → {_number(now)}{sep}{unit} ({delta})"
