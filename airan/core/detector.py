@@ -5,7 +5,7 @@ evaluation reports and evidence the language model sees. A request-level
 answer comes from the per-cell probabilities by `decide`, a pure function.
 The trees are a LightGBM text model (diffable, no pickle) with a temperature
 fitted on the development set, so its probabilities are calibrated.
-Training lives in the factory (`airan model build netops-detector`).
+Training lives in the factory (`airan model build-detector`).
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ class Detector:
         if tuple(manifest["labels"]) != LABELS or tuple(manifest["features"]) != FEATURE_NAMES:
             raise ValueError(
                 f"{directory} was trained on other labels or features than this airan has: "
-                "rebuild it with `airan model build netops-detector`"
+                "rebuild it with `airan model build-detector`"
             )
         booster = lightgbm.Booster(model_str=(directory / MODEL_FILE).read_text())
         return Detector(booster, manifest["temperature"], manifest)

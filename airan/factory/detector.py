@@ -4,7 +4,7 @@ One row per cell of a case, labelled with the cause of the event on that cell
 (NORMAL otherwise). Rounds stop early on the DEV set; a temperature fitted on
 DEV makes the probabilities calibrated (expected calibration error before and
 after is recorded). Deterministic for a seed and thread count. The committed
-model lives in airan/store/detector/ (`airan model build netops-detector
+model lives in airan/store/detector/ (`airan model build-detector
 --export airan/store/detector`).
 """
 from __future__ import annotations
@@ -125,7 +125,7 @@ def train_detector(work: Path, recipe: DetectorRecipe, show_progress: bool = Tru
         "dev_ece": {"raw": round(expected_calibration_error(softmax(raw), yd), 4),
                     "calibrated": round(expected_calibration_error(calibrated, yd), 4)},  # fmt: skip
         "build_seconds": round(time.perf_counter() - started, 1),
-        "rebuild_command": f"airan model build {DETECTOR_NAME} --export airan/store/detector",
+        "rebuild_command": "airan model build-detector --export airan/store/detector",
     }
     return facts
 
