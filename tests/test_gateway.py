@@ -254,3 +254,20 @@ async def test_an_answer_cut_by_max_tokens_loses_only_its_unfinished_citation(ga
     gw, _ = gateway({"r1": ("bs-01", replica)})
     ans = await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS), request_id=call_id())
     assert ans.finish_reason == "length" and ans.diagnosis.cited_kpis == ("RRU.PrbTotDl",)
+
+
+def test_the_answer_grammar_allows_distinct_cells_and_citations_in_order_only():
+    import re
+
+    from airan.core.causes import CAUSES
+    from airan.core.diagnosis import AnswerGrammar
+
+    g = AnswerGrammar(tuple(CAUSES), ("A", "B", "C"), ("RRU.PrbTotDl", "TB.BlerDl", "L1M.SS-SINR", "DRB.UEThpDl"))
+    ok = re.compile(g.regex()).fullmatch
+    assert ok("CONGESTION A,C; RRU.PrbTotDl, L1M.SS-SINR") and ok("NORMAL") and ok("INTERFERENCE B")
+    for bad in ("CONGESTION A,A", "CONGESTION B,A", "CONGESTION A; TB.BlerDl, TB.BlerDl", "NORMAL A",
+                "CONGESTION A; RRU.PrbTotDl, TB.BlerDl, L1M.SS-SINR, DRB.UEThpDl"):  # fmt: skip
+        assert not ok(bad), bad
+    assert 'cells ::= "A" | "B" | "C" | "A,B" | "A,C" | "B,C" | "A,B,C"' in g.gbnf()
+    many = AnswerGrammar(tuple(CAUSES), tuple("ABCDEFGHJK"))  # past 8 cells: any letters, bounded count
+    assert re.compile(many.regex()).fullmatch("CONGESTION K,A")

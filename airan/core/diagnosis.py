@@ -165,6 +165,7 @@ def cause_from_text(text: str) -> str:
 COMPACT_PROMPT_VERSION = "netops-v3"
 ALIASES = "ABCDEFGHJKLMNPQRSTUVWXYZ"  # no I or O: they read like 1 and 0
 MAX_CITED_KPIS = 3
+MAX_LISTED_CELLS = 8  # up to 8 cells the grammar lists every ordered subset (162 at most)
 COMPACT_RATIONALE_CHARS = 240  # up to three evidence lines
 # budgets: a brief answer is a cause and a few aliases; a full one adds up to three KPI names
 BRIEF_MAX_TOKENS = 16
@@ -184,36 +185,55 @@ class AnswerGrammar:
     aliases: tuple[str, ...]
     kpis: tuple[str, ...] = ()  # citable KPI names (those in the evidence); empty = a brief answer
 
+    # Cells and citations are distinct and in the prompt's order: a model decoding greedily under a
+    # grammar that allowed repeats ran every answer to its longest form ("A,A,A,A"), a decode step each.
+    def cell_lists(self) -> list[str]:
+        return _ordered_subsets(self.aliases, MAX_AFFECTED_CELLS, ",")
+
+    def citation_lists(self) -> list[str]:
+        return _ordered_subsets(self.kpis, MAX_CITED_KPIS, ", ")
+
     def regex(self) -> str:
         import re
 
+        def alt(words) -> str:
+            return "(" + "|".join(re.escape(w) for w in words) + ")"
+
         events = [c for c in self.causes if c not in ("NORMAL", "UNKNOWN")]
         plain = [c for c in self.causes if c in ("NORMAL", "UNKNOWN")]
-        alias = f"[{''.join(self.aliases)}]"
-        cells = f" {alias}(,{alias}){{0,{MAX_AFFECTED_CELLS - 1}}}" if self.aliases else ""
-        cite = ""
-        if self.kpis:
-            kpi = "(" + "|".join(re.escape(k) for k in self.kpis) + ")"
-            cite = f"(; {kpi}(, {kpi}){{0,{MAX_CITED_KPIS - 1}}})?"
-        return "(" + "|".join([*plain, f"({'|'.join(events)}){cells}{cite}"]) + ")"
+        if len(self.aliases) > MAX_LISTED_CELLS:  # too many subsets to list: any letters (rare: > 8 cells)
+            letter = alt(self.aliases)
+            cells = f" {letter}(,{letter}){{0,{MAX_AFFECTED_CELLS - 1}}}"
+        else:
+            cells = f" {alt(self.cell_lists())}" if self.aliases else ""
+        cite = f"(; {alt(self.citation_lists())})?" if self.kpis else ""
+        return "(" + "|".join([*plain, f"{alt(events)}{cells}{cite}"]) + ")"
 
     def gbnf(self) -> str:
         """The same language as a llama.cpp GBNF grammar."""
 
         def alt(words) -> str:
-            return " | ".join(f'"{w}"' for w in words)
+            return " | ".join(json.dumps(w) for w in words)
 
         events = [c for c in self.causes if c not in ("NORMAL", "UNKNOWN")]
         plain = [c for c in self.causes if c in ("NORMAL", "UNKNOWN")]
-        event = "cause" + (" cells" if self.aliases else "") + (" cite?" if self.kpis else "")
+        event = "cause" + (' " " cells' if self.aliases else "") + (' ("; " cite)?' if self.kpis else "")
         lines = [f"root ::= {alt(plain)} | event", f"event ::= {event}", f"cause ::= {alt(events)}"]
-        if self.aliases:
+        if len(self.aliases) > MAX_LISTED_CELLS:
             more = ' ("," alias)?' * (MAX_AFFECTED_CELLS - 1)
-            lines += [f'cells ::= " " alias{more}', f"alias ::= {alt(self.aliases)}"]
+            lines += [f"cells ::= alias{more}", f"alias ::= {alt(self.aliases)}"]
+        elif self.aliases:
+            lines.append(f"cells ::= {alt(self.cell_lists())}")
         if self.kpis:
-            more = ' (", " kpi)?' * (MAX_CITED_KPIS - 1)
-            lines += [f'cite ::= "; " kpi{more}', f"kpi ::= {alt(self.kpis)}"]
+            lines.append(f"cite ::= {alt(self.citation_lists())}")
         return "\n".join(lines) + "\n"
+
+
+def _ordered_subsets(items: tuple[str, ...], most: int, sep: str) -> list[str]:
+    """Every non-empty subset of up to `most` items, each in the items' order, joined by `sep`."""
+    from itertools import combinations
+
+    return [sep.join(c) for n in range(1, min(most, len(items)) + 1) for c in combinations(items, n)]
 
 
 @dataclass(frozen=True)
