@@ -89,7 +89,8 @@ class Detector:
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """(n, len(LABELS)) calibrated probabilities for rows of cell features."""
-        raw = self.booster.predict(np.atleast_2d(features), raw_score=True)
+        # one thread: a few rows take microseconds, while OpenMP threads would wait on cores vLLM holds
+        raw = self.booster.predict(np.atleast_2d(features), raw_score=True, num_threads=1)
         return softmax(np.asarray(raw, dtype=np.float64) / self.temperature)
 
     def predict(self, evidence: Evidence, asked_cells: Sequence[str] = ()) -> DetectorAnswer:
