@@ -151,17 +151,16 @@ def test_loss_covers_only_the_target_and_the_end_of_turn(renderer, examples):
         assert ex.input_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
 
 
+@pytest.mark.slow
 def test_the_longest_targets_fit_the_servers_max_tokens_on_smollm2():
     """A target cut by max_tokens would teach an answer the server never lets finish."""
     from transformers import AutoTokenizer
 
     from airan.core.diagnosis import ALIASES, MAX_AFFECTED_CELLS, compact_text
     from airan.core.evidence import KNOWN_KPIS
-    from airan.store.registry import find_prepared_smollm2
+    from airan.factory.smollm2 import prepare_smollm2
 
-    path = find_prepared_smollm2()
-    if path is None:
-        pytest.skip("SmolLM2 is not prepared (airan model prepare smollm2)")
+    path = prepare_smollm2(show_progress=False)  # reused when prepared (CI prepares it once, ~30 s)
     tok = AutoTokenizer.from_pretrained(str(path))
     cells = tuple(f"c{k}" for k in range(MAX_AFFECTED_CELLS))
     aliases = dict(zip(cells, ALIASES))
