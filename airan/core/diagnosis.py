@@ -194,10 +194,8 @@ class AnswerGrammar:
         return _ordered_subsets(self.kpis, MAX_CITED_KPIS, ", ")
 
     def regex(self) -> str:
-        import re
-
         def alt(words) -> str:
-            return "(" + "|".join(re.escape(w) for w in words) + ")"
+            return "(" + "|".join(_regex_literal(w) for w in words) + ")"
 
         events = [c for c in self.causes if c not in ("NORMAL", "UNKNOWN")]
         plain = [c for c in self.causes if c in ("NORMAL", "UNKNOWN")]
@@ -227,6 +225,11 @@ class AnswerGrammar:
         if self.kpis:
             lines.append(f"cite ::= {alt(self.citation_lists())}")
         return "\n".join(lines) + "\n"
+
+
+def _regex_literal(text: str) -> str:
+    """Escape what is special in a regex, and nothing else (xgrammar warns on escaped spaces)."""
+    return "".join("\\" + ch if ch in ".^$*+?{}[]\\|()" else ch for ch in text)
 
 
 def _ordered_subsets(items: tuple[str, ...], most: int, sep: str) -> list[str]:
