@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import numpy as np
+from tqdm import tqdm
 
 from airan.core.causes import CAUSES, EVENT_KINDS, LABELS
 from airan.evaluation.dataset import EvalItem, KpiRow
@@ -195,14 +196,17 @@ def _questions(settings: CaseSettings, site_question: bool) -> tuple[str, ...]:
     return SITE_QUESTIONS_TRAIN if site_question else CELL_QUESTIONS_TRAIN
 
 
-def build_cases(n_items: int, set_seed: int, settings: CaseSettings = STANDARD, name: str = "") -> list[EvalItem]:
-    """`n_items` cases, labels in turn (balanced), case i from seed set_seed * SEEDS_PER_SET + i."""
+def build_cases(
+    n_items: int, set_seed: int, settings: CaseSettings = STANDARD, name: str = "", progress: str | None = None
+) -> list[EvalItem]:
+    """`n_items` cases, labels in turn (balanced), case i from seed set_seed * SEEDS_PER_SET + i;
+    `progress`: a bar with that label (thousands of cases take seconds)."""
     if not 0 <= n_items <= SEEDS_PER_SET:
         raise ValueError(f"n_items must be within 0..{SEEDS_PER_SET}")
     prefix = name or f"s{set_seed}"
     return [
         build_case(set_seed * SEEDS_PER_SET + i, LABELS[i % len(LABELS)], f"{prefix}-{i:05d}", settings)
-        for i in range(n_items)
+        for i in tqdm(range(n_items), desc=progress, disable=progress is None, unit="case")
     ]
 
 

@@ -109,15 +109,15 @@ def detector_predictions(items: Sequence[EvalItem], queries: Sequence, detector,
 
 
 def load_packaged_detector():
-    from airan.core.detector import MODEL_FILE, Detector
-    from airan.store.registry import PACKAGED_DETECTOR
+    from airan.store.registry import PACKAGED_DETECTOR, packaged_detector
 
-    if not (PACKAGED_DETECTOR / MODEL_FILE).is_file():
+    detector = packaged_detector()
+    if detector is None:
         raise FileNotFoundError(
             f"no packaged detector at {PACKAGED_DETECTOR}: build it with "
             "`airan model build-detector --export airan/store/detector`, or leave out the detector method"
         )
-    return Detector.load(PACKAGED_DETECTOR)
+    return detector
 
 
 # --- served models through gRPC ------------------------------------------------------------------------

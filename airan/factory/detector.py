@@ -21,7 +21,7 @@ from airan.core.causes import LABELS
 from airan.core.detector import MODEL_FILE, decide, softmax
 from airan.core.evidence import FEATURE_NAMES, cell_features, compute_evidence
 from airan.core.query import KpiSample
-from airan.evaluation.cases import DEV_SEED, TRAIN_SEED, build_case
+from airan.evaluation.cases import DEV_SEED, TRAIN_SEED, build_cases
 from airan.evaluation.dataset import EvalItem
 from airan.evaluation.metrics import macro_f1
 from airan.factory.buildonce import build_once
@@ -59,15 +59,6 @@ def cell_rows(items: list[EvalItem], progress: str | None = None) -> tuple[np.nd
     return np.asarray(X, np.float32), np.asarray(y, np.int32), spans
 
 
-def cases(n: int, set_seed: int, progress: str | None) -> list[EvalItem]:
-    from airan.evaluation.cases import SEEDS_PER_SET
-
-    return [
-        build_case(set_seed * SEEDS_PER_SET + i, LABELS[i % len(LABELS)], f"{set_seed}-{i:05d}")
-        for i in tqdm(range(n), desc=progress, disable=progress is None, unit="case")
-    ]
-
-
 def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
     conf = probs.max(axis=1)
     correct = probs.argmax(axis=1) == y
@@ -85,8 +76,8 @@ def train_detector(work: Path, recipe: DetectorRecipe, show_progress: bool = Tru
 
     started = time.perf_counter()
     progress = (lambda s: s) if show_progress else (lambda s: None)
-    train = cases(recipe.train_items, TRAIN_SEED, progress("train cases"))
-    dev = cases(recipe.dev_items, DEV_SEED, progress("dev cases"))
+    train = build_cases(recipe.train_items, TRAIN_SEED, progress=progress("train cases"))
+    dev = build_cases(recipe.dev_items, DEV_SEED, progress=progress("dev cases"))
     X, y, _ = cell_rows(train, progress("train features"))
     Xd, yd, dev_spans = cell_rows(dev, progress("dev features"))
     params = dict(

@@ -18,8 +18,8 @@ from airan.serving.cluster.replicas import RayReplicaPool
 from airan.serving.cluster.sites import SiteCluster
 from airan.config import AiranConfig
 from airan.serving.gateway import Gateway
-from airan.core.detector import MODEL_FILE, Detector
-from airan.store.registry import PACKAGED_DETECTOR, materialize
+from airan.core.detector import Detector
+from airan.store.registry import PACKAGED_DETECTOR, materialize, packaged_detector
 from airan.core.prompting import PromptRenderer
 from airan.serving.sites import SiteRegistry
 from airan.v1 import control_pb2, control_pb2_grpc, netops_pb2, netops_pb2_grpc
@@ -136,7 +136,7 @@ class ControlPlane:
 
 def load_detector() -> Detector | None:
     """The packaged fast detector, or None (diagnosis prompts then carry the KPI evidence only)."""
-    if not (PACKAGED_DETECTOR / MODEL_FILE).is_file():
+    detector = packaged_detector()
+    if detector is None:
         log.warning("no detector at %s: run `airan model build-detector --export airan/store/detector`", PACKAGED_DETECTOR)
-        return None
-    return Detector.load(PACKAGED_DETECTOR)
+    return detector

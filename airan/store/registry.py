@@ -303,3 +303,12 @@ def cached_models() -> list[Path]:
     return sorted(
         d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and (d / "config.json").is_file()
     )
+
+
+def packaged_detector():
+    """The committed fast detector (`airan.core.detector.Detector`), or None where it was not built."""
+    from airan.core.detector import MODEL_FILE, Detector
+
+    if not (PACKAGED_DETECTOR / MODEL_FILE).is_file():
+        return None
+    return Detector.load(PACKAGED_DETECTOR)
