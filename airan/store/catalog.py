@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from airan.config import CatalogEntry
+from airan.core.placement import family  # noqa: F401 - the family relation lives with the planner
 
 MB = 1e6
 NOT_SERVED_BY_AIRAN = ("llama.cpp",)  # the benchmark's peer runtime, not a replica airan can place
@@ -47,21 +48,6 @@ def entries_from_report(report: Mapping) -> dict[str, CatalogEntry]:
         )
         for rank, r in enumerate(ranked, start=1)
     }
-
-
-def family(catalog: Mapping[str, CatalogEntry], model: str) -> list[str]:
-    """`model` and every variant built from it, directly or from one of its variants."""
-
-    def descends(name: str) -> bool:
-        for _ in range(len(catalog) + 1):  # bounded: a parent cycle in a hand-edited file ends here
-            if name == model:
-                return True
-            if name not in catalog or catalog[name].parent is None:
-                return False
-            name = catalog[name].parent
-        return False
-
-    return [name for name in catalog if descends(name)]
 
 
 def pick_variant(
