@@ -134,7 +134,14 @@ class ScorerSpec(_Strict):
     weight: Annotated[float, Field(ge=0)] = 1.0
 
 
+RouterPolicyName = Literal["least_loaded", "round_robin", "radio_first"]
+
+
 class RouterConfig(_Strict):
+    # least_loaded: filters and weighted scorers on the last radio report (no forecast, no caps);
+    # round_robin: the same filters, replicas in turn; radio_first: the forecast headroom bounds each
+    # replica's admitted concurrency and caps its real CPU use, lighter variants as headroom shrinks
+    policy: RouterPolicyName = "least_loaded"
     filters: list[Literal["ready", "site_active", "model"]] = ["ready", "site_active", "model"]
     scorers: list[ScorerSpec] = Field(
         default_factory=lambda: [
@@ -162,6 +169,23 @@ class RadioConfig(_Strict):
 
     # below this AI headroom (1 - RAN compute share) a site takes no new queries
     min_ai_headroom: Annotated[float, Field(ge=0, le=1)] = 0.15
+    # router.policy radio_first: the radio's share is forecast at this quantile over the next
+    # control interval (trend of the last forecast_window_s plus earlier days' time-of-day profile)
+    forecast_quantile: Annotated[float, Field(ge=0.5, lt=1)] = 0.99
+    # the interval the forecast covers, in the radio's clock (ReportRanLoad times)
+    forecast_horizon_s: Annotated[float, Field(gt=0)] = 10.0
+    forecast_window_s: Annotated[float, Field(gt=0)] = 600.0
+    # no ReportRanLoad for this long: the radio is assumed to need the whole site
+    stale_after_s: Annotated[float, Field(gt=0)] = 60.0
+    # share of a site's cpus kept free beyond the forecast
+    headroom_margin: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    # how often caps, admitted concurrency and variants follow the forecast
+    control_interval_s: Annotated[float, Field(gt=0)] = 2.0
+    # swap replicas to lighter catalog variants when the headroom shrinks (and back, after
+    # swap_hold_s with swap_hysteresis to spare); off: the site drains instead
+    swap_variants: bool = True
+    swap_hysteresis: Annotated[float, Field(ge=0)] = 0.25
+    swap_hold_s: Annotated[float, Field(ge=0)] = 30.0
 
 
 class ServerConfig(_Strict):
