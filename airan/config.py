@@ -130,8 +130,38 @@ class ReplicaSpec(_Strict):
 
 
 class ScorerSpec(_Strict):
-    type: Literal["least_loaded", "kv_cache", "site_locality"]
+    type: Literal["least_loaded", "kv_cache", "site_locality", "predicted_latency"]
     weight: Annotated[float, Field(ge=0)] = 1.0
+
+
+class QueueBounds(_Strict):
+    """Requests that may wait for a slot at one replica, per priority class."""
+
+    near_rt: Annotated[int, Field(ge=0)] = 8
+    non_rt: Annotated[int, Field(ge=0)] = 16
+    best_effort: Annotated[int, Field(ge=0)] = 32
+
+
+class AdmissionConfig(_Strict):
+    """Deadline-feasible admission and the per-replica queues (airan/core/admission.py)."""
+
+    # requests one replica runs at once (the engine's batch); 0 = engine.max_num_seqs
+    slots: Annotated[int, Field(ge=0)] = 0
+    queue_bounds: QueueBounds = QueueBounds()
+    # waiting requests per replica in all classes; past it a higher class sheds BEST_EFFORT first
+    max_waiting: Annotated[int, Field(ge=0)] = 32
+    # weight of a new observation in the smoothed (EWMA) prefill and decode rates
+    smoothing: Annotated[float, Field(gt=0, le=1)] = 0.2
+    # rates assumed until a replica has finished its first request
+    prior_prefill_tok_s: Annotated[float, Field(gt=0)] = 2000.0
+    prior_decode_tok_s: Annotated[float, Field(gt=0)] = 25.0
+    # each extra request in the engine's batch slows a stream's decode by this share
+    batch_slowdown: Annotated[float, Field(ge=0)] = 0.1
+    # predictions are multiplied by this before they are compared with a deadline
+    margin: Annotated[float, Field(ge=1)] = 1.1
+    # answer a diagnosis with the fast detector when no replica can in time, for requests that do
+    # not say (AskRequest.detector_fallback)
+    detector_fallback: bool = False
 
 
 RouterPolicyName = Literal["least_loaded", "round_robin", "radio_first"]
@@ -142,16 +172,22 @@ class RouterConfig(_Strict):
     # round_robin: the same filters, replicas in turn; radio_first: the forecast headroom bounds each
     # replica's admitted concurrency and caps its real CPU use, lighter variants as headroom shrinks
     policy: RouterPolicyName = "least_loaded"
-    filters: list[Literal["ready", "site_active", "model"]] = ["ready", "site_active", "model"]
+    # deadline: admit only where the predicted answer meets the request's deadline (else refuse at
+    # once); preferred_site: a request with a deadline stays on the site it names while that site can
+    filters: list[Literal["ready", "site_active", "model", "deadline", "preferred_site"]] = [
+        "ready", "site_active", "model", "deadline", "preferred_site"
+    ]
     scorers: list[ScorerSpec] = Field(
         default_factory=lambda: [
             ScorerSpec(type="least_loaded", weight=1.0),
+            ScorerSpec(type="predicted_latency", weight=1.0),
             ScorerSpec(type="site_locality", weight=1.0),
         ]
     )
     # a replica with this many requests in flight counts as fully loaded
     saturation_in_flight: Annotated[int, Field(ge=1)] = 16
     stats_interval_s: Annotated[float, Field(gt=0)] = 0.5
+    admission: AdmissionConfig = AdmissionConfig()
 
 
 class LimitsConfig(_Strict):

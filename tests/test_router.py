@@ -16,6 +16,7 @@ from airan.core.routing import (
     SiteView,
 )
 from airan.core.routing.scorers import KvCacheScorer, LeastLoadedScorer, SiteLocalityScorer
+from airan.core.routing.table import DecisionState, ReplicaTable
 
 SITES = {
     "bs-01": SiteView("bs-01", latency_ms={"xapp": 1.0}),
@@ -94,9 +95,10 @@ def test_surged_site_is_skipped_but_others_serve():
 def test_scorers_table():
     reps = [replica("a", "bs-01", waiting=8, kv_cache_usage=0.25), replica("b", "bs-03", in_flight=20)]
     c = ctx(["bs-01"])
-    np.testing.assert_allclose(LeastLoadedScorer(saturation=16).score(c, reps), [0.5, 0.0])
-    np.testing.assert_allclose(KvCacheScorer().score(c, reps), [0.75, 1.0])
-    loc = SiteLocalityScorer(latency_scale_ms=10).score(c, reps)
+    table, every, state = ReplicaTable(reps, SITES), np.ones(2, dtype=bool), DecisionState()
+    np.testing.assert_allclose(LeastLoadedScorer(saturation=16).score(c, table, every, state), [0.5, 0.0])
+    np.testing.assert_allclose(KvCacheScorer().score(c, table, every, state), [0.75, 1.0])
+    loc = SiteLocalityScorer(latency_scale_ms=10).score(c, table, every, state)
     assert loc[0] == 1.0 and 0 < loc[1] < 0.5
 
 

@@ -1,25 +1,25 @@
-"""Scorers rate each remaining replica in [0, 1]; the router sums them by weight.
+"""Scorers rate each replica in [0, 1]; the router sums them by weight.
 
-Scores are numpy arrays aligned with the replica list. The gateway's router
-runs them, as `router.scorers` in the config names them; the simulator does
-not: `airan sim replay` sends its traffic to a running control plane, whose
-router scores the replicas.
+Scores are numpy arrays aligned with the table's replicas (only the eligible
+ones' values are read). The gateway's router runs them, as `router.scorers` in
+the config names them; the simulator does not: `airan sim replay` sends its
+traffic to a running control plane, whose router scores the replicas.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
-from airan.core.routing.types import ReplicaView, RoutingContext
+from airan.core import admission
+from airan.core.routing.table import DecisionState, ReplicaTable
+from airan.core.routing.types import RoutingContext
 
 
 class Scorer(Protocol):
     name: str
 
-    def score(self, ctx: RoutingContext, replicas: Sequence[ReplicaView]) -> np.ndarray: ...
+    def score(self, ctx: RoutingContext, table: ReplicaTable, eligible: np.ndarray, state: DecisionState) -> np.ndarray: ...
 
 
 class LeastLoadedScorer:
@@ -30,9 +30,8 @@ class LeastLoadedScorer:
     def __init__(self, saturation: int = 16) -> None:
         self.saturation = saturation
 
-    def score(self, ctx, replicas):
-        depth = np.array([r.queue_depth for r in replicas], dtype=float)
-        return 1.0 - np.minimum(depth, self.saturation) / self.saturation
+    def score(self, ctx, table, eligible, state):
+        return 1.0 - np.minimum(table.queue_depth, self.saturation) / self.saturation
 
 
 class KvCacheScorer:
@@ -40,8 +39,8 @@ class KvCacheScorer:
 
     name = "kv_cache"
 
-    def score(self, ctx, replicas):
-        return 1.0 - np.clip([r.kv_cache_usage for r in replicas], 0.0, 1.0)
+    def score(self, ctx, table, eligible, state):
+        return 1.0 - np.clip(table.kv_cache_usage, 0.0, 1.0)
 
 
 class SiteLocalityScorer:
@@ -56,19 +55,34 @@ class SiteLocalityScorer:
     def __init__(self, latency_scale_ms: float = 10.0) -> None:
         self.latency_scale_ms = latency_scale_ms
 
-    def score(self, ctx, replicas):
+    def score(self, ctx, table, eligible, state):
         request = ctx.request
-        out = np.empty(len(replicas))
-        for i, r in enumerate(replicas):
-            if request.site_ids and r.site_id == request.site_ids[0]:
-                out[i] = 1.0
-            elif r.site_id in request.site_ids:
-                out[i] = 0.8
-            else:
-                site = ctx.sites.get(r.site_id)
-                latency = site.latency_ms.get(request.controller_id) if site else None
-                out[i] = 0.1 if latency is None else 0.5 * math.exp(-latency / self.latency_scale_ms)
+        out = table.locality_base(request.controller_id, self.latency_scale_ms)
+        if not request.site_ids:
+            return out
+        out = out.copy()
+        for site_id in request.site_ids[:0:-1]:  # later names first, so the first one wins a repeat
+            out[table.site_of == table.site_index(site_id)] = 0.8
+        out[table.site_of == table.site_index(request.site_ids[0])] = 1.0
         return out
 
 
-SCORERS: dict[str, type] = {s.name: s for s in (LeastLoadedScorer, KvCacheScorer, SiteLocalityScorer)}
+class PredictedLatencyScorer:
+    """Prefer the replica predicted to answer first (airan/core/admission.py's model):
+    the fastest eligible one scores 1, one predicted to take twice as long 0.5. A tenth of a
+    second is added to every prediction, so a few milliseconds of network between otherwise
+    equal replicas do not outweigh the site the request names."""
+
+    name = "predicted_latency"
+    FLOOR_S = 0.1
+
+    def score(self, ctx, table, eligible, state):
+        predicted = state.predicted_s if state.predicted_s is not None else admission.predict_s(ctx, table)
+        predicted = predicted + self.FLOOR_S
+        best = np.min(predicted, where=eligible, initial=np.inf)
+        return best / predicted
+
+
+SCORERS: dict[str, type] = {
+    s.name: s for s in (LeastLoadedScorer, KvCacheScorer, SiteLocalityScorer, PredictedLatencyScorer)
+}

@@ -19,6 +19,14 @@ class Priority(str, Enum):
     NON_RT = "non_rt"
     BEST_EFFORT = "best_effort"
 
+    @property
+    def rank(self) -> int:
+        """Service order: 0 (NEAR_RT) before 1 (NON_RT) before 2 (BEST_EFFORT)."""
+        return _RANK[self]
+
+
+_RANK = {Priority.NEAR_RT: 0, Priority.NON_RT: 1, Priority.BEST_EFFORT: 2}
+
 
 @dataclass(frozen=True)
 class ReplicaView:
@@ -31,6 +39,11 @@ class ReplicaView:
     waiting: int = 0  # engine-reported
     kv_cache_usage: float = 0.0
     adapters: frozenset[str] = frozenset()  # LoRA adapters held on top of `model`
+    # radio first (airan/core/headroom.py): requests it may hold at once for its site's forecast AI
+    # headroom (None: no limit) and the CPUs its real use is capped to (None: not capped)
+    max_concurrency: int | None = None
+    cpu_cap: float | None = None
+    variant: str = ""  # the catalog variant it serves under `model`'s name ("" = `model` itself)
 
     def serves(self, model: str) -> bool:
         return model == self.model or model in self.adapters
@@ -47,6 +60,10 @@ class SiteView:
     drained: bool = False
     ai_headroom: float = 1.0  # 1 - share of compute the radio needs
     latency_ms: Mapping[str, float] = field(default_factory=dict)  # controller -> ms
+    # radio first: CPUs the AI may use over the next control interval (capacity - forecast radio
+    # share - margin; None: not forecast), and why the site takes no AI work when it is surged
+    headroom_cpus: float | None = None
+    surge_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,10 @@ class RoutingRequest:
     priority: Priority = Priority.BEST_EFFORT
     prompt_tokens: int = 0
     max_tokens: int = 0
+    # admission: the absolute deadline (monotonic seconds; None = none) and the tokens its answer is
+    # expected to take (the prediction's decode length; max_tokens when the gateway knows no better)
+    deadline: float | None = None
+    expected_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,3 +86,4 @@ class RoutingContext:
     request: RoutingRequest
     sites: Mapping[str, SiteView]
     min_ai_headroom: float = 0.0
+    now: float = 0.0  # monotonic seconds of the decision; the deadline filter measures budgets from it
