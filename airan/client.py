@@ -45,8 +45,10 @@ def build_request(
     diagnosis: bool = False,
     model: str = "",
     recent_events: Iterable[str] = (),
+    retrieval: bool = True,
 ) -> netops_pb2.AskRequest:
-    """`deadline_s` is a budget from now, carried as an absolute deadline in the request."""
+    """`deadline_s` is a budget from now, carried as an absolute deadline in the request;
+    `retrieval=False` asks a free-text answer without knowledge passages (an evaluation baseline)."""
     request = netops_pb2.AskRequest(
         controller_id=controller_id,
         site_ids=list(site_ids),
@@ -60,6 +62,7 @@ def build_request(
         response_mode=netops_pb2.DIAGNOSIS if diagnosis else netops_pb2.FREE_TEXT,
         model=model,
         recent_events=list(recent_events),
+        no_retrieval=not retrieval,
     )
     if deadline_s is not None:
         deadline = Timestamp()

@@ -197,12 +197,27 @@ async def test_diagnosis_stream_sends_only_the_checked_answer(gateway):
     assert len(events) == 1 and events[0].diagnosis.cause == "CONGESTION"
 
 
-async def test_oldest_kpi_rows_are_dropped_to_fit_and_reported(gateway):
+async def test_free_text_passages_are_dropped_to_fit_and_reported(gateway):
     gw, _ = gateway()
     kpis = tuple(KpiSample("DRB.UEThpDl", 100.0 + i, "kbit/s", "bs-01/c1", 1000.0 + i) for i in range(60))
-    ans = await gw.ask(q(kpis=kpis, max_tokens=8), request_id=call_id())
-    assert ans.prompt.context_rows == 60 and 0 < ans.prompt.context_rows_dropped < 60
-    assert ans.prompt_tokens <= 1024 - 8
+    question = "What does DRB.UEThpDl measure and why does throughput fall in congestion?"
+    roomy = await gw.ask(q(question, kpis=kpis, max_tokens=8), request_id=call_id())
+    assert roomy.prompt.version == "qa-v1" and roomy.prompt.context_rows == 5  # the evidence + 4 retrieved
+    assert [c.passage_id for c in roomy.prompt.passages[:2]] == ["evidence", "kpi:DRB.UEThpDl"]
+    tight = await gw.ask(q(question, kpis=kpis, max_tokens=780), request_id=call_id())
+    assert tight.prompt.context_rows == 5
+    assert roomy.prompt.context_rows_dropped < tight.prompt.context_rows_dropped < 5
+    assert tight.prompt_tokens <= 1024 - 780
+
+
+async def test_free_text_answer_cites_only_passages_shown_for_it(gateway):
+    text = "It counts PRBs [kpi:RRU.PrbUsedDl], see [kpi:RRU.PrbUsedDl] and [kpi:Made.UpKpi] [cause:CONGESTION]"
+    gw, _ = gateway({"r1": ("bs-01", FakeReplica(answers=[text]))})
+    ans = await gw.ask(q("What does RRU.PrbUsedDl measure?", max_tokens=64), request_id=call_id())
+    shown = [c.passage_id for c in ans.prompt.passages]
+    assert shown[0] == "kpi:RRU.PrbUsedDl" and "cause:CONGESTION" not in shown
+    assert [c.passage_id for c in ans.citations] == ["kpi:RRU.PrbUsedDl"]
+    assert ans.citations_dropped == 2 and ans.citations[0].title and ans.citations[0].score > 0
 
 
 async def test_a_request_id_being_streamed_is_not_computed_twice(gateway):

@@ -34,7 +34,9 @@ def test_rows_are_grouped_per_cell_and_time_oldest_first():
     n_rows=st.integers(0, 80),
     budget=st.integers(120, 1500),
 )
-def test_budget_keeps_the_question_and_the_newest_rows(renderer, question, n_rows, budget):
+def test_budget_keeps_the_question_and_the_most_relevant_passages(renderer, question, n_rows, budget):
+    from airan.core.prompting import free_text_candidates
+
     kpis = tuple(
         KpiSample(KPI_NAMES[i % 5], float(i), "", f"bs-01/c{i % 3 + 1}", 1000.0 + i) for i in range(n_rows)
     )
@@ -43,17 +45,17 @@ def test_budget_keeps_the_question_and_the_newest_rows(renderer, question, n_row
         prompt = renderer.render(query, budget)
     except AiranError as e:  # only when the question alone cannot fit
         assert "question alone" in e.message
-        assert len(renderer.render(Query(question=question, request_id="r"), 10**6).token_ids) > budget
+        assert len(renderer.render(Query(question=question, request_id="r", retrieval=False), 10**6).token_ids) > budget
         return
     assert len(prompt.token_ids) <= budget
     text = renderer.tokenizer.decode(prompt.token_ids)
     assert question.strip() in text or question in text
-    kept = prompt.context_rows - prompt.context_rows_dropped
-    rows = kpi_rows(kpis)
-    # the kept rows are exactly the newest ones
-    assert all(r in text for r in rows[len(rows) - kept :])
-    if prompt.context_rows_dropped:
-        assert rows[len(rows) - kept - 1] not in text
+    candidates, _ = free_text_candidates(query, renderer.index)
+    shown = [c.passage_id for c in prompt.passages]
+    assert prompt.context_rows == len(candidates) and prompt.context_rows_dropped == len(candidates) - len(shown)
+    assert shown == [p.id for p in candidates if p.id in shown]  # in order of relevance, the evidence first
+    for p in candidates:
+        assert (f"[{p.id}]" in text) == (p.id in shown)
 
 
 def test_diagnosis_mode_adds_the_cause_guide():

@@ -5,6 +5,11 @@ and budgeted in tokens: context rows are dropped oldest first until the prompt
 and the answer fit the model's context; the question is never dropped.
 Rendering goes through the model's own chat template, so the same code serves
 the generated tiny model and real SLMs.
+
+Free text (`qa-v1`) is grounded: the request's KPI evidence and the knowledge
+passages its question retrieves (airan/core/retrieval.py) go in under their
+ids, most relevant first, until the passage budget or the context is spent.
+`build_messages` (the KPI-row prompt) remains for the variants' calibration data.
 """
 from __future__ import annotations
 
@@ -20,6 +25,11 @@ from airan.core.diagnosis import (
     diagnosis_instructions, parse_compact, playbook_diagnosis,
 )  # fmt: skip
 from airan.core.evidence import NOTHING_MOVED, Evidence, compute_evidence
+from airan.core.knowledge import Passage, evidence_passage
+from airan.core.retrieval import (
+    FREE_TEXT_PROMPT_VERSION, PASSAGE_BUDGET_TOKENS, TOP_K, Citation, KnowledgeIndex, citations_of,
+    free_text_messages, packaged_index, select_passages,
+)  # fmt: skip
 from airan.core.query import KpiSample, Query
 from airan.core.routing.types import Priority
 from airan.errors import invalid
@@ -78,6 +88,7 @@ class RenderedPrompt:
     context_rows_dropped: int
     version: str = PROMPT_VERSION
     citable_kpis: tuple[str, ...] = ()  # compact diagnosis: KPIs named in the evidence lines shown
+    passages: tuple[Citation, ...] = ()  # free text: the passages shown, which the answer may cite
 
 
 # --- diagnosis: evidence, the detector's opinion and a compact answer -----------------------------
@@ -165,42 +176,59 @@ def citable_kpis(ctx: DiagnosisContext, n_lines: int = EVIDENCE_LINES) -> tuple[
     return tuple(dict.fromkeys(kpi for _, _, kpi in ctx.lines(n_lines) if kpi))
 
 
+FREE_TEXT_EVIDENCE_LINES = 6
+
+
+def free_text_candidates(query: Query, index: KnowledgeIndex) -> tuple[list[Passage], list]:
+    """(passages in the order they earn prompt space, the retrieval hits): the request's KPI evidence
+    first (when it sent KPIs), then the top passages its question retrieves (unless retrieval is off)."""
+    candidates = []
+    if query.kpis:
+        candidates.append(evidence_passage(compute_evidence(query.kpis).lines(FREE_TEXT_EVIDENCE_LINES)))
+    hits = index.search(query.question, TOP_K) if query.retrieval else []
+    return candidates + [h.passage for h in hits], hits
+
+
 class PromptRenderer:
     """Turns a query into prompt token ids with the model's tokenizer and chat template."""
 
-    def __init__(self, model_path: Path) -> None:
+    def __init__(self, model_path: Path, index: KnowledgeIndex | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        # built here, at server start, so no request pays for it
+        self.index = index if index is not None else packaged_index()
 
-    def _ids(self, query: Query, rows: list[tuple[str, str]]) -> list[int]:
-        return self._chat_ids(build_messages(query, rows))
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def render(self, query: Query, budget_tokens: int, diagnosis: DiagnosisContext | None = None) -> RenderedPrompt:
         if diagnosis is not None:
             return self._render_diagnosis(query, budget_tokens, diagnosis)
-        rows = context_rows(query)
-        ids = self._ids(query, rows)
-        if len(ids) <= budget_tokens:
-            return RenderedPrompt(ids, len(rows), 0)
-        # the largest number of newest rows that fits (prompt length grows with rows kept)
-        lo, hi = 0, len(rows) - 1
-        best = None
-        while lo <= hi:
-            keep = (lo + hi) // 2
-            candidate = self._ids(query, rows[len(rows) - keep :] if keep else [])
-            if len(candidate) <= budget_tokens:
-                best, lo = (keep, candidate), keep + 1
-            else:
-                hi = keep - 1
-        if best is None:
+        return self._render_free_text(query, budget_tokens)
+
+    def _render_free_text(self, query: Query, budget_tokens: int) -> RenderedPrompt:
+        """Passages in order of relevance while they fit the passage budget and the context; the
+        question is never dropped."""
+        candidates, hits = free_text_candidates(query, self.index)
+
+        def ids_for(passages: list[Passage]) -> list[int]:
+            return self._chat_ids(free_text_messages(query.question, passages, query.site_ids, query.cell_ids,
+                                                     query.recent_events))  # fmt: skip
+
+        bare = ids_for([])
+        if len(bare) > budget_tokens:
             raise invalid(
-                f"the question alone makes a {len(self._ids(query, []))}-token prompt, over the "
-                f"{budget_tokens} tokens left for it in the model's context after max_tokens: "
-                "shorten the question or lower max_tokens"
+                f"the question alone makes a {len(bare)}-token prompt, over the {budget_tokens} tokens left for "
+                "it in the model's context after max_tokens: shorten the question or lower max_tokens"
             )
-        keep, ids = best
-        return RenderedPrompt(ids, len(rows), len(rows) - keep)
+        chosen = select_passages(candidates, min(PASSAGE_BUDGET_TOKENS, budget_tokens - len(bare)), self.count_tokens)
+        ids = ids_for(chosen)
+        while len(ids) > budget_tokens and chosen:  # the template's joins may cost a few tokens more
+            chosen = chosen[:-1]
+            ids = ids_for(chosen)
+        return RenderedPrompt(ids, len(candidates), len(candidates) - len(chosen), FREE_TEXT_PROMPT_VERSION,
+                              passages=citations_of(chosen, hits))  # fmt: skip
 
     def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -39,6 +39,10 @@ class Query:
     model: str = ""
     mode: str = "free_text"  # or "diagnosis"
     recent_events: tuple[str, ...] = ()
+    # diagnosis: when no replica can answer in time, the fast detector's diagnosis instead (flagged);
+    # None = the server's default (router.admission.detector_fallback)
+    detector_fallback: bool | None = None
+    retrieval: bool = True  # free text: knowledge passages in the prompt (off only for evaluation baselines)
 
     @property
     def context_cells(self) -> list[str]:

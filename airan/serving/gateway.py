@@ -30,6 +30,7 @@ from airan.serving.engine.protocol import (
 from airan.core.detector import Detector
 from airan.core.diagnosis import Diagnosis, InvalidDiagnosis
 from airan.core.prompting import DiagnosisContext, RenderedPrompt, diagnosis_context
+from airan.core.retrieval import Citation, parse_citations
 from airan.errors import AiranError, ErrorKind
 from airan.core.query import Query, validate_query
 from airan.core.routing import ReplicaView, Router, RoutingContext, RoutingRequest
@@ -83,6 +84,8 @@ class Answer:
     prompt: RenderedPrompt | None = None
     diagnosis: Diagnosis | None = None
     attempts: int = 1
+    citations: tuple[Citation, ...] = ()  # free text: the shown passages the answer cites
+    citations_dropped: int = 0  # cited ids that were not shown for this request
 
 
 class _IdempotencyCache:
@@ -232,6 +235,9 @@ class Gateway:
         if query.mode != "diagnosis":
             params = GenerationParams(max_tokens=query.max_tokens, temperature=query.temperature, lora=lora)
             async for event in self._dispatch(query, decision.ranked, prompt, params, arrival):
+                if isinstance(event, Answer):
+                    cited, dropped = parse_citations(event.text, prompt.passages)
+                    event = replace(event, citations=cited, citations_dropped=dropped)
                 yield event
             return
 

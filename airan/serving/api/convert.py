@@ -77,6 +77,7 @@ def query_from_proto(req: netops_pb2.AskRequest, now_monotonic: float, grpc_rema
         model=req.model,
         mode="diagnosis" if req.response_mode == netops_pb2.DIAGNOSIS else "free_text",
         recent_events=tuple(req.recent_events),
+        retrieval=not req.no_retrieval,
     )
 
 
@@ -116,6 +117,10 @@ def _extras(a: Answer) -> dict:
     return out
 
 
+def citations_to_proto(a: Answer) -> list[netops_pb2.Citation]:
+    return [netops_pb2.Citation(passage_id=c.passage_id, title=c.title, score=c.score) for c in a.citations]
+
+
 def timings(a: Answer) -> netops_pb2.Timings:
     return netops_pb2.Timings(queue_ms=a.queue_ms, ttft_ms=a.ttft_ms, total_ms=a.total_ms)
 
@@ -131,6 +136,8 @@ def _answer_fields(a: Answer) -> dict:
         model=a.model,
         finish_reason=a.finish_reason,
         timings=timings(a),
+        citations=citations_to_proto(a),
+        citations_dropped=a.citations_dropped,
         **_extras(a),
     )
 
