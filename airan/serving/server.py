@@ -14,11 +14,14 @@ from grpc_reflection.v1alpha import reflection
 
 from airan.serving.api.interceptors import server_interceptors
 from airan.serving.api.servicers import ControlServicer, NetOpsServicer
+from airan.serving.cluster.headroom import HeadroomController, servable_variants
 from airan.serving.cluster.replicas import RayReplicaPool
 from airan.serving.cluster.sites import SiteCluster
 from airan.config import AiranConfig
 from airan.serving.gateway import Gateway
 from airan.core.detector import Detector
+from airan.core.headroom import ForecastParams, HeadroomForecaster
+from airan.core.policies import build_router
 from airan.store.registry import PACKAGED_DETECTOR, materialize, packaged_detector
 from airan.core.prompting import PromptRenderer
 from airan.serving.sites import SiteRegistry
@@ -56,6 +59,7 @@ class ControlPlane:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.startup_s: dict[str, float] = {}
+        self.headroom: HeadroomController | None = None  # router.policy radio_first
 
     @property
     def address(self) -> str:
@@ -83,8 +87,13 @@ class ControlPlane:
         await self.pool.start()
         self.startup_s["replicas"] = time.monotonic() - t0
 
-        sites = SiteRegistry(self.config.sites, self.config.radio.min_ai_headroom)
-        self.gateway = Gateway(self.config, self.pool, sites, renderers, detector=load_detector())
+        sites = site_registry(self.config)
+        self.gateway = Gateway(self.config, self.pool, sites, renderers, router=build_router(self.config.router),
+                               detector=load_detector())  # fmt: skip
+        if self.config.router.policy == "radio_first":
+            self.headroom = HeadroomController(self.config, sites, self.pool, servable_variants(self.config, materialize))
+            await self.headroom.step()  # caps and admitted concurrency in force before the first query
+            self.headroom.start()
         await self._start_grpc(self.cluster.node_of_site())
         return self
 
@@ -119,6 +128,8 @@ class ControlPlane:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server is not None:
             await self.server.stop(self.config.server.grace_s)
+        if self.headroom is not None:
+            await self.headroom.stop()
         if self.pool is not None:
             await self.pool.stop()
         self.cluster.shutdown()
@@ -132,6 +143,18 @@ class ControlPlane:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+def site_registry(config: AiranConfig) -> SiteRegistry:
+    """The sites; under router.policy radio_first with the radio's load forecast (report times are
+    unix seconds, so the forecaster's clock is the wall clock)."""
+    r = config.radio
+    forecaster = None
+    if config.router.policy == "radio_first":
+        params = ForecastParams(quantile=r.forecast_quantile, horizon_s=r.forecast_horizon_s,
+                                window_s=r.forecast_window_s, stale_after_s=r.stale_after_s)  # fmt: skip
+        forecaster = HeadroomForecaster([s.id for s in config.sites], params, clock=time.time)
+    return SiteRegistry(config.sites, r.min_ai_headroom, forecaster, r.headroom_margin)
 
 
 def load_detector() -> Detector | None:

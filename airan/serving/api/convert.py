@@ -165,12 +165,21 @@ def site_to_proto(state: SiteState, ray_node_id: str = "", replica_ids: Iterable
         x_km=c.x_km,
         y_km=c.y_km,
         latency_ms=dict(c.latency_ms),
-        state=control_pb2.SITE_DRAINED if state.drained else control_pb2.SITE_ACTIVE,
+        state=_site_state(state),
         ray_node_id=ray_node_id,
         replica_ids=list(replica_ids),
         ran_compute_share=state.ran_compute_share,
         ai_headroom=state.ai_headroom,
+        state_reason="drained by an operator (DrainSite)" if state.drained else state.surge_reason,
+        forecast_ran_share=state.forecast.share if state.forecast is not None else 0.0,
+        headroom_cpus=state.headroom_cpus or 0.0,
     )
+
+
+def _site_state(state: SiteState) -> int:
+    if state.drained:
+        return control_pb2.SITE_DRAINED
+    return control_pb2.SITE_SURGED if state.surged else control_pb2.SITE_ACTIVE
 
 
 def site_from_proto(p: control_pb2.Site) -> tuple[SiteState, str, tuple[str, ...]]:
@@ -179,7 +188,8 @@ def site_from_proto(p: control_pb2.Site) -> tuple[SiteState, str, tuple[str, ...
         id=p.site_id, cpus=p.cpus, gpus=p.gpus, memory_gb=p.memory_gb, x_km=p.x_km, y_km=p.y_km,
         latency_ms=dict(p.latency_ms),
     )
-    state = SiteState(config, drained=p.state == control_pb2.SITE_DRAINED, ran_compute_share=p.ran_compute_share)
+    state = SiteState(config, drained=p.state == control_pb2.SITE_DRAINED, ran_compute_share=p.ran_compute_share,
+                      surge_reason=p.state_reason if p.state == control_pb2.SITE_SURGED else "")
     return state, p.ray_node_id, tuple(p.replica_ids)
 
 
@@ -224,8 +234,12 @@ def drain_site_response(site: control_pb2.Site, in_flight: int) -> control_pb2.D
     return control_pb2.DrainSiteResponse(site=site, in_flight=in_flight)
 
 
-def ran_loads_from_proto(req: control_pb2.ReportRanLoadRequest) -> list[tuple[str, float]]:
-    return [(load.site_id, load.ran_compute_share) for load in req.loads]
+def ran_loads_from_proto(req: control_pb2.ReportRanLoadRequest) -> list[tuple[str, float, float | None]]:
+    """(site, share, when the radio measured it in unix seconds, or None when the report has no time)."""
+    return [
+        (load.site_id, load.ran_compute_share, load.time.ToNanoseconds() / 1e9 if load.HasField("time") else None)
+        for load in req.loads
+    ]
 
 
 def report_ran_load_response(accepted: int, surged_site_ids: Iterable[str]) -> control_pb2.ReportRanLoadResponse:

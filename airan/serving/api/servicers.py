@@ -84,8 +84,8 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
     async def ReportRanLoad(self, request, context):
         loads = convert.ran_loads_from_proto(request)
         surged = []
-        for site_id, share in loads:
-            if self.gateway.sites.report_ran_load(site_id, share):
+        for site_id, share, at in loads:
+            if self.gateway.sites.report_ran_load(site_id, share, at):
                 surged.append(site_id)
             metrics.SITE_AI_HEADROOM.labels(site_id).set(1 - share)
         return convert.report_ran_load_response(len(loads), surged)

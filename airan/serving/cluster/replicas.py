@@ -5,12 +5,14 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from airan.config import AiranConfig, site_resource
+from airan.serving.cluster.cpucap import CpuCap, remove_empty_groups, tree_cpu_seconds
 from airan.serving.engine.kinds import EngineSpec, build_engine, replica_engine
 from airan.serving.engine.protocol import (
     EngineClient,
@@ -33,14 +35,30 @@ class ReplicaActor:
     Which engine is the config's `engine.kind` (vLLM by default), built by `build_engine`.
     """
 
-    def __init__(self, replica_id: str, site_id: str, engine: EngineSpec) -> None:
+    def __init__(self, replica_id: str, site_id: str, engine: EngineSpec, cpu_ids: list[int] | None = None,
+                 cap_cpu: bool = False) -> None:  # fmt: skip
         self.replica_id = replica_id
         self.site_id = site_id
+        # radio first: join the CPU cap before the engine starts, so every process it forks is held
+        self.cap = CpuCap(replica_id, cpu_ids) if cap_cpu else None
+        if self.cap is not None:
+            self.cap.join(os.getpid())
         self.engine: EngineClient = build_engine(engine)
 
     async def start(self) -> dict:
         await self.engine.start()
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        cap = self.cap.state().mechanism if self.cap is not None else ""
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "cap_mechanism": cap}
+
+    def set_cpu_cap(self, cpus: float | None) -> str:
+        """Cap this replica's process tree at `cpus` cores; returns the mechanism in force."""
+        if self.cap is None:
+            return ""
+        return self.cap.set(cpus).mechanism
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used by this replica's live process tree (actor, engine core, workers)."""
+        return tree_cpu_seconds(os.getpid())
 
     async def generate(self, prompt_token_ids: list[int], params: GenerationParams, request_id: str):
         async for chunk in self.engine.generate(prompt_token_ids, params, request_id):
@@ -55,6 +73,8 @@ class ReplicaActor:
 
     async def shutdown(self) -> None:
         await self.engine.shutdown()
+        if self.cap is not None:
+            self.cap.release()
 
 
 def _unwrap(e: Exception) -> Exception:
@@ -72,14 +92,18 @@ def _unwrap(e: Exception) -> Exception:
 
 
 class RayReplicaClient:
-    def __init__(self, actor) -> None:
+    def __init__(self, actor, streams: Counter | None = None, replica_id: str = "") -> None:
         self.actor = actor
+        # the pool's count of open streams per replica: a swap drains the old replica on it
+        self.streams = streams if streams is not None else Counter()
+        self.replica_id = replica_id
 
     async def generate(self, prompt_token_ids, params, request_id):
         stream = self.actor.generate.options(num_returns="streaming").remote(
             prompt_token_ids, params, request_id
         )
         finished = False
+        self.streams[self.replica_id] += 1
         try:
             async for ref in stream:
                 chunk: GenerationChunk = await ref
@@ -88,6 +112,7 @@ class RayReplicaClient:
         except (RayTaskError, RayActorError) as e:
             raise _unwrap(e) from e
         finally:
+            self.streams[self.replica_id] -= 1
             if not finished:
                 ray.cancel(stream)
                 await self.abort(request_id)
@@ -106,6 +131,9 @@ class _Replica:
     node_id: str = ""
     error: str = ""
     started_at: float = field(default_factory=time.monotonic)
+    cpus: list[int] | None = None  # the cores its engine threads are bound to (local mode)
+    pid: int = 0
+    cap_mechanism: str = ""  # how its CPU use is capped ("" = not capped)
 
 
 class RayReplicaPool:
@@ -116,13 +144,18 @@ class RayReplicaPool:
         self.model_paths = model_paths
         self._replicas: dict[str, _Replica] = {}
         self._poller: asyncio.Task | None = None
+        self._streams: Counter[str] = Counter()
+        self._serial = 0
+        # radio first: replicas join a CPU cap (airan/serving/cluster/cpucap.py) that follows the headroom
+        self.cap_cpu = config.router.policy == "radio_first"
+        self.swaps: list[dict] = []  # make-before-break swaps done: when, which, how long each step took
 
     # -- ReplicaPool protocol -------------------------------------------------
     def views(self) -> list[ReplicaView]:
         return [r.view for r in self._replicas.values()]
 
     def client(self, replica_id: str) -> RayReplicaClient:
-        return RayReplicaClient(self._replicas[replica_id].actor)
+        return RayReplicaClient(self._replicas[replica_id].actor, self._streams, replica_id)
 
     def mark_failed(self, replica_id: str, reason: str) -> None:
         r = self._replicas.get(replica_id)
@@ -159,22 +192,29 @@ class RayReplicaPool:
                 cpus = next(cpu_plan)
                 engine = replica_engine(self.config.engine, model, self.model_paths[spec.model], adapters, cpus)
                 plans.append((f"{spec.site}-{spec.model}-{ordinal}", spec, cpus, engine))
+        if self.cap_cpu:
+            await asyncio.to_thread(remove_empty_groups)  # groups left by actors that were killed
         starts = []
         for replica_id, spec, cpus, engine in plans:
-            actor = ReplicaActor.options(
-                name=replica_id,
-                num_cpus=len(cpus) if cpus else 1,
-                resources={site_resource(spec.site): 1},
-                runtime_env={"env_vars": engine.env},
-                max_concurrency=1000,
-            ).remote(replica_id, spec.site, engine)
             view = ReplicaView(
                 replica_id, spec.site, spec.model, ReplicaState.STARTING, adapters=frozenset(spec.adapters)
             )
-            self._replicas[replica_id] = _Replica(view, actor)
+            self._launch(view, cpus, engine)
             starts.append(self._start_one(replica_id))
         await asyncio.gather(*starts)
         self._poller = asyncio.create_task(self._poll_loads(), name="airan-replica-load")
+
+    def _launch(self, view: ReplicaView, cpus: list[int] | None, engine: EngineSpec) -> _Replica:
+        actor = ReplicaActor.options(
+            name=view.replica_id,
+            num_cpus=len(cpus) if cpus else 1,
+            resources={site_resource(view.site_id): 1},
+            runtime_env={"env_vars": engine.env},
+            max_concurrency=1000,
+        ).remote(view.replica_id, view.site_id, engine, cpus, self.cap_cpu)
+        r = _Replica(view, actor, cpus=cpus)
+        self._replicas[view.replica_id] = r
+        return r
 
     async def _start_one(self, replica_id: str) -> None:
         r = self._replicas[replica_id]
@@ -184,6 +224,8 @@ class RayReplicaPool:
             self.mark_failed(replica_id, f"engine did not start: {_unwrap(e)}")
             return
         r.node_id = info["node_id"]
+        r.pid = info.get("pid", 0)
+        r.cap_mechanism = info.get("cap_mechanism", "")
         r.view = replace(r.view, state=ReplicaState.READY)
         log.info("replica %s ready at site %s in %.1fs", replica_id, r.view.site_id, time.monotonic() - r.started_at)
 
@@ -205,6 +247,78 @@ class RayReplicaPool:
             return
         if r.view.state is ReplicaState.READY:
             r.view = replace(r.view, running=load.running, waiting=load.waiting, kv_cache_usage=load.kv_cache_usage)
+
+    # -- radio first: limits and variants ------------------------------------------------------
+    async def set_limits(self, replica_id: str, max_concurrency: int | None, cpu_cap: float | None) -> None:
+        """Admitted concurrency (read by routing) and the real CPU cap of one replica."""
+        r = self._replicas.get(replica_id)
+        if r is None:
+            return
+        r.view = replace(r.view, max_concurrency=max_concurrency, cpu_cap=cpu_cap)
+        if self.cap_cpu and r.view.state in (ReplicaState.READY, ReplicaState.DRAINING):
+            try:
+                r.cap_mechanism = await asyncio.wait_for(r.actor.set_cpu_cap.remote(cpu_cap), timeout=10)
+            except Exception as e:  # a replica that cannot be reached is found by the health poll
+                log.warning("cpu cap of %s not set: %s", replica_id, _unwrap(e))
+
+    async def cpu_seconds(self) -> dict[str, float]:
+        """Replica id -> CPU seconds of its process tree so far (replicas that answer in 5 s)."""
+        live = [r for r in self._replicas.values() if r.view.state in (ReplicaState.READY, ReplicaState.DRAINING)]
+
+        async def one(r: _Replica):
+            try:
+                return r.view.replica_id, await asyncio.wait_for(r.actor.cpu_seconds.remote(), timeout=5)
+            except Exception:
+                return r.view.replica_id, None
+
+        return {rid: v for rid, v in await asyncio.gather(*(one(r) for r in live)) if v is not None}
+
+    def open_streams(self, replica_id: str) -> int:
+        return self._streams[replica_id]
+
+    async def swap(self, replica_id: str, variant: str, model_path: os.PathLike, drain_timeout_s: float = 300.0) -> str:
+        """Make before break: start `variant` beside `replica_id` on its site, route to it once it is
+        ready, drain the old one (no new requests; open streams finish), then stop it. Returns the
+        new replica's id; on a failed start the old replica keeps serving and the error is raised."""
+        old = self._replicas[replica_id]
+        t0 = time.monotonic()
+        self._serial += 1
+        logical = old.view.model
+        new_id = f"{old.view.site_id}-{variant}-s{self._serial}"
+        spec = self.config.model(variant)
+        adapters = tuple((a, str(self.model_paths[a])) for a in old.view.adapters)
+        engine = replica_engine(self.config.engine, spec, model_path, adapters, old.cpus)
+        view = replace(old.view, replica_id=new_id, state=ReplicaState.STARTING, in_flight=0, running=0, waiting=0,
+                       variant="" if variant == logical else variant)  # fmt: skip
+        self._launch(view, old.cpus, engine)
+        await self._start_one(new_id)
+        new = self._replicas[new_id]
+        if new.view.state is not ReplicaState.READY:
+            self._replicas.pop(new_id, None)
+            ray.kill(new.actor)
+            raise RuntimeError(f"swap {replica_id} -> {variant}: {new.error}")
+        # the new one has the old one's limits until the next control step sets its own
+        await self.set_limits(new_id, old.view.max_concurrency, old.view.cpu_cap)
+        ready_s = time.monotonic() - t0
+        old.view = replace(old.view, state=ReplicaState.DRAINING)
+        await asyncio.sleep(0.5)  # a request routed to it just before has time to open its stream
+        deadline = time.monotonic() + drain_timeout_s
+        while self._streams[replica_id] > 0 and time.monotonic() < deadline:  # bounded by the timeout
+            await asyncio.sleep(0.05)
+        left = self._streams[replica_id]
+        try:
+            await asyncio.wait_for(old.actor.shutdown.remote(), 30)
+        except Exception as e:
+            log.warning("swap: shutting down %s: %s", replica_id, _unwrap(e))
+        ray.kill(old.actor)
+        self._replicas.pop(replica_id, None)
+        self._streams.pop(replica_id, None)
+        self.swaps.append({"at": time.time(), "site_id": view.site_id, "old": replica_id, "new": new_id,
+                           "variant": variant, "ready_s": round(ready_s, 2),
+                           "drain_s": round(time.monotonic() - t0 - ready_s, 2), "streams_cut": left})  # fmt: skip
+        log.info("swap at %s: %s -> %s (%s) ready in %.1fs, drained in %.1fs", view.site_id, replica_id, new_id,
+                 variant, ready_s, time.monotonic() - t0 - ready_s)
+        return new_id
 
     async def stop(self) -> None:
         if self._poller is not None:

@@ -1,0 +1,67 @@
+"""Named router policies (`router.policy`): the same router seam, three ways to use a site's compute.
+
+- `least_loaded` (the default): `router.filters` and `router.scorers` as configured; the radio is a
+  threshold on its last report (`site_active`), nothing caps the AI's real CPU use.
+- `round_robin`: the configured filters, then the eligible replicas in turn.
+- `radio_first`: the forecast headroom first (`headroom` filter: a surged site, or a replica holding
+  as many requests as its share of the headroom admits, takes no more), then the configured filters
+  and scorers (deadline-feasible admission where `router.filters` names `deadline`); the control
+  loop (airan/serving/cluster/headroom.py) caps each replica's CPU to that share and swaps variants.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from airan.config import RouterConfig
+from airan.core.routing.router import Router
+from airan.core.routing.table import DecisionState, ReplicaTable
+from airan.core.routing.types import RoutingContext
+
+
+class HeadroomFilter:
+    """Radio first: replicas on surged sites and replicas at their admitted concurrency drop out."""
+
+    name = "headroom"
+
+    def mask(self, ctx: RoutingContext, table: ReplicaTable, eligible: np.ndarray, state: DecisionState) -> np.ndarray:
+        surged = np.array([bool(ctx.sites[v.site_id].surge_reason) if v.site_id in ctx.sites else True
+                           for v in table.views], dtype=bool)  # fmt: skip
+        limit = np.array([np.inf if v.max_concurrency is None else v.max_concurrency for v in table.views])
+        return eligible & ~surged & (table.queue_depth < limit)
+
+    def explain(self, ctx: RoutingContext, table: ReplicaTable, state: DecisionState) -> str:
+        reasons = sorted({f"{s}: {v.surge_reason}" for s, v in ctx.sites.items() if v.surge_reason})
+        full = [f"{v.replica_id} ({v.queue_depth}/{v.max_concurrency})" for v in table.views
+                if not ctx.sites.get(v.site_id, None) or not ctx.sites[v.site_id].surge_reason]  # fmt: skip
+        parts = []
+        if reasons:
+            parts.append("surged sites: " + "; ".join(reasons))
+        if full:
+            parts.append("every other replica holds as many requests as its site's forecast AI headroom admits "
+                         "(in flight/admitted): " + ", ".join(full))  # fmt: skip
+        state.rejection_kind = "RESOURCE_EXHAUSTED" if full else "UNAVAILABLE"
+        return "radio first: " + "; ".join(parts) + "; retry later"
+
+
+class RoundRobinScorer:
+    """The eligible replicas in turn: the next one after the last pick scores highest."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def score(self, ctx: RoutingContext, table: ReplicaTable, eligible: np.ndarray, state: DecisionState) -> np.ndarray:
+        n = len(table)
+        pos = (np.arange(n) - self._turn) % n
+        self._turn = (self._turn + 1) % max(1, n)
+        return 1.0 - pos / max(1, n)
+
+
+def build_router(config: RouterConfig) -> Router:
+    base = Router.from_config(config)
+    if config.policy == "round_robin":
+        return Router(base.filters, [(RoundRobinScorer(), 1.0)], base.rng)
+    if config.policy == "radio_first":
+        return Router([HeadroomFilter(), *base.filters], base.scorers, base.rng)
+    return base
