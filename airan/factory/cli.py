@@ -184,6 +184,35 @@ def build_detector_command(
         typer.echo(f"  exported to {target}")
 
 
+@app.command("build-dataset")
+def build_dataset_command(
+    out: Annotated[Path, typer.Argument(help="directory for train.jsonl, dev.jsonl and manifest.json")],
+    recipe: Annotated[str, typer.Option(help="the adapter recipe whose data to write")] = "smollm2-netops-lora",
+    train_items: Annotated[Optional[int], typer.Option(help="training items (default: the recipe's)", min=1)] = None,
+    dev_items: Annotated[Optional[int], typer.Option(help="DEV items (default: the recipe's)", min=1)] = None,
+) -> None:
+    """Write an adapter's training data (the served prompts and gold compact answers) as JSONL:
+    exactly what `airan model build RECIPE` trains on, deterministic, with a manifest."""
+    from airan.factory.variants import netops_data
+
+    spec = RECIPES.get(recipe)
+    if spec is None or not spec.is_adapter:
+        typer.echo(f"error: '{recipe}' is not an adapter recipe; known: "
+                   f"{', '.join(n for n, r in RECIPES.items() if r.is_adapter)}", err=True)  # fmt: skip
+        raise typer.Exit(2)
+    try:
+        parent = prepare_smollm2()  # the tokenizer renders the prompts
+    except ModelPrepareError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    manifest = netops_data.write_dataset(
+        out, parent, train_items or spec.calib_items, dev_items or spec.heldout_items,
+        near_rt_share=spec.params.get("near_rt_share", netops_data.NEAR_RT_SHARE), show_progress=True,
+    )  # fmt: skip
+    typer.echo(f"{out}: {manifest['train']['items']} training + {manifest['dev']['items']} DEV items, "
+               f"prompt {manifest['prompt_version']}, data sha256 {manifest['data_sha256'][:12]}")  # fmt: skip
+
+
 COLUMNS = ("name", "source", "status", "params", "size", "dtype", "context", "path")
 
 

@@ -209,3 +209,44 @@ def describe(examples: Sequence[Example]) -> dict:
         "prompt_tokens_max": max((e.n_prompt for e in examples), default=0),
         "target_tokens": sum(len(e.input_ids) - e.n_prompt for e in examples),
     }
+
+
+# --- the dataset on disk -----------------------------------------------------------------
+
+
+def write_dataset(out, parent, n_train: int, n_dev: int, near_rt_share: float = NEAR_RT_SHARE,
+                  show_progress: bool = False) -> dict:  # fmt: skip
+    """Write the adapter's training and DEV examples as the build makes them (`train.jsonl`,
+    `dev.jsonl`: prompt text, target, label, cells, priority) and `manifest.json` (counts, digests,
+    prompt and detector versions); return it.
+    Deterministic: the items come from fixed simulator seeds, the priorities from their order."""
+    from pathlib import Path
+
+    from airan.core.prompting import COMPACT_PROMPT_VERSION, PromptRenderer
+    from airan.factory.buildonce import sha256_file
+    from airan.store.registry import PACKAGED_DETECTOR
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    detector = load_detector()
+    train_items, dev_items = data_split(n_train, n_dev, detector)
+    renderer = PromptRenderer(parent)
+    manifest = {"prompt_version": COMPACT_PROMPT_VERSION, "tokenizer": str(parent),
+                "detector_sha256": sha256_file(Path(PACKAGED_DETECTOR) / "model.txt"),
+                "first_train_index": first_train_index(detector), "near_rt_share": near_rt_share}  # fmt: skip
+    every = []
+    for split, items in (("train", train_items), ("dev", dev_items)):
+        examples = build_examples(renderer, items, priorities(len(items), near_rt_share), detector, show_progress)
+        with (out / f"{split}.jsonl").open("w") as f:
+            for ex in examples:
+                f.write(json.dumps({
+                    "item_id": ex.item_id, "label": ex.label, "cells": list(ex.cells),
+                    "priority": NEAR_RT if ex.brief else NON_RT,
+                    "prompt": renderer.tokenizer.decode(ex.input_ids[: ex.n_prompt]), "target": ex.target,
+                }) + "\n")  # fmt: skip
+        manifest[split] = {**describe(examples), "data_sha256": data_sha256(examples),
+                           "file_sha256": sha256_file(out / f"{split}.jsonl")}  # fmt: skip
+        every += examples
+    manifest["data_sha256"] = data_sha256(every)  # what the adapter's manifest records as data.sha256
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
