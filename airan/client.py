@@ -46,6 +46,7 @@ def build_request(
     model: str = "",
     recent_events: Iterable[str] = (),
     retrieval: bool = True,
+    detector_fallback: bool | None = None,
 ) -> netops_pb2.AskRequest:
     """`deadline_s` is a budget from now, carried as an absolute deadline in the request;
     `retrieval=False` asks a free-text answer without knowledge passages (an evaluation baseline)."""
@@ -64,6 +65,8 @@ def build_request(
         recent_events=list(recent_events),
         no_retrieval=not retrieval,
     )
+    if detector_fallback is not None:  # unset: the server's default
+        request.detector_fallback = detector_fallback
     if deadline_s is not None:
         deadline = Timestamp()
         deadline.FromNanoseconds(int((time.time() + deadline_s) * 1e9))

@@ -33,10 +33,12 @@ class FakeReplica:
         self.answers = list(answers or [])
         self.params = []
         self.aborted, self.calls = [], 0
+        self.request_ids = []
 
     async def generate(self, prompt_ids, params, request_id):
         self.calls += 1
         self.params.append(params)
+        self.request_ids.append(request_id)  # in the order the engine received them
         finished = False
         try:
             if self.fail_before:

@@ -198,3 +198,14 @@ def test_engine_priority_orders_by_class_then_deadline():
     keys = [engine_priority(Priority.BEST_EFFORT, None), engine_priority(Priority.NEAR_RT, NOW + 2),
             engine_priority(Priority.NON_RT, NOW + 1), engine_priority(Priority.NEAR_RT, NOW + 1)]  # fmt: skip
     assert sorted(keys) == [keys[3], keys[1], keys[2], keys[0]]
+
+
+def test_reprice_redoes_every_tickets_prediction_at_the_current_rates():
+    rates = RateModel(smoothing=1.0, prefill_tok_s=1000, decode_tok_s=1000, batch_slowdown=0.0)
+    q = ReplicaQueue("r1", slots=1, bounds={p: 10 for p in Priority}, max_waiting=10)
+    running = Ticket("a", Priority.BEST_EFFORT, None, rates.service_s(100, 40, 1), prompt_tokens=100, tokens=40)
+    q.offer(running, NOW)
+    assert q.start_times(NOW)[0] == pytest.approx(NOW + 0.14)
+    rates.observe(100, 0.1, 41, 40 * 0.05)  # the replica is 50x slower at decoding than assumed
+    q.reprice(rates)
+    assert running.service_s == pytest.approx(0.1 + 40 * 0.05) and q.start_times(NOW)[0] == pytest.approx(NOW + 2.1)

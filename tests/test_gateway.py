@@ -11,6 +11,8 @@ from airan.core.query import KpiSample, Query
 from airan.factory.tiny import ensure_tiny_model
 from airan.core.prompting import PromptRenderer
 from airan.serving.sites import SiteRegistry
+from airan.config import parse_config
+from airan.core.routing import Priority
 from fakes import CONFIG, FakePool, FakeReplica, call_id
 
 
@@ -96,9 +98,20 @@ async def test_dead_replica_before_first_token_fails_over_and_is_marked(gateway)
     assert ans.replica_id == "r2" and "r1" in pool.failed
 
 
+def with_admission(config=CONFIG, **admission):
+    """CONFIG with router.admission settings changed (e.g. priors that make admission optimistic)."""
+    raw = config.model_dump(mode="json", exclude_none=True)
+    raw["router"]["admission"].update(admission)
+    return parse_config(raw)
+
+
+# admission believes the replicas are fast, so it admits what the slow fakes then cannot finish in time
+OPTIMISTIC = with_admission(prior_decode_tok_s=10_000, prior_prefill_tok_s=100_000)
+
+
 async def test_deadline_during_generation_aborts_the_replica_request(gateway):
     slow = FakeReplica(words=("w",) * 50, delay=0.05)
-    gw, _ = gateway({"r1": ("bs-01", slow)})
+    gw, _ = gateway({"r1": ("bs-01", slow)}, config=OPTIMISTIC)
     with pytest.raises(AiranError) as e:
         await gw.ask(q(max_tokens=50, deadline=time.monotonic() + 0.12), request_id=call_id())
     assert e.value.kind is ErrorKind.DEADLINE_EXCEEDED
@@ -286,3 +299,213 @@ def test_the_answer_grammar_allows_distinct_cells_and_citations_in_order_only():
     assert 'cells ::= "A" | "B" | "C" | "A,B" | "A,C" | "B,C" | "A,B,C"' in g.gbnf()
     many = AnswerGrammar(tuple(CAUSES), tuple("ABCDEFGHJK"))  # past 8 cells: any letters, bounded count
     assert re.compile(many.regex()).fullmatch("CONGESTION K,A")
+
+
+# -- admission, priority queues, site preference, the detector's answer in time ------------------------
+def one_slot(**admission):
+    """One request per replica engine at a time (the rest wait in the gateway's queue)."""
+    return with_admission(OPTIMISTIC, slots=1, **admission)
+
+
+async def started(replica, n, timeout=2.0):
+    """Wait (bounded) until the fake replica has received `n` requests."""
+    async with asyncio.timeout(timeout):
+        while replica.calls < n:
+            await asyncio.sleep(0.005)
+
+
+async def test_a_deadline_no_replica_can_meet_because_of_load_is_refused_at_once(gateway):
+    slow = FakeReplica(words=("w",) * 40, delay=0.05)
+    gw, _ = gateway({"r1": ("bs-01", slow)}, config=one_slot())
+    hog = asyncio.create_task(gw.ask(q(max_tokens=40), request_id=call_id()))
+    await started(slow, 1)
+    gw._rates_of("r1").observe(100, 0.01, 40, 39 * 0.05)  # as if it had learnt the replica: 50 ms a token
+    gw._queue_changed("r1")
+    t0 = time.monotonic()
+    with pytest.raises(AiranError) as e:
+        await gw.ask(q(max_tokens=8, priority=Priority.NEAR_RT, deadline=time.monotonic() + 1.0), request_id=call_id())
+    assert time.monotonic() - t0 < 0.05  # at once, not after the budget
+    assert e.value.kind is ErrorKind.RESOURCE_EXHAUSTED
+    assert "refused at admission" in e.value.message and "ms predicted" in e.value.message and "ms left" in e.value.message
+    assert slow.calls == 1  # the refused request never reached the engine
+    hog.cancel()
+    await asyncio.gather(hog, return_exceptions=True)
+
+
+async def test_a_deadline_no_replica_could_ever_meet_is_deadline_exceeded_at_once(gateway):
+    gw, pool = gateway()  # the default priors: 25 tokens/s, so 100 tokens take 4 s
+    with pytest.raises(AiranError) as e:
+        await gw.ask(q(max_tokens=100, deadline=time.monotonic() + 0.5), request_id=call_id())
+    assert e.value.kind is ErrorKind.DEADLINE_EXCEEDED and "even when idle" in e.value.message
+    assert "allow at least" in e.value.message and all(r.calls == 0 for _, r in pool.replicas.values())
+
+
+async def test_queued_requests_reach_the_engine_by_class_then_earliest_deadline(gateway):
+    replica = FakeReplica(words=("w",) * 3, delay=0.03)
+    gw, _ = gateway({"r1": ("bs-01", replica)}, config=one_slot())
+    now = time.monotonic()
+    first = asyncio.create_task(gw.ask(q(max_tokens=3), request_id="be-running"))
+    await started(replica, 1)
+    order = [("be-2", Priority.BEST_EFFORT, None), ("non-rt", Priority.NON_RT, now + 30),
+             ("near-late", Priority.NEAR_RT, now + 20), ("near-early", Priority.NEAR_RT, now + 10)]  # fmt: skip
+    rest = [asyncio.create_task(gw.ask(q(max_tokens=3, priority=p, deadline=d), request_id=rid)) for rid, p, d in order]
+    answers = await asyncio.gather(first, *rest)
+    assert replica.request_ids == ["be-running", "near-early", "near-late", "non-rt", "be-2"]
+    assert [a.request_id for a in answers] == ["be-running", "be-2", "non-rt", "near-late", "near-early"]
+    assert all(isinstance(a, Answer) for a in answers) and gw.in_flight == {}
+    assert gw.replica_views()[0].in_flight == 0
+
+
+async def test_priority_reaches_the_engine_class_first_then_deadline(gateway):
+    replica = FakeReplica()
+    gw, _ = gateway({"r1": ("bs-01", replica)})
+    now = time.monotonic()
+    await gw.ask(q(max_tokens=2, priority=Priority.NEAR_RT, deadline=now + 5), request_id=call_id())
+    await gw.ask(q(max_tokens=2, priority=Priority.BEST_EFFORT), request_id=call_id())
+    near, best_effort = (p.priority for p in replica.params)
+    assert near < best_effort and near // 10**12 == 0 and best_effort // 10**12 == 2
+
+
+async def test_bounded_queues_shed_best_effort_first_and_every_request_ends_once(gateway):
+    replica = FakeReplica(words=("w",) * 3, delay=0.03)
+    config = one_slot(max_waiting=2, queue_bounds={"near_rt": 2, "non_rt": 2, "best_effort": 2})
+    gw, _ = gateway({"r1": ("bs-01", replica)}, config=config)
+    hog = asyncio.create_task(gw.ask(q(max_tokens=3), request_id="hog"))
+    await started(replica, 1)
+    waiting = [asyncio.create_task(gw.ask(q(max_tokens=3), request_id=f"be-{i}")) for i in range(2)]
+    await asyncio.sleep(0.005)
+    with pytest.raises(AiranError) as full:  # a third BEST_EFFORT: its class bound is full
+        await gw.ask(q(max_tokens=3), request_id="be-extra")
+    assert full.value.kind is ErrorKind.RESOURCE_EXHAUSTED and "2 BEST_EFFORT requests already wait" in full.value.message
+    near = asyncio.create_task(gw.ask(q(max_tokens=3, priority=Priority.NEAR_RT, deadline=time.monotonic() + 5),
+                                      request_id="near"))  # fmt: skip
+    results = await asyncio.gather(hog, *waiting, near, return_exceptions=True)
+    kinds = {r.request_id if isinstance(r, Answer) else "error": r for r in results}
+    shed = [r for r in results if isinstance(r, AiranError)]
+    assert len(shed) == 1 and shed[0].kind is ErrorKind.RESOURCE_EXHAUSTED and "shed" in shed[0].message
+    assert {"hog", "near", "be-0"} <= set(kinds) and replica.request_ids == ["hog", "near", "be-0"]
+    assert gw.in_flight == {} and not gw._queues["r1"].waiting
+
+
+async def test_a_queued_request_that_can_no_longer_start_in_time_is_dropped_before_its_deadline(gateway):
+    slow = FakeReplica(words=("w",) * 40, delay=0.05)
+    gw, _ = gateway({"r1": ("bs-01", slow)}, config=one_slot())
+    hog = asyncio.create_task(gw.ask(q(max_tokens=40), request_id="hog"))
+    await started(slow, 1)
+    t0 = time.monotonic()
+    with pytest.raises(AiranError) as e:  # admitted (admission thinks the hog ends soon), then it waits
+        await gw.ask(q(max_tokens=4, priority=Priority.NEAR_RT, deadline=t0 + 0.3), request_id="late")
+    waited = time.monotonic() - t0
+    assert e.value.kind is ErrorKind.DEADLINE_EXCEEDED and "dropped before its deadline" in e.value.message
+    assert waited < 0.3 and slow.request_ids == ["hog"]  # never sent to the engine
+    assert not gw._queues["r1"].waiting
+    hog.cancel()
+    await asyncio.gather(hog, return_exceptions=True)
+
+
+async def test_a_named_site_that_cannot_meet_the_deadline_sends_the_request_elsewhere(gateway):
+    busy = FakeReplica(words=("w",) * 40, delay=0.05)
+    gw, _ = gateway({"r1": ("bs-01", busy), "r2": ("bs-02", FakeReplica())}, config=one_slot())
+    hog = asyncio.create_task(gw.ask(q(max_tokens=40, site_ids=("bs-01",)), request_id="hog"))
+    await started(busy, 1)
+    gw._rates_of("r1").observe(100, 0.01, 40, 39 * 0.05)  # the hog's replica is slow: 2 s per answer
+    gw._queue_changed("r1")
+    ans = await gw.ask(q(max_tokens=4, site_ids=("bs-01",), controller_id="x", priority=Priority.NEAR_RT,
+                         deadline=time.monotonic() + 1.0), request_id=call_id())  # fmt: skip
+    assert (ans.site_id, ans.requested_site_id) == ("bs-02", "bs-01")
+    assert ans.routing_note.startswith("served at bs-02: bs-01 cannot answer within the")
+    assert 0 < ans.predicted_ms < ans.allowed_ms <= 1000
+    # where the named site can meet the deadline, the request stays there
+    here = await gw.ask(q(max_tokens=4, site_ids=("bs-02",), priority=Priority.NEAR_RT,
+                          deadline=time.monotonic() + 1.0), request_id=call_id())  # fmt: skip
+    assert here.site_id == "bs-02" and here.routing_note == ""
+    hog.cancel()
+    await asyncio.gather(hog, return_exceptions=True)
+
+
+async def test_measured_rates_replace_the_priors_after_answers(gateway):
+    replica = FakeReplica(words=("w",) * 6, delay=0.02)
+    gw, _ = gateway({"r1": ("bs-01", replica)}, config=OPTIMISTIC)
+    await gw.ask(q(max_tokens=6), request_id=call_id())
+    rates = gw._rates["r1"]
+    assert rates.decode_samples == 1 and 0.015 < rates.decode_s_per_token(1) < 0.1  # ~20 ms per token, not 0.1 ms
+    assert gw._table.decode_s_per_token[0] == pytest.approx(rates.decode_s_per_token(1))
+
+
+@pytest.fixture(scope="module")
+def detector():
+    from airan.store.registry import packaged_detector
+
+    d = packaged_detector()
+    if d is None:
+        pytest.skip("the packaged detector is not built here (airan model build-detector)")
+    return d
+
+
+async def test_a_near_rt_diagnosis_may_opt_in_to_the_detectors_answer_in_time(gateway, renderer, detector):
+    replica = FakeReplica(answers=["CONGESTION A"])
+    pool = FakePool({"r1": ("bs-01", replica)})
+    gw = Gateway(CONFIG, pool, SiteRegistry(CONFIG.sites, 0.2), {"m": renderer}, detector=detector)
+    impossible = dict(mode="diagnosis", kpis=DIAG_KPIS, priority=Priority.NEAR_RT, site_ids=("bs-01",),
+                      max_tokens=16)  # 16 tokens at the 25 tokens/s prior: 640 ms  # fmt: skip
+    t0 = time.monotonic()
+    ans = await gw.ask(q(**impossible, deadline=t0 + 0.2, detector_fallback=True), request_id=call_id())
+    assert time.monotonic() - t0 < 0.1 and replica.calls == 0
+    assert ans.answered_by == "detector" and ans.diagnosis.cause == "CONGESTION"
+    assert ans.diagnosis.affected_cell_ids == ("bs-01/c1",) and ans.diagnosis.actions[0].type == "OFFLOAD_TRAFFIC"
+    assert ans.routing_note.startswith("answered by the fast detector (DEADLINE_EXCEEDED: refused at admission")
+    assert ans.requested_site_id == "bs-01" and ans.replica_id == "" and ans.completion_tokens == 0
+    with pytest.raises(AiranError) as e:  # without the opt-in: the refusal itself
+        await gw.ask(q(**impossible, deadline=time.monotonic() + 0.2), request_id=call_id())
+    assert e.value.kind is ErrorKind.DEADLINE_EXCEEDED
+    answered = await gw.ask(q(**impossible, deadline=time.monotonic() + 5, detector_fallback=True),
+                            request_id=call_id())  # fmt: skip
+    assert answered.answered_by == "model" and replica.calls == 1  # in time: the model answers
+    with pytest.raises(AiranError) as bad:
+        await gw.ask(q(detector_fallback=True), request_id=call_id())
+    assert bad.value.kind is ErrorKind.INVALID_ARGUMENT and "response_mode DIAGNOSIS" in bad.value.message
+
+
+async def test_a_burst_of_mixed_classes_ends_each_request_in_exactly_one_answer_or_error(gateway):
+    replicas = {"r1": ("bs-01", FakeReplica(words=("w",) * 4, delay=0.01)),
+                "r2": ("bs-02", FakeReplica(words=("w",) * 4, delay=0.01))}  # fmt: skip
+    gw, _ = gateway(replicas, config=one_slot(max_waiting=6, queue_bounds={"near_rt": 4, "non_rt": 4,
+                                                                           "best_effort": 4}))  # fmt: skip
+    now = time.monotonic()
+    calls = [q(max_tokens=4, site_ids=("bs-01",), priority=Priority.NEAR_RT, deadline=now + 0.5) for _ in range(10)]
+    calls += [q(max_tokens=4, site_ids=("bs-01",)) for _ in range(20)]
+    outcomes = []
+
+    async def one(query):
+        events = []
+        try:
+            async for e in gw.stream(query, request_id=call_id()):
+                events.append(e)
+        except AiranError as e:
+            events.append(e)
+        outcomes.append(events)
+
+    await asyncio.gather(*(one(c) for c in calls))
+    finals = [[e for e in events if isinstance(e, (Answer, AiranError))] for events in outcomes]
+    assert len(finals) == 30 and all(len(f) == 1 for f in finals)
+    answered = [f[0] for f in finals if isinstance(f[0], Answer)]
+    assert answered and {a.site_id for a in answered} == {"bs-01", "bs-02"}  # the named site is not the only one
+    assert gw.in_flight == {} and all(not qu.waiting and not qu.running for qu in gw._queues.values())
+
+
+def test_detector_fallback_and_placement_cross_the_proto_both_ways():
+    from airan.client import build_request
+    from airan.serving.api import convert
+    from airan.v1 import netops_pb2
+
+    def fallback(**kw):
+        return convert.query_from_proto(build_request("why", diagnosis=True, **kw), 0.0, None).detector_fallback
+
+    assert (fallback(), fallback(detector_fallback=True), fallback(detector_fallback=False)) == (None, True, False)
+    answer = Answer("id", "CONGESTION A", 10, 0, "", "", "m", "stop", 0.0, 1.0, 1.0, answered_by="detector",
+                    requested_site_id="bs-01", routing_note="answered by the fast detector (...)",
+                    predicted_ms=0.0, allowed_ms=200.0)  # fmt: skip
+    for message in (convert.answer_to_response(answer), convert.answer_to_final_chunk(answer)):
+        p = message.placement
+        assert p.answered_by == netops_pb2.ANSWER_SOURCE_DETECTOR and p.requested_site_id == "bs-01"
+        assert p.note.startswith("answered by the fast detector") and p.allowed_ms == 200.0

@@ -142,6 +142,8 @@ class Ticket:
     deadline: float | None  # monotonic seconds
     service_s: float  # predicted engine time once started
     network_s: float = 0.0  # controller<->site, there and back
+    prompt_tokens: int = 0  # what the prediction is made of, so it can be redone as rates change
+    tokens: int = 0
     seq: int = field(default_factory=lambda: next(_seq))
     started_at: float | None = None
 
@@ -234,6 +236,12 @@ class ReplicaQueue:
     def _start(self, ticket: Ticket, now: float) -> None:
         ticket.started_at = now
         self.running.append(ticket)
+
+    def reprice(self, rates: RateModel) -> None:
+        """Predict every ticket's engine time again at the replica's current measured speed."""
+        batch = max(1, min(len(self.running), self.slots))
+        for t in (*self.running, *self.waiting):
+            t.service_s = rates.service_s(t.prompt_tokens, t.tokens, batch)
 
     def ahead_of(self, ticket: Ticket) -> int:
         return bisect.bisect_left(self._keys, ticket.key)

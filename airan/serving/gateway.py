@@ -27,13 +27,16 @@ from airan.serving.engine.protocol import (
     ReplicaUnavailableError,
     RequestFailedError,
 )
+from airan.core.admission import RateModel, ReplicaQueue, Ticket, engine_priority
 from airan.core.detector import Detector
-from airan.core.diagnosis import Diagnosis, InvalidDiagnosis
+from airan.core.diagnosis import CompactAnswer, Diagnosis, InvalidDiagnosis, compact_text
 from airan.core.prompting import DiagnosisContext, RenderedPrompt, diagnosis_context
 from airan.core.retrieval import Citation, parse_citations
 from airan.errors import AiranError, ErrorKind
 from airan.core.query import Query, validate_query
-from airan.core.routing import ReplicaView, Router, RoutingContext, RoutingRequest
+from airan.core.routing import Priority, ReplicaView, Router, RoutingContext, RoutingRequest
+from airan.core.routing.router import RoutingDecision
+from airan.core.routing.table import ReplicaTable
 from airan.serving.sites import SiteRegistry
 
 
@@ -84,8 +87,25 @@ class Answer:
     prompt: RenderedPrompt | None = None
     diagnosis: Diagnosis | None = None
     attempts: int = 1
+    # who answered: "model", or "detector" when no replica could in time and the request opted in;
+    # the site the request named first, why it was served elsewhere (or by the detector), and what
+    # admission predicted on the serving replica against the time the deadline left (ms; 0 = none)
+    answered_by: str = "model"
+    requested_site_id: str = ""
+    routing_note: str = ""
+    predicted_ms: float = 0.0
+    allowed_ms: float = 0.0
     citations: tuple[Citation, ...] = ()  # free text: the shown passages the answer cites
     citations_dropped: int = 0  # cited ids that were not shown for this request
+
+
+class _Refused(AiranError):
+    """Admission or a replica's queue turned the request away before any replica answered it
+    (the fast detector may answer instead, where the request opted in)."""
+
+
+class _ReplicaBusy(Exception):
+    """This replica's queue has no room for the request; the next ranked replica may."""
 
 
 class _IdempotencyCache:
@@ -124,15 +144,31 @@ class Gateway:
         self.renderers = renderers
         self.router = router or Router.from_config(config.router)
         self.clock = clock
-        self.in_flight: Counter[str] = Counter()
+        self.in_flight: Counter[str] = Counter()  # requests each replica's engine is running for us
         self._cache = _IdempotencyCache(config.limits.idempotency_cache_size)
+        # admission: per-replica queues and measured speed; the routing table's admission columns
+        # are rewritten from them whenever a queue changes, never while a request is routed
+        admission = config.router.admission
+        one_at_a_time = config.engine.kind == "llamacpp"
+        self._slots = admission.slots or (1 if one_at_a_time else config.engine.max_num_seqs)
+        self._bounds = {p: getattr(admission.queue_bounds, p.name.lower()) for p in Priority}
+        self._queues: dict[str, ReplicaQueue] = {}
+        self._rates: dict[str, RateModel] = {}
+        self._waiters: dict[Ticket, asyncio.Future] = {}
+        self._table: ReplicaTable | None = None
+        self._table_key: list | None = None
 
     # -- views ---------------------------------------------------------------
     def replica_views(self) -> list[ReplicaView]:
-        return [replace(v, in_flight=self.in_flight[v.replica_id]) for v in self.pool.views()]
+        """Each replica with its requests in flight: running on its engine or waiting in its queue."""
+        return [replace(v, in_flight=self._in_flight(v.replica_id)) for v in self.pool.views()]
+
+    def _in_flight(self, replica_id: str) -> int:
+        queue = self._queues.get(replica_id)
+        return self.in_flight[replica_id] + (len(queue.waiting) if queue else 0)
 
     def site_in_flight(self, site_id: str) -> int:
-        return sum(self.in_flight[v.replica_id] for v in self.pool.views() if v.site_id == site_id)
+        return sum(self._in_flight(v.replica_id) for v in self.pool.views() if v.site_id == site_id)
 
     def replica_node_ids(self) -> dict[str, str]:
         """Replica id -> node id, for operators' views (empty string until placed)."""
@@ -211,30 +247,56 @@ class Gateway:
                 ErrorKind.NOT_FOUND,
                 f"unknown model '{model}'; served models: {', '.join(self.renderers)}",
             )
+        if query.detector_fallback and query.mode != "diagnosis":
+            raise AiranError(
+                ErrorKind.INVALID_ARGUMENT,
+                "detector_fallback answers a diagnosis: ask with response_mode DIAGNOSIS, or leave it unset",
+            )
         query = replace(query, model=model)
         spec = self.config.model(model)
         max_len = self.config.model(spec.parent).max_model_len if spec.is_adapter else spec.max_model_len
         lora = model if spec.is_adapter else None
         diagnosis = diagnosis_context(query, self.detector) if query.mode == "diagnosis" else None
         prompt = self.renderers[model].render(query, max_len - query.max_tokens, diagnosis)
+        fallback = self.config.router.admission.detector_fallback if query.detector_fallback is None \
+            else query.detector_fallback  # fmt: skip
+        try:
+            async for event in self._answer(query, prompt, diagnosis, lora, arrival):
+                yield event
+        except _Refused as refused:
+            if not (fallback and diagnosis is not None and diagnosis.detector is not None):
+                raise AiranError(refused.kind, refused.message) from None
+            yield self._detector_answer(query, prompt, diagnosis, arrival, refused)
 
+    async def _answer(
+        self, query: Query, prompt: RenderedPrompt, diagnosis: DiagnosisContext | None, lora: str | None,
+        arrival: float,
+    ) -> AsyncIterator[Delta | Answer]:  # fmt: skip
+        table = self._routing_table()
         request = RoutingRequest(
             request_id=query.request_id,
-            model=model,
+            model=query.model,
             controller_id=query.controller_id,
             site_ids=query.site_ids,
             priority=query.priority,
             prompt_tokens=len(prompt.token_ids),
             max_tokens=query.max_tokens,
+            deadline=query.deadline,
+            # an upper bound: a diagnosis's grammar runs close to it, and admission must not over-admit
+            expected_tokens=query.max_tokens,
         )
-        ctx = RoutingContext(request, self.sites.views(), self.sites.min_ai_headroom)
-        decision = self.router.choose_replicas(ctx, self.replica_views())
+        ctx = RoutingContext(request, table.sites, self.sites.min_ai_headroom, now=self.clock())
+        decision = self.router.choose(ctx, table, limit=self.MAX_ATTEMPTS)
         if not decision.tiers:
-            raise AiranError(ErrorKind.UNAVAILABLE, f"no replica can take this query: {decision.rejection}")
+            kind = ErrorKind[decision.rejection_kind]
+            prefix = "no replica can take this query" if kind is ErrorKind.UNAVAILABLE else "refused at admission"
+            raise _Refused(kind, f"{prefix}: {decision.rejection}")
 
+        priority = engine_priority(query.priority, query.deadline)
         if query.mode != "diagnosis":
-            params = GenerationParams(max_tokens=query.max_tokens, temperature=query.temperature, lora=lora)
-            async for event in self._dispatch(query, decision.ranked, prompt, params, arrival):
+            params = GenerationParams(max_tokens=query.max_tokens, temperature=query.temperature, lora=lora,
+                                      priority=priority)  # fmt: skip
+            async for event in self._dispatch(query, decision, prompt, params, arrival):
                 if isinstance(event, Answer):
                     cited, dropped = parse_citations(event.text, prompt.passages)
                     event = replace(event, citations=cited, citations_dropped=dropped)
@@ -244,11 +306,11 @@ class Gateway:
         # Diagnosis: decode under the request's compact grammar, check every rule, retry once (sampling,
         # so the retry can differ) while the deadline allows; never return an invalid one.
         grammar = diagnosis.grammar(prompt.citable_kpis)
-        params = GenerationParams(query.max_tokens, query.temperature, grammar=grammar, lora=lora)
+        params = GenerationParams(query.max_tokens, query.temperature, grammar=grammar, lora=lora, priority=priority)
         problems = []
         for attempt in (1, 2):
             answer = None
-            async for event in self._dispatch(query, decision.ranked, prompt, params, arrival, attempt):
+            async for event in self._dispatch(query, decision, prompt, params, arrival, attempt):
                 if isinstance(event, Answer):
                     answer = event  # diagnosis mode streams no text deltas: only checked answers leave
             try:
@@ -264,28 +326,62 @@ class Gateway:
             return
         raise AiranError(
             ErrorKind.INTERNAL,
-            f"model '{model}' gave no valid diagnosis in {len(problems)} attempt(s) "
+            f"model '{query.model}' gave no valid diagnosis in {len(problems)} attempt(s) "
             f"({'; '.join(problems)}); retry, or ask in free-text mode",
+        )
+
+    def _detector_answer(
+        self, query: Query, prompt: RenderedPrompt, diagnosis: DiagnosisContext, arrival: float, refused: _Refused
+    ) -> Answer:
+        """The fast detector's diagnosis, at once, for a request no replica could answer in time."""
+        d = diagnosis.detector
+        cells = tuple(c for c in d.affected_cells if c in diagnosis.aliases)
+        parsed = diagnosis.diagnosis(CompactAnswer(d.cause, cells, ()))
+        elapsed_ms = 1000 * (self.clock() - arrival)
+        return Answer(
+            request_id=query.request_id,
+            text=compact_text(d.cause, cells, diagnosis.aliases),
+            prompt_tokens=len(prompt.token_ids),
+            completion_tokens=0,
+            replica_id="",
+            site_id="",
+            model=query.model,
+            finish_reason="stop",
+            queue_ms=0.0,
+            ttft_ms=elapsed_ms,
+            total_ms=elapsed_ms,
+            prompt=prompt,
+            diagnosis=parsed,
+            answered_by="detector",
+            requested_site_id=query.site_ids[0] if query.site_ids else "",
+            routing_note=f"answered by the fast detector ({refused.kind.value}: {refused.message})",
+            allowed_ms=0.0 if query.deadline is None else max(0.0, 1000 * (query.deadline - arrival)),
         )
 
     async def _dispatch(
         self,
         query: Query,
-        ranked: list[ReplicaView],
+        decision: RoutingDecision,
         prompt: RenderedPrompt,
         params: GenerationParams,
         arrival: float,
         attempt: int = 1,
     ) -> AsyncIterator[Delta | Answer]:
-        """Run on the best replica; fail over to the next if one fails before its first token."""
+        """Run on the best replica; fail over to the next if one fails before its first token or
+        has no room in its queue."""
         failures: list[str] = []
-        for replica in ranked[: self.MAX_ATTEMPTS]:
+        busy: list[str] = []
+        for replica in decision.ranked[: self.MAX_ATTEMPTS]:
             started = False
             try:
                 async for event in self._on_replica(query, replica, prompt, params, arrival, attempt):
                     started = True
+                    if isinstance(event, Answer):
+                        event = replace(event, **self._placement(query, decision, replica, failures + busy, arrival))
                     yield event
                 return
+            except _ReplicaBusy as e:
+                busy.append(str(e))
             except (EngineDeadError, RequestFailedError, ReplicaUnavailableError) as e:
                 if isinstance(e, (EngineDeadError, ReplicaUnavailableError)):
                     self.pool.mark_failed(replica.replica_id, str(e))
@@ -296,7 +392,25 @@ class Gateway:
                         "retry the query",
                     ) from e
                 failures.append(f"{replica.replica_id}: {e}")
-        raise AiranError(ErrorKind.UNAVAILABLE, "every chosen replica failed: " + "; ".join(failures))
+        if busy and not failures:
+            raise _Refused(ErrorKind.RESOURCE_EXHAUSTED,
+                           f"no room at the chosen replicas ({'; '.join(busy)}): retry later")  # fmt: skip
+        raise AiranError(ErrorKind.UNAVAILABLE, "every chosen replica failed: " + "; ".join(failures + busy))
+
+    def _placement(
+        self, query: Query, decision: RoutingDecision, replica: ReplicaView, passed_over: list[str], arrival: float
+    ) -> dict:
+        """Where the answer came from and why, for the response."""
+        note = decision.placement_note
+        if passed_over:
+            note = f"served by {replica.replica_id} at {replica.site_id} after {'; '.join(passed_over)}"
+        predicted = decision.predicted_s.get(replica.replica_id)
+        return dict(
+            requested_site_id=query.site_ids[0] if query.site_ids else "",
+            routing_note=note,
+            predicted_ms=0.0 if predicted is None else 1000 * predicted,
+            allowed_ms=0.0 if query.deadline is None else max(0.0, 1000 * (query.deadline - arrival)),
+        )
 
     async def _on_replica(
         self,
@@ -307,15 +421,44 @@ class Gateway:
         arrival: float,
         attempt: int,
     ) -> AsyncIterator[Delta | Answer]:
-        client = self.pool.client(replica.replica_id)
+        rid = replica.replica_id
+        client = self.pool.client(rid)
         # a retry is a new engine request; the id the caller sees stays the same
         engine_request_id = query.request_id if attempt == 1 else f"{query.request_id}#{attempt}"
+        queue, rates = self._queue(rid), self._rates_of(rid)
+        table = self._routing_table()
+        network_s = 2.0 * float(table.latency_s(query.controller_id)[table.index[rid]]) if rid in table.index else 0.0
+        ticket = Ticket(
+            engine_request_id, query.priority, query.deadline,
+            rates.service_s(len(prompt.token_ids), query.max_tokens, min(len(queue.running) + 1, queue.slots)),
+            network_s, len(prompt.token_ids), query.max_tokens,
+        )  # fmt: skip
+        offer = queue.offer(ticket, self.clock())
+        for shed in offer.shed:
+            self._shed(shed, rid, query.priority)
+        if not offer.accepted:
+            raise _ReplicaBusy(offer.refusal)
+        self._queue_changed(rid)
+        try:
+            if offer.queued:
+                await self._wait_for_slot(queue, ticket, arrival)
+            async for event in self._generate(query, replica, client, engine_request_id, prompt, params,
+                                              arrival, attempt, rates):  # fmt: skip
+                yield event
+        finally:
+            self._leave(queue, ticket)
+
+    async def _generate(
+        self, query: Query, replica: ReplicaView, client: ReplicaClient, engine_request_id: str,
+        prompt: RenderedPrompt, params: GenerationParams, arrival: float, attempt: int, rates: RateModel,
+    ) -> AsyncIterator[Delta | Answer]:  # fmt: skip
         dispatched = self.clock()
         first_token_at = None
         engine_queue_ms = 0.0
         text: list[str] = []
         last: GenerationChunk | None = None
         self.in_flight[replica.replica_id] += 1
+        batch_at_start = self.in_flight[replica.replica_id]
         chunks = aiter(client.generate(prompt.token_ids, params, engine_request_id))
         try:
             while True:
@@ -341,6 +484,7 @@ class Gateway:
                 f"replica {replica.replica_id} at {replica.site_id} was answering ({tokens} tokens so far)",
             ) from None
         finally:
+            batch = (batch_at_start + self.in_flight[replica.replica_id]) / 2
             self.in_flight[replica.replica_id] -= 1
             if self.in_flight[replica.replica_id] <= 0:
                 del self.in_flight[replica.replica_id]
@@ -348,6 +492,13 @@ class Gateway:
         if last is None or not last.finished:
             raise ReplicaUnavailableError(f"replica {replica.replica_id} ended the stream without finishing")
         done = self.clock()
+        # the replica's speed, from the engine's own timestamps where it sends them (learnt after the
+        # answer, so routing only ever reads the smoothed figures)
+        first = first_token_at or done
+        prefill_s = last.prefill_ms / 1000 if last.prefill_ms is not None \
+            else max(0.0, first - dispatched - engine_queue_ms / 1000)  # fmt: skip
+        decode_s = last.decode_ms / 1000 if last.decode_ms is not None else done - first
+        rates.observe(last.prompt_tokens, prefill_s, last.completion_tokens, decode_s, batch)
         answer = Answer(
             request_id=query.request_id,
             text="".join(text),
@@ -358,9 +509,100 @@ class Gateway:
             model=query.model,
             finish_reason=last.finish_reason or "stop",
             queue_ms=1000 * (dispatched - arrival) + engine_queue_ms,
-            ttft_ms=1000 * ((first_token_at or done) - arrival),
+            ttft_ms=1000 * (first - arrival),
             total_ms=1000 * (done - arrival),
             prompt=prompt,
             attempts=attempt,
         )
         yield answer
+
+    # -- admission state (changes here, read by the router) -----------------------------
+    def _queue(self, replica_id: str) -> ReplicaQueue:
+        queue = self._queues.get(replica_id)
+        if queue is None:
+            admission = self.config.router.admission
+            queue = self._queues[replica_id] = ReplicaQueue(replica_id, self._slots, self._bounds,
+                                                            admission.max_waiting)  # fmt: skip
+        return queue
+
+    def _rates_of(self, replica_id: str) -> RateModel:
+        rates = self._rates.get(replica_id)
+        if rates is None:
+            a = self.config.router.admission
+            rates = self._rates[replica_id] = RateModel(a.smoothing, a.prior_prefill_tok_s, a.prior_decode_tok_s,
+                                                        a.batch_slowdown)  # fmt: skip
+        return rates
+
+    def _routing_table(self) -> ReplicaTable:
+        """The router's columns, rebuilt only when the replica set or a site changed."""
+        views = self.pool.views()
+        if self._table is None or views != self._table_key:  # the pool replaces a view when it changes
+            self._table, self._table_key = ReplicaTable(views, self.sites.views()), views
+            for v in views:
+                self._queue_changed(v.replica_id)
+        else:
+            sites = self.sites.views()
+            if sites != self._table.sites:
+                self._table.set_sites(sites)
+        return self._table
+
+    def _queue_changed(self, replica_id: str) -> None:
+        """Rewrite one replica's admission columns from its queue and measured speed."""
+        if self._table is None or replica_id not in self._table.index:
+            return
+        queue, rates = self._queue(replica_id), self._rates_of(replica_id)
+        queue.reprice(rates)
+        running = len(queue.running)
+        self._table.set_admission(
+            replica_id,
+            rates.prefill_s_per_token,
+            rates.decode_s_per_token(min(running + 1, queue.slots)),
+            rates.decode_s_per_token(1),
+            # a running request past its predicted end still holds its slot for at least a token
+            queue.start_times(self.clock(), rates.decode_s_per_token(max(running, 1))),
+        )
+        self._table.set_load(replica_id, len(queue))
+
+    async def _wait_for_slot(self, queue: ReplicaQueue, ticket: Ticket, arrival: float) -> None:
+        """Wait until the queue starts the ticket; give up at the last moment it could still answer
+        in time (DEADLINE_EXCEEDED then, not at the deadline), or when it is shed (RESOURCE_EXHAUSTED)."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiters[ticket] = future
+        latest = ticket.latest_start
+        try:
+            async with asyncio.timeout(None if latest is None else max(0.0, latest - self.clock())):
+                await future
+        except TimeoutError:
+            if ticket.started_at is not None:
+                return  # it started in the same instant
+            ahead = queue.ahead_of(ticket)
+            queue.withdraw(ticket)
+            now = self.clock()
+            raise _Refused(
+                ErrorKind.DEADLINE_EXCEEDED,
+                f"still waiting for a slot at {queue.replica_id} behind {ahead} request(s) "
+                f"{1000 * (now - arrival):.0f} ms after arrival; it needs about "
+                f"{1000 * (ticket.service_s + ticket.network_s):.0f} ms there and "
+                f"{1000 * (ticket.deadline - now):.0f} ms are left, so it was dropped before its deadline",
+            ) from None
+        finally:
+            self._waiters.pop(ticket, None)
+
+    def _shed(self, ticket: Ticket, replica_id: str, for_priority: Priority) -> None:
+        future = self._waiters.get(ticket)
+        if future is not None and not future.done():
+            future.set_exception(_Refused(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                f"shed from {replica_id}'s full queue to make room for a {for_priority.name} request: retry later",
+            ))  # fmt: skip
+
+    def _leave(self, queue: ReplicaQueue, ticket: Ticket) -> None:
+        """The ticket is done (answered, failed, cancelled or dropped): free its slot or place."""
+        if ticket.started_at is not None:
+            for started in queue.finish(ticket, self.clock()):
+                future = self._waiters.get(started)
+                if future is not None and not future.done():
+                    future.set_result(None)
+        else:
+            queue.withdraw(ticket)
+        self._queue_changed(queue.replica_id)

@@ -77,6 +77,7 @@ def query_from_proto(req: netops_pb2.AskRequest, now_monotonic: float, grpc_rema
         model=req.model,
         mode="diagnosis" if req.response_mode == netops_pb2.DIAGNOSIS else "free_text",
         recent_events=tuple(req.recent_events),
+        detector_fallback=req.detector_fallback if req.HasField("detector_fallback") else None,
         retrieval=not req.no_retrieval,
     )
 
@@ -121,6 +122,19 @@ def citations_to_proto(a: Answer) -> list[netops_pb2.Citation]:
     return [netops_pb2.Citation(passage_id=c.passage_id, title=c.title, score=c.score) for c in a.citations]
 
 
+_ANSWER_SOURCE = {"model": netops_pb2.ANSWER_SOURCE_MODEL, "detector": netops_pb2.ANSWER_SOURCE_DETECTOR}
+
+
+def placement_to_proto(a: Answer) -> netops_pb2.Placement:
+    return netops_pb2.Placement(
+        answered_by=_ANSWER_SOURCE[a.answered_by],
+        requested_site_id=a.requested_site_id,
+        note=a.routing_note,
+        predicted_ms=a.predicted_ms,
+        allowed_ms=a.allowed_ms,
+    )
+
+
 def timings(a: Answer) -> netops_pb2.Timings:
     return netops_pb2.Timings(queue_ms=a.queue_ms, ttft_ms=a.ttft_ms, total_ms=a.total_ms)
 
@@ -138,6 +152,7 @@ def _answer_fields(a: Answer) -> dict:
         timings=timings(a),
         citations=citations_to_proto(a),
         citations_dropped=a.citations_dropped,
+        placement=placement_to_proto(a),
         **_extras(a),
     )
 

@@ -37,6 +37,9 @@ class GenerationParams:
     lora: str | None = None
     # keep generating past end-of-sequence (fixed-length runs in benchmarks)
     ignore_eos: bool = False
+    # engine scheduling order where the engine has one (vLLM's priority policy): smaller runs first
+    # (airan.core.admission.engine_priority: the class, then the deadline)
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,10 @@ class GenerationChunk:
     finish_reason: str | None = None
     # engine-side queueing before the request was first scheduled
     engine_queue_ms: float | None = None
+    # last chunk, from the engine's own timestamps where it keeps them: scheduled to first token
+    # (prefill) and first to last token (decode); admission learns each replica's speed from them
+    prefill_ms: float | None = None
+    decode_ms: float | None = None
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,8 @@ class VllmEngine:
             max_lora_rank=s.max_lora_rank,
             max_loras=s.max_loras,
             disable_log_stats=False,
+            # NEAR_RT before NON_RT before BEST_EFFORT, earliest deadline first (GenerationParams.priority)
+            scheduling_policy="priority",
             # compact JSON: whitespace between tokens would only spend the token budget
             structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         )
@@ -181,13 +183,15 @@ class VllmEngine:
         finished = False
         try:
             async for out in llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id, lora_request=lora_request
+                TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id, lora_request=lora_request,
+                priority=params.priority,
             ):
                 completion = out.outputs[0]
                 completion_tokens += len(completion.token_ids)
                 if queue_ms is None:
                     queue_ms = _engine_queue_ms(out)
                 finished = out.finished
+                prefill_ms, decode_ms = _engine_phase_ms(out) if finished else (None, None)
                 yield GenerationChunk(
                     text_delta=completion.text,
                     completion_tokens=completion_tokens,
@@ -195,6 +199,8 @@ class VllmEngine:
                     finished=out.finished,
                     finish_reason=completion.finish_reason if out.finished else None,
                     engine_queue_ms=queue_ms,
+                    prefill_ms=prefill_ms,
+                    decode_ms=decode_ms,
                 )
         except (asyncio.CancelledError, GeneratorExit):
             raise  # AsyncLLM.generate aborts the request itself on cancel
@@ -254,6 +260,15 @@ def _engine_queue_ms(out) -> float | None:
     if queued and scheduled and scheduled >= queued:
         return (scheduled - queued) * 1000.0
     return None
+
+
+def _engine_phase_ms(out) -> tuple[float | None, float | None]:
+    """(prefill, decode) milliseconds from the engine core's own timestamps of a finished request."""
+    metrics = getattr(out, "metrics", None)
+    scheduled, first, last = (getattr(metrics, k, 0.0) for k in ("scheduled_ts", "first_token_ts", "last_token_ts"))
+    prefill = (first - scheduled) * 1000.0 if scheduled and first >= scheduled else None
+    decode = (last - first) * 1000.0 if first and last >= first else None
+    return prefill, decode
 
 
 def _structured(params: GenerationParams, structured_outputs_params):
