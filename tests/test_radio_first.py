@@ -1,15 +1,13 @@
 """Radio first on plain data: policies, forecast sites, topology, and the control loop over a fake pool."""
 import asyncio
-import random
 from dataclasses import replace
 
-import numpy as np
 import pytest
 
 from airan.config import RouterConfig, parse_config
 from airan.core.headroom import ForecastParams, HeadroomForecaster
 from airan.core.policies import HeadroomFilter, RoundRobinScorer, build_router
-from airan.core.routing import ReplicaState, ReplicaView, RoutingContext, RoutingRequest, SiteView
+from airan.core.routing import Priority, ReplicaView, RoutingContext, RoutingRequest, SiteView
 from airan.serving.api import convert
 from airan.serving.cluster.headroom import DRAIN_CAP_CPUS, HeadroomController
 from airan.serving.sites import SiteRegistry
@@ -24,15 +22,15 @@ class Clock:
         return self.t
 
 
-def _ctx(sites):
-    return RoutingContext(RoutingRequest("r", "m"), sites)
+def _ctx(sites, priority=Priority.NEAR_RT):
+    return RoutingContext(RoutingRequest("r", "m", priority=priority), sites)
 
 
 def test_headroom_filter_drops_surged_sites_and_full_replicas():
     sites = {"a": SiteView("a"), "b": SiteView("b", surge_reason="radio surge: 0.10 CPUs")}
     views = [
-        ReplicaView("a1", "a", "m", in_flight=2, max_concurrency=2),  # full
-        ReplicaView("a2", "a", "m", in_flight=1, max_concurrency=2),
+        ReplicaView("a1", "a", "m", in_flight=4, max_concurrency=4),  # full
+        ReplicaView("a2", "a", "m", in_flight=2, max_concurrency=4),
         ReplicaView("b1", "b", "m"),  # surged site
         ReplicaView("a3", "a", "m", in_flight=50),  # no limit
     ]
@@ -40,11 +38,24 @@ def test_headroom_filter_drops_surged_sites_and_full_replicas():
     assert isinstance(r.filters[0], HeadroomFilter)
     d = r.choose_replicas(_ctx(sites), views)
     assert {v.replica_id for v in d.ranked} == {"a2", "a3"}
-    d = r.choose_replicas(_ctx(sites), views[:3])
-    assert d.ranked == [] or {v.replica_id for v in d.ranked} == {"a2"}
     d = r.choose_replicas(_ctx(sites), [views[0], views[2]])
     assert not d.tiers and d.rejection_kind == "RESOURCE_EXHAUSTED"
-    assert "radio surge: 0.10 CPUs" in d.rejection and "a1 (2/2)" in d.rejection
+    assert "radio surge: 0.10 CPUs" in d.rejection and "a1 (4/4)" in d.rejection
+    d = r.choose_replicas(_ctx(sites), [views[2]])
+    assert not d.tiers and d.rejection_kind == "UNAVAILABLE"
+
+
+def test_a_share_of_admitted_concurrency_is_kept_for_near_rt():
+    sites = {"a": SiteView("a")}
+    r = build_router(RouterConfig(policy="radio_first", filters=["ready", "model"]))
+    three_of_four = [ReplicaView("a1", "a", "m", in_flight=3, max_concurrency=4)]
+    assert r.choose_replicas(_ctx(sites), three_of_four).ranked  # NEAR_RT takes the reserved slot
+    for p in (Priority.NON_RT, Priority.BEST_EFFORT):
+        assert not r.choose_replicas(_ctx(sites, p), three_of_four).tiers
+    two_of_four = [ReplicaView("a1", "a", "m", in_flight=2, max_concurrency=4)]
+    assert r.choose_replicas(_ctx(sites, Priority.BEST_EFFORT), two_of_four).ranked
+    alone = [ReplicaView("a1", "a", "m", in_flight=0, max_concurrency=1)]  # one slot: no reserve
+    assert r.choose_replicas(_ctx(sites, Priority.BEST_EFFORT), alone).ranked
 
 
 def test_round_robin_takes_replicas_in_turn():

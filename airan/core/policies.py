@@ -15,18 +15,29 @@ import numpy as np
 from airan.config import RouterConfig
 from airan.core.routing.router import Router
 from airan.core.routing.table import DecisionState, ReplicaTable
-from airan.core.routing.types import RoutingContext
+from airan.core.routing.types import Priority, RoutingContext
 
 
 class HeadroomFilter:
-    """Radio first: replicas on surged sites and replicas at their admitted concurrency drop out."""
+    """Radio first: replicas on surged sites and replicas at their admitted concurrency drop out.
+
+    A share of each replica's admitted concurrency (`near_rt_reserve`, at least one slot where it
+    admits two or more) is kept for NEAR_RT requests: the rest fill up first, so a near-RT question
+    still finds a slot on a replica busy with summaries and operator questions.
+    """
 
     name = "headroom"
+
+    def __init__(self, near_rt_reserve: float = 0.25) -> None:
+        self.near_rt_reserve = near_rt_reserve
 
     def mask(self, ctx: RoutingContext, table: ReplicaTable, eligible: np.ndarray, state: DecisionState) -> np.ndarray:
         surged = np.array([bool(ctx.sites[v.site_id].surge_reason) if v.site_id in ctx.sites else True
                            for v in table.views], dtype=bool)  # fmt: skip
         limit = np.array([np.inf if v.max_concurrency is None else v.max_concurrency for v in table.views])
+        if ctx.request.priority is not Priority.NEAR_RT:
+            reserve = np.where(limit >= 2, np.maximum(1.0, np.floor(limit * self.near_rt_reserve)), 0.0)
+            limit = np.where(np.isfinite(limit), limit - reserve, limit)
         return eligible & ~surged & (table.queue_depth < limit)
 
     def explain(self, ctx: RoutingContext, table: ReplicaTable, state: DecisionState) -> str:

@@ -106,8 +106,9 @@ class HeadroomController:
         await self._apply_limits(site_id, cpus, headroom, state.surged)
 
     async def _apply_limits(self, site_id: str, cpus: float, headroom: float, surged: bool) -> None:
+        # a replica starting beside the one it replaces shares the headroom too (make before break)
         live = [v for v in self.pool.views() if v.site_id == site_id
-                and v.state in (ReplicaState.READY, ReplicaState.DRAINING)]  # fmt: skip
+                and v.state in (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)]  # fmt: skip
         if not live:
             return
         if surged:

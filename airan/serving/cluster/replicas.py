@@ -36,13 +36,15 @@ class ReplicaActor:
     """
 
     def __init__(self, replica_id: str, site_id: str, engine: EngineSpec, cpu_ids: list[int] | None = None,
-                 cap_cpu: bool = False) -> None:  # fmt: skip
+                 cap_cpu: bool = False, initial_cap: float | None = None) -> None:  # fmt: skip
         self.replica_id = replica_id
         self.site_id = site_id
-        # radio first: join the CPU cap before the engine starts, so every process it forks is held
+        # radio first: join the CPU cap before the engine starts, so every process it forks (and the
+        # engine's own start-up) is held to it
         self.cap = CpuCap(replica_id, cpu_ids) if cap_cpu else None
         if self.cap is not None:
             self.cap.join(os.getpid())
+            self.cap.set(initial_cap)
         self.engine: EngineClient = build_engine(engine)
 
     async def start(self) -> dict:
@@ -204,14 +206,15 @@ class RayReplicaPool:
         await asyncio.gather(*starts)
         self._poller = asyncio.create_task(self._poll_loads(), name="airan-replica-load")
 
-    def _launch(self, view: ReplicaView, cpus: list[int] | None, engine: EngineSpec) -> _Replica:
+    def _launch(self, view: ReplicaView, cpus: list[int] | None, engine: EngineSpec,
+                initial_cap: float | None = None) -> _Replica:  # fmt: skip
         actor = ReplicaActor.options(
             name=view.replica_id,
             num_cpus=len(cpus) if cpus else 1,
             resources={site_resource(view.site_id): 1},
             runtime_env={"env_vars": engine.env},
             max_concurrency=1000,
-        ).remote(view.replica_id, view.site_id, engine, cpus, self.cap_cpu)
+        ).remote(view.replica_id, view.site_id, engine, cpus, self.cap_cpu, initial_cap)
         r = _Replica(view, actor, cpus=cpus)
         self._replicas[view.replica_id] = r
         return r
@@ -255,7 +258,7 @@ class RayReplicaPool:
         if r is None:
             return
         r.view = replace(r.view, max_concurrency=max_concurrency, cpu_cap=cpu_cap)
-        if self.cap_cpu and r.view.state in (ReplicaState.READY, ReplicaState.DRAINING):
+        if self.cap_cpu and r.view.state in (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING):
             try:
                 r.cap_mechanism = await asyncio.wait_for(r.actor.set_cpu_cap.remote(cpu_cap), timeout=10)
             except Exception as e:  # a replica that cannot be reached is found by the health poll
@@ -289,8 +292,9 @@ class RayReplicaPool:
         adapters = tuple((a, str(self.model_paths[a])) for a in old.view.adapters)
         engine = replica_engine(self.config.engine, spec, model_path, adapters, old.cpus)
         view = replace(old.view, replica_id=new_id, state=ReplicaState.STARTING, in_flight=0, running=0, waiting=0,
-                       variant="" if variant == logical else variant)  # fmt: skip
-        self._launch(view, old.cpus, engine)
+                       variant="" if variant == logical else variant, max_concurrency=0)  # fmt: skip
+        # it starts under a cap too: the control loop splits the site's headroom among the old, the new
+        self._launch(view, old.cpus, engine, initial_cap=old.view.cpu_cap)
         await self._start_one(new_id)
         new = self._replicas[new_id]
         if new.view.state is not ReplicaState.READY:

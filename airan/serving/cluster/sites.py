@@ -8,6 +8,7 @@ worker group per site) and checks that every configured site has a node.
 from __future__ import annotations
 
 import logging
+import math
 
 import ray
 
@@ -44,7 +45,8 @@ class SiteCluster:
 
     def _node_args(self, site) -> dict:
         return dict(
-            num_cpus=site.cpus,
+            # Ray counts whole CPUs per node; a site sized in fractions (a slice of one machine) gets one
+            num_cpus=max(1, math.ceil(site.cpus)),
             num_gpus=site.gpus,
             resources={site.ray_resource: SITE_RESOURCE_UNITS},
             object_store_memory=_OBJECT_STORE_BYTES,
