@@ -22,7 +22,6 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
 
 from airan import config as airan_config
 from airan.core import causes
@@ -187,12 +186,9 @@ def _concept_passage(e: Mapping[str, Any]) -> Passage:
 
 
 def _default_text(f) -> str:
-    if f.default is not PydanticUndefined:
-        value = f.default
-    elif f.default_factory is not None:
-        value = f.default_factory()
-    else:
+    if f.is_required():
         return "required"
+    value = f.get_default(call_default_factory=True)
     if isinstance(value, BaseModel):
         return "see its keys"
     if isinstance(value, list) and value and isinstance(value[0], BaseModel):

@@ -136,3 +136,48 @@ def adapter(
             "reports": [asdict(r) for r in reports],
             "predictions": {k: [asdict(p) for p in v] for k, v in predictions.items()},
         }, indent=2) + "\n")  # fmt: skip
+
+
+@app.command("qa")
+def qa(
+    model: Annotated[
+        Optional[list[str]], typer.Option("--model", help="a trained model to ask with retrieval too (repeatable)")
+    ] = None,
+    base: Annotated[str, typer.Option(help="the base model: asked without and with retrieval")] = "smollm2-135m-instruct",
+    limit: Annotated[Optional[int], typer.Option(help="ask every k-th question only, this many (a bounded run)")] = None,
+    concurrency: Annotated[int, typer.Option(help="questions in flight (1: latencies of one request at a time)")] = 1,
+    max_tokens: Annotated[int, typer.Option(help="answer tokens per question")] = 64,
+    target: Annotated[Optional[str], typer.Option(help="a running control plane host:port (default: start one)")] = None,
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="airan YAML for the started stack (default: one site serving the models)")
+    ] = None,
+    timeout_s: Annotated[float, typer.Option(help="per-question timeout (an expired one is an error)")] = 120.0,
+    out: Annotated[Path, typer.Option(help="directory for summary.json and answers.jsonl")] = Path("eval-results/qa"),
+    progress: Annotated[bool, typer.Option(help="progress bars on stderr")] = True,
+) -> None:
+    """Free-text answers on the QA set (>= 200 questions from the knowledge base, wordings disjoint from
+    training): base without and with retrieval, and each --model with retrieval, through gRPC."""
+    import asyncio
+
+    from airan.config import load_config_or_exit
+    from airan.core.knowledge import packaged_knowledge
+    from airan.evaluation.qa import eval_set
+    from airan.evaluation.qa_runner import evaluate_qa, markdown_table, methods_for, subset
+
+    kb = packaged_knowledge()
+    items = subset(eval_set(kb), limit)
+    cfg = load_config_or_exit(config) if config is not None else None
+    methods = methods_for(base, list(dict.fromkeys(model or [])))
+    try:
+        evaluation = asyncio.run(evaluate_qa(
+            items, methods, kb, address=target, config=cfg, concurrency=concurrency, timeout_s=timeout_s,
+            max_tokens=max_tokens, progress=progress,
+        ))  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2)
+    typer.echo(f"QA set: {len(items)} questions ({sum(not i.answerable for i in items)} unanswerable), "
+               f"{len(kb)} knowledge passages")  # fmt: skip
+    typer.echo(markdown_table(evaluation))
+    paths = evaluation.write(out)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))

@@ -114,6 +114,7 @@ def _extras(a: Answer) -> dict:
             prompt_version=a.prompt.version,
             context_rows=a.prompt.context_rows,
             context_rows_dropped=a.prompt.context_rows_dropped,
+            passage_ids=[c.passage_id for c in a.prompt.passages],
         )
     return out
 
