@@ -67,18 +67,19 @@ class Passage:
 class KnowledgeBase:
     passages: tuple[Passage, ...]
     format_version: int = FORMAT_VERSION
+    _by_id: dict[str, Passage] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_by_id", {p.id: p for p in self.passages})
+        object.__setattr__(self, "_by_id", {p.id: p for p in self.passages})  # first of a duplicate id wins
 
     def __len__(self) -> int:
         return len(self.passages)
 
     def get(self, passage_id: str) -> Passage | None:
-        return self._by_id.get(passage_id)  # type: ignore[attr-defined]
+        return self._by_id.get(passage_id)
 
     def __getitem__(self, passage_id: str) -> Passage:
-        return self._by_id[passage_id]  # type: ignore[attr-defined]
+        return self._by_id[passage_id]
 
     def of_kind(self, kind: str) -> list[Passage]:
         return [p for p in self.passages if p.kind == kind]
@@ -294,7 +295,7 @@ def validate(kb: KnowledgeBase) -> list[str]:
         if not p.text.strip() or not p.title.strip():
             problems.append(f"{p.id}: empty title or text")
         for ref in p.see:
-            if ref not in seen and kb.get(ref) is None:
+            if kb.get(ref) is None:
                 problems.append(f"{p.id}: refers to {ref}, which is no passage")
         for aspect, fact in p.keys.items():
             if not fact_terms(fact):

@@ -24,7 +24,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from airan.core.knowledge import EVIDENCE_ID, KnowledgeBase, Passage, packaged_knowledge
+from airan.core.knowledge import KnowledgeBase, Passage, packaged_knowledge
 
 FREE_TEXT_PROMPT_VERSION = "qa-v1"
 TOP_K = 4  # passages retrieved per question (the evidence passage comes on top)
@@ -221,6 +221,3 @@ def strip_citations(text: str) -> str:
     """The answer without its bracketed citations (for reading or scoring facts)."""
     return re.sub(r"\s*\[[^\[\]\n]{1,120}\]", "", text)
 
-
-def is_evidence(passage_id: str) -> bool:
-    return passage_id == EVIDENCE_ID
