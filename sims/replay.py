@@ -238,6 +238,9 @@ class ReplayOptions:
     grace_s: float | None = None  # after the last action; None = the longest call timeout + 1 s
     max_in_flight: int = 10_000  # beyond this the client itself is the bottleneck: record, do not send
     push_ran_load: bool = True
+    # the time a RAN-load report carries: "wall" (when it is pushed) or "trace" (the trace's own
+    # clock, its start + t_s: a forecast of the radio's load then sees the trace's time of day)
+    ran_load_time: str = "wall"
     connect_timeout_s: float = 10.0
     ran_load_timeout_s: float = 5.0
     progress: bool = True
@@ -288,6 +291,7 @@ class Replayer:
         self.wall_s = 0.0
         self.interrupted = False
         self.stopped_early = 0
+        self.t0: float | None = None  # the event loop's time at replay time 0 (samplers align on it)
         self._load_times = np.unique(trace.ran_load["t_s"].to_numpy())
         self._shares = trace.ran_share_array()
         self._site_ids = [str(s) for s in trace.topology.site_ids]
@@ -344,13 +348,16 @@ class Replayer:
                 ttft_ms=resp.timings.ttft_ms, server_total_ms=resp.timings.total_ms, **base,
             )
 
+    def _stamp(self, t_s: float) -> float:
+        return self._trace_start_unix + t_s if self.opt.ran_load_time == "trace" else self.wall()
+
     async def _push(self, client, row: int, t0: float) -> None:
         loop = asyncio.get_running_loop()
         sent = loop.time()
         t_s = float(self._load_times[row])
         try:
             resp = await client.control.ReportRanLoad(
-                ran_load_request(self._site_ids, self._shares[row], self.wall()), timeout=self.opt.ran_load_timeout_s
+                ran_load_request(self._site_ids, self._shares[row], self._stamp(t_s)), timeout=self.opt.ran_load_timeout_s
             )
             self.pushes.append(Push(t_s, sent - t0, True, "OK", 1000 * (loop.time() - sent),
                                     list(resp.surged_site_ids)))
@@ -377,7 +384,7 @@ class Replayer:
                         self.book.fill_missing("connect_failed", f"no connection to {self.target} "
                                                f"within {self.opt.connect_timeout_s:g} s")
                         return
-                t0 = loop.time()
+                t0 = self.t0 = loop.time()
                 for act in self.schedule:  # bounded by the schedule's length
                     delay = t0 + act.due_s - loop.time()
                     if delay > 0:

@@ -311,3 +311,184 @@ def write_plots(results: Results, trace: Trace | None, out_dir: Path) -> list[Pa
     if trace is not None:
         files.insert(0, plot_cell_load(trace, out_dir / "cell_load.png"))
     return files
+
+
+# -- policies side by side (benchmarks/bench_radio_first_replay.py) -------------------------------
+
+@dataclass(frozen=True)
+class UsageSamples:
+    """The AI's measured CPU use per site over a replay, against the headroom the radio left.
+
+    Row k covers one sampling interval: `use` is the CPU seconds the site's replica process trees
+    used in it over its wall length (cores); `radio_headroom` is the site's cpus x (1 - the trace's
+    RAN share at that trace time); `forecast_headroom` what the radio-first forecast granted (nan
+    under other policies); `surged` whether the site was surged; `demand` whether any query was in
+    flight or waiting anywhere during the interval.
+    """
+
+    site_ids: tuple[str, ...]
+    t_s: np.ndarray  # (K,) trace seconds at the interval's middle
+    use: np.ndarray  # (K, S) cores
+    radio_headroom: np.ndarray  # (K, S) cores
+    forecast_headroom: np.ndarray  # (K, S) cores, nan when not forecast
+    surged: np.ndarray  # (K, S) bool
+    demand: np.ndarray  # (K,) bool
+
+    def violations(self, tolerance_cpus: float) -> np.ndarray:
+        """(K, S) True where the AI used more than the radio left (beyond the measuring tolerance)."""
+        return self.use > self.radio_headroom + tolerance_cpus
+
+    def idle_used_share(self) -> float:
+        """Share of the compute the radio left idle that the AI used, over intervals with demand."""
+        if not self.demand.any():
+            return float("nan")
+        left = np.clip(self.radio_headroom[self.demand], 0.0, None).sum()
+        used = np.minimum(self.use[self.demand], np.clip(self.radio_headroom[self.demand], 0.0, None)).sum()
+        return float(used / left) if left > 0 else float("nan")
+
+
+def demand_mask(sample_edges_s: np.ndarray, sent_s: np.ndarray, done_s: np.ndarray) -> np.ndarray:
+    """(K,) whether any query was outstanding in each interval [edges[k], edges[k+1]) (replay seconds)."""
+    a, b = sample_edges_s[:-1, None], sample_edges_s[1:, None]
+    ok = np.isfinite(sent_s) & np.isfinite(done_s)
+    return ((sent_s[None, ok] < b) & (done_s[None, ok] > a)).any(axis=1)
+
+
+@dataclass(frozen=True)
+class PolicyRow:
+    policy: str
+    near_rt_sent: int
+    near_rt_met: int
+    near_rt_admitted: int  # not refused before dispatch
+    early_rejects: int  # NEAR_RT refused before dispatch
+    reject_ms_p50: float
+    reject_ms_p99: float
+    non_rt_sent: int
+    non_rt_served: int
+    non_rt_met: int
+    best_effort_sent: int
+    best_effort_served: int
+    best_effort_met: int
+    tokens: int  # completion tokens served, all classes
+    wall_s: float
+    violation_intervals: int  # site-intervals where the AI used more than the radio left
+    intervals: int  # site-intervals sampled
+    idle_used_share: float
+    mean_ai_cpus: float  # summed over sites
+
+    @property
+    def goodput(self) -> float:
+        """NEAR_RT answered within deadline / all NEAR_RT sent."""
+        return self.near_rt_met / self.near_rt_sent if self.near_rt_sent else float("nan")
+
+    @property
+    def attainment_admitted(self) -> float:
+        return self.near_rt_met / self.near_rt_admitted if self.near_rt_admitted else float("nan")
+
+    @property
+    def early_reject_share(self) -> float:
+        return self.early_rejects / self.near_rt_sent if self.near_rt_sent else float("nan")
+
+
+def policy_row(policy: str, outcomes: pa.Table, usage: UsageSamples, wall_s: float, tolerance_cpus: float) -> PolicyRow:
+    c = _columns(outcomes)
+    prio, outcome = c["priority"], c["outcome"]
+    met = (outcome == "served") & c["met_deadline"].astype(bool)
+    near = prio == "NEAR_RT"
+    shed = outcome == "shed"
+    reject_ms = c["latency_ms"][near & shed].astype(np.float64)
+    reject_ms = reject_ms[np.isfinite(reject_ms)]
+    p50, p99 = (np.percentile(reject_ms, [50, 99]) if reject_ms.size else (np.nan, np.nan))
+    served = outcome == "served"
+    viol = usage.violations(tolerance_cpus)
+    return PolicyRow(
+        policy=policy,
+        near_rt_sent=int(near.sum()), near_rt_met=int((near & met).sum()),
+        near_rt_admitted=int((near & ~shed).sum()), early_rejects=int((near & shed).sum()),
+        reject_ms_p50=float(p50), reject_ms_p99=float(p99),
+        non_rt_sent=int((prio == "NON_RT").sum()), non_rt_served=int(((prio == "NON_RT") & served).sum()),
+        non_rt_met=int(((prio == "NON_RT") & met).sum()),
+        best_effort_sent=int((prio == "BEST_EFFORT").sum()),
+        best_effort_served=int(((prio == "BEST_EFFORT") & served).sum()),
+        best_effort_met=int(((prio == "BEST_EFFORT") & met).sum()),
+        tokens=int(c["completion_tokens"][served].sum()), wall_s=wall_s,
+        violation_intervals=int(viol.sum()), intervals=int(viol.size),
+        idle_used_share=usage.idle_used_share(),
+        mean_ai_cpus=float(usage.use.sum(axis=1).mean()) if usage.use.size else float("nan"),
+    )
+
+
+POLICY_COLOURS = {"round_robin": "#7f7f7f", "least_loaded": "#ff7f0e", "radio_first": "#1f77b4"}
+
+
+def plot_headroom_vs_use(
+    usage: dict[str, UsageSamples], events: list[dict], path: Path, hours: bool = True,
+) -> Path:
+    """Per site: the headroom the radio left, the forecast headroom (radio first), each policy's
+    measured AI use; radio first's surges shaded, its swaps as vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(usage.values()))
+    n = len(first.site_ids)
+    fig, axes = plt.subplots(n, 1, figsize=(11, 2.6 * n), sharex=True, squeeze=False)
+    scale = 3600.0 if hours else 1.0
+    for s, site in enumerate(first.site_ids):
+        ax = axes[s, 0]
+        ax.fill_between(first.t_s / scale, first.radio_headroom[:, s], color="#2ca02c", alpha=0.15, step="mid",
+                        label="headroom the radio left")  # fmt: skip
+        for policy, u in usage.items():
+            ax.plot(u.t_s / scale, u.use[:, s], color=POLICY_COLOURS.get(policy), lw=0.9, label=f"AI use: {policy}")
+            if np.isfinite(u.forecast_headroom[:, s]).any():
+                ax.plot(u.t_s / scale, u.forecast_headroom[:, s], color="#2ca02c", lw=1.0, ls="--",
+                        label="forecast headroom (radio first)")  # fmt: skip
+            if u.surged[:, s].any():
+                ax.fill_between(u.t_s / scale, 0, 1, where=u.surged[:, s], transform=ax.get_xaxis_transform(),
+                                color="#d62728", alpha=0.12, step="mid", label="surged (radio first)")  # fmt: skip
+        for e in events:
+            if e.get("site_id") == site and e.get("kind") == "swap":
+                ax.axvline(e["t_s"] / scale, color="#9467bd", lw=1.0, ls=":")
+        ax.set_ylabel(f"{site}\nCPUs")
+        ax.set_ylim(bottom=0)
+        if s == 0:
+            ax.legend(loc="upper right", fontsize=7, ncol=2)
+    axes[-1, 0].set_xlabel("trace time (h)" if hours else "trace time (s)")
+    fig.suptitle("AI CPU use against the radio's headroom, per site (swaps: dotted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_attainment_by_policy(outcomes: dict[str, pa.Table], path: Path, bins: int = 24) -> Path:
+    """NEAR_RT attainment (met / sent) over trace time, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    t_max = max(float(np.max(t["t_s"].to_numpy())) for t in outcomes.values() if t.num_rows) or 1.0
+    edges = np.linspace(0, t_max * (1 + 1e-9), bins + 1)
+    for policy, table in outcomes.items():
+        c = _columns(table)
+        near = c["priority"] == "NEAR_RT"
+        met = near & (c["outcome"] == "served") & c["met_deadline"].astype(bool)
+        idx = np.clip(np.searchsorted(edges, c["t_s"], side="right") - 1, 0, bins - 1)
+        sent_n = np.bincount(idx[near], minlength=bins)
+        met_n = np.bincount(idx[met], minlength=bins)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            att = np.where(sent_n > 0, met_n / np.maximum(sent_n, 1), np.nan)
+        ax.plot((edges[:-1] + edges[1:]) / 2 / 3600, att, marker="o", ms=3, color=POLICY_COLOURS.get(policy),
+                label=policy)  # fmt: skip
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("trace time (h)")
+    ax.set_ylabel("NEAR_RT met / sent")
+    ax.legend()
+    ax.set_title("NEAR_RT deadline attainment over the day, per policy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,76 @@
+"""The policy comparison's statistics and plots on plain data (sims/report.py)."""
+import math
+
+import numpy as np
+import pyarrow as pa
+
+from sims.replay import Outcome, outcomes_table
+from sims.report import (
+    UsageSamples,
+    demand_mask,
+    plot_attainment_by_policy,
+    plot_headroom_vs_use,
+    policy_row,
+)
+
+
+def _outcome(i, priority, outcome, met=False, latency_ms=100.0, tokens=5, t_s=0.0, sent_s=0.0):
+    return Outcome(query_id=f"q{i}", t_s=t_s, kind="k", priority=priority, controller_id="c", site_id="bs-01",
+                   cell_id="", budget_ms=500.0, ran_share=0.5, outcome=outcome, met_deadline=met,
+                   latency_ms=latency_ms, completion_tokens=tokens if outcome == "served" else 0, sent_s=sent_s)
+
+
+def _usage(use, radio, demand=None):
+    use, radio = np.asarray(use, float), np.asarray(radio, float)
+    k, s = use.shape
+    return UsageSamples(tuple(f"bs-0{i + 1}" for i in range(s)), np.arange(k) * 60.0, use, radio,
+                        np.full((k, s), np.nan), np.zeros((k, s), bool),
+                        np.ones(k, bool) if demand is None else np.asarray(demand))  # fmt: skip
+
+
+def test_goodput_attainment_rejects_and_throughput():
+    table = outcomes_table([
+        _outcome(0, "NEAR_RT", "served", met=True),
+        _outcome(1, "NEAR_RT", "served", met=False),
+        _outcome(2, "NEAR_RT", "shed", latency_ms=0.8),
+        _outcome(3, "NEAR_RT", "shed", latency_ms=1.2),
+        _outcome(4, "NEAR_RT", "error"),  # admitted, then missed
+        _outcome(5, "NON_RT", "served", met=True, tokens=30),
+        _outcome(6, "BEST_EFFORT", "shed"),
+    ])
+    row = policy_row("p", table, _usage([[0.1]], [[0.5]]), wall_s=10.0, tolerance_cpus=0.02)
+    assert (row.near_rt_sent, row.near_rt_met, row.near_rt_admitted, row.early_rejects) == (5, 1, 3, 2)
+    assert row.goodput == 0.2 and math.isclose(row.attainment_admitted, 1 / 3)
+    assert row.early_reject_share == 0.4 and 0.8 <= row.reject_ms_p50 <= 1.2
+    assert (row.non_rt_served, row.non_rt_met, row.best_effort_served) == (1, 1, 0)
+    assert row.tokens == 5 + 5 + 30
+
+
+def test_violations_are_use_above_what_the_radio_left():
+    u = _usage([[0.30, 0.10], [0.55, 0.10], [0.10, 0.50]], [[0.5, 0.5], [0.5, 0.5], [0.5, 0.45]])
+    assert u.violations(0.02).tolist() == [[False, False], [True, False], [False, True]]
+    assert u.violations(0.06).sum() == 0
+
+
+def test_idle_compute_used_counts_only_intervals_with_demand():
+    u = _usage([[0.5, 0.0], [0.0, 0.0]], [[0.5, 0.5], [1.0, 1.0]], demand=[True, False])
+    assert u.idle_used_share() == 0.5  # 0.5 of the 1.0 left in the interval with demand
+    over = _usage([[0.9]], [[0.5]])
+    assert over.idle_used_share() == 1.0  # use above the headroom counts once, as a violation
+
+
+def test_demand_mask_overlaps():
+    edges = np.array([0.0, 1.0, 2.0, 3.0])
+    sent = np.array([0.5, 2.2, np.nan])
+    done = np.array([0.9, 2.5, np.nan])
+    assert demand_mask(edges, sent, done).tolist() == [True, False, True]
+
+
+def test_plots_write_files(tmp_path):
+    tables = {p: outcomes_table([_outcome(i, "NEAR_RT", "served", met=i % 2 == 0, t_s=600.0 * i)
+                                 for i in range(8)]) for p in ("round_robin", "radio_first")}  # fmt: skip
+    usage = {p: _usage([[0.1, 0.2]] * 5, [[0.5, 0.4]] * 5) for p in tables}
+    a = plot_headroom_vs_use(usage, [{"site_id": "bs-01", "kind": "swap", "t_s": 120.0}], tmp_path / "h.png")
+    b = plot_attainment_by_policy(tables, tmp_path / "a.png", bins=4)
+    assert a.stat().st_size > 1000 and b.stat().st_size > 1000
+    assert isinstance(tables["radio_first"], pa.Table)
