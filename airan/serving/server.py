@@ -91,7 +91,11 @@ class ControlPlane:
         self.gateway = Gateway(self.config, self.pool, sites, renderers, router=build_router(self.config.router),
                                detector=load_detector())  # fmt: skip
         if self.config.router.policy == "radio_first":
-            self.headroom = HeadroomController(self.config, sites, self.pool, servable_variants(self.config, materialize))
+            gateway = self.gateway
+            self.headroom = HeadroomController(
+                self.config, sites, self.pool, servable_variants(self.config, materialize),
+                busy=lambda rid: next((v.in_flight for v in gateway.replica_views() if v.replica_id == rid), 0),
+            )
             await self.headroom.step()  # caps and admitted concurrency in force before the first query
             self.headroom.start()
         await self._start_grpc(self.cluster.node_of_site())

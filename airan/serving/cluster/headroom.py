@@ -20,7 +20,7 @@ from pathlib import Path
 
 from airan.config import AiranConfig
 from airan.core.headroom import split_headroom
-from airan.core.placement import NeedParams, PlanParams, VariantPlanner
+from airan.core.placement import NeedParams, PlanParams, VariantPlanner, family
 from airan.core.routing.types import ReplicaState, ReplicaView
 from airan.serving.sites import SiteRegistry
 
@@ -45,6 +45,9 @@ class HeadroomController:
     pool: object  # RayReplicaPool (views, details, set_limits, swap)
     variant_paths: Mapping[str, Path] = field(default_factory=dict)  # servable variants -> their directories
     clock: Callable[[], float] = time.monotonic
+    # requests a replica still holds outside the pool (the gateway's queue and dispatches): a swap
+    # stops the old replica only when this and its open streams are 0
+    busy: Callable[[str], int] | None = None
     events: list[ControlEvent] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -133,7 +136,7 @@ class HeadroomController:
             return
         for v in ready:  # one replica at a time: the site never has none ready
             try:
-                new_id = await self.pool.swap(v.replica_id, model, path)
+                new_id = await self.pool.swap(v.replica_id, model, path, busy=self.busy)
                 self._event(site_id, "swap", f"{v.replica_id} -> {new_id} ({model}): {reason}",
                             self.sites.get(site_id).headroom_cpus or math.nan)
             except Exception as e:
@@ -148,8 +151,6 @@ class HeadroomController:
 
 def servable_variants(config: AiranConfig, materialize: Callable) -> dict[str, Path]:
     """Catalog variants of the configured models that are prepared here (name -> directory)."""
-    from airan.core.placement import family
-
     wanted = {m for r in config.replicas for m in family(config.catalog, r.model)}
     names = {m.name for m in config.models}
     out = {}

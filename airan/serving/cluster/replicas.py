@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import ray
@@ -279,10 +280,12 @@ class RayReplicaPool:
     def open_streams(self, replica_id: str) -> int:
         return self._streams[replica_id]
 
-    async def swap(self, replica_id: str, variant: str, model_path: os.PathLike, drain_timeout_s: float = 300.0) -> str:
+    async def swap(self, replica_id: str, variant: str, model_path: os.PathLike, drain_timeout_s: float = 300.0,
+                   busy: Callable[[str], int] | None = None) -> str:  # fmt: skip
         """Make before break: start `variant` beside `replica_id` on its site, route to it once it is
-        ready, drain the old one (no new requests; open streams finish), then stop it. Returns the
-        new replica's id; on a failed start the old replica keeps serving and the error is raised."""
+        ready, drain the old one (no new requests; its open streams and what `busy` counts, e.g. the
+        gateway's queue for it, finish), then stop it. Returns the new replica's id; on a failed start
+        the old replica keeps serving and the error is raised."""
         old = self._replicas[replica_id]
         t0 = time.monotonic()
         self._serial += 1
@@ -307,9 +310,13 @@ class RayReplicaPool:
         old.view = replace(old.view, state=ReplicaState.DRAINING)
         await asyncio.sleep(0.5)  # a request routed to it just before has time to open its stream
         deadline = time.monotonic() + drain_timeout_s
-        while self._streams[replica_id] > 0 and time.monotonic() < deadline:  # bounded by the timeout
+
+        def open_work() -> int:
+            return max(self._streams[replica_id], busy(replica_id) if busy is not None else 0)
+
+        while open_work() > 0 and time.monotonic() < deadline:  # bounded by the timeout
             await asyncio.sleep(0.05)
-        left = self._streams[replica_id]
+        left = open_work()
         try:
             await asyncio.wait_for(old.actor.shutdown.remote(), 30)
         except Exception as e:
