@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from airan.config import RouterConfig
@@ -30,15 +32,26 @@ class HeadroomFilter:
 
     def __init__(self, near_rt_reserve: float = 0.25) -> None:
         self.near_rt_reserve = near_rt_reserve
+        # per table: (its sites mapping, open column, NEAR_RT limit, other classes' limit); the owner
+        # rebuilds the table when views change and replaces its sites when a site changes
+        self._columns: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def _cols(self, table: ReplicaTable, sites) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cached = self._columns.get(table)
+        if cached is not None and cached[0] is sites:
+            return cached[1:]
+        open_ = np.array([v.site_id in sites and not sites[v.site_id].surge_reason for v in table.views], dtype=bool)
+        limit = np.array([np.inf if v.max_concurrency is None else v.max_concurrency for v in table.views])
+        finite = np.where(np.isfinite(limit), limit, 0.0)
+        reserve = np.where(finite >= 2, np.maximum(1.0, np.floor(finite * self.near_rt_reserve)), 0.0)
+        others = limit - reserve  # inf stays inf
+        self._columns[table] = (sites, open_, limit, others)
+        return open_, limit, others
 
     def mask(self, ctx: RoutingContext, table: ReplicaTable, eligible: np.ndarray, state: DecisionState) -> np.ndarray:
-        surged = np.array([bool(ctx.sites[v.site_id].surge_reason) if v.site_id in ctx.sites else True
-                           for v in table.views], dtype=bool)  # fmt: skip
-        limit = np.array([np.inf if v.max_concurrency is None else v.max_concurrency for v in table.views])
-        if ctx.request.priority is not Priority.NEAR_RT:
-            reserve = np.where(limit >= 2, np.maximum(1.0, np.floor(limit * self.near_rt_reserve)), 0.0)
-            limit = np.where(np.isfinite(limit), limit - reserve, limit)
-        return eligible & ~surged & (table.queue_depth < limit)
+        open_, near_rt_limit, others_limit = self._cols(table, ctx.sites)
+        limit = near_rt_limit if ctx.request.priority is Priority.NEAR_RT else others_limit
+        return eligible & open_ & (table.queue_depth < limit)
 
     def explain(self, ctx: RoutingContext, table: ReplicaTable, state: DecisionState) -> str:
         reasons = sorted({f"{s}: {v.surge_reason}" for s, v in ctx.sites.items() if v.surge_reason})
