@@ -38,9 +38,8 @@ def predict_s(ctx: RoutingContext, table: ReplicaTable) -> np.ndarray:
     req = ctx.request
     out = table.start_at[req.priority.rank] - ctx.now
     np.maximum(out, 0.0, out=out)
-    out += 2.0 * table.latency_s(req.controller_id)
-    out += req.prompt_tokens * table.prefill_s_per_token
-    out += req.expected_tokens * table.decode_s_per_token
+    out += table.round_trip_s(req.controller_id)
+    out += np.array((req.prompt_tokens, req.expected_tokens), dtype=float) @ table.rates
     return out
 
 
@@ -48,7 +47,7 @@ def idle_predict_s(ctx: RoutingContext, table: ReplicaTable) -> np.ndarray:
     """The same prediction for replicas with nothing else to do (no queue, batch of one)."""
     req = ctx.request
     return (
-        2.0 * table.latency_s(req.controller_id)
+        table.round_trip_s(req.controller_id)
         + req.prompt_tokens * table.prefill_s_per_token
         + req.expected_tokens * table.idle_decode_s_per_token
     )

@@ -291,7 +291,9 @@ class Gateway:
             kind = ErrorKind[decision.rejection_kind]
             prefix = "no replica can take this query" if kind is ErrorKind.UNAVAILABLE else "refused at admission"
             raise _Refused(kind, f"{prefix}: {decision.rejection}")
+        note = decision.placement_note  # now, while the table holds what the decision saw
 
+        decision = replace(decision, explain_placement=lambda: note)
         priority = engine_priority(query.priority, query.deadline)
         if query.mode != "diagnosis":
             params = GenerationParams(max_tokens=query.max_tokens, temperature=query.temperature, lora=lora,

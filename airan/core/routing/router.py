@@ -9,7 +9,7 @@ thousands of replicas is a few vector operations (benchmarks/bench_admission_dec
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,12 +32,19 @@ class RoutingDecision:
     # admission: predicted seconds to the answer on the ranked replicas, seconds left at the decision
     predicted_s: dict[str, float] = field(default_factory=dict)
     budget_s: float | None = None
-    # the request named a site and the best replica is elsewhere: why
-    placement_note: str = ""
+    # why the best replica is not on the site the request named: computed on request (`placement_note`),
+    # since it is an explanation for the response, not part of the decision
+    explain_placement: Callable[[], str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ranked(self) -> list[ReplicaView]:
         return [r for tier in self.tiers for r in tier]
+
+    @property
+    def placement_note(self) -> str:
+        """Why a request that names a site is served elsewhere ("" when it is served there); read it
+        right after the decision, while the table still holds the state it was made on."""
+        return self.explain_placement() if self.explain_placement is not None else ""
 
 
 class Router:
@@ -53,6 +60,7 @@ class Router:
         self.rng = rng or random.Random()
         self.tie_tolerance = tie_tolerance
         self._weight_sum = sum(w for _, w in self.scorers) or 1.0
+        self._ones: dict[int, np.ndarray] = {}  # all-eligible masks by table size (read only)
 
     @classmethod
     def from_config(cls, config: RouterConfig, rng: random.Random | None = None) -> Router:
@@ -81,27 +89,38 @@ class Router:
         if not len(table):
             return RoutingDecision([], rejection="no replicas are deployed")
         state = DecisionState()
-        eligible = np.ones(len(table), dtype=bool)
+        eligible = self._ones.get(len(table))
+        if eligible is None:
+            eligible = self._ones[len(table)] = np.ones(len(table), dtype=bool)
+            eligible.flags.writeable = False  # shared by every decision: filters return new masks
+        masks = []
         for f in self.filters:
             eligible = f.mask(ctx, table, eligible, state)
-            if not eligible.any():
-                reason = f.explain(ctx, table, state)
-                return RoutingDecision([], rejection=reason, rejection_kind=state.rejection_kind,
-                                       budget_s=state.budget_s)  # fmt: skip
-        total = np.zeros(len(table))
+            masks.append(eligible)
+        if not eligible.any():  # the first filter that left nothing says why
+            f = next(f for f, m in zip(self.filters, masks) if not m.any())
+            reason = f.explain(ctx, table, state)
+            return RoutingDecision([], rejection=reason, rejection_kind=state.rejection_kind,
+                                   budget_s=state.budget_s)  # fmt: skip
+        total = None
         for scorer, weight in self.scorers:
-            total += weight * scorer.score(ctx, table, eligible, state)
-        total /= self._weight_sum
+            score = scorer.score(ctx, table, eligible, state)
+            if total is None:
+                total = score * weight
+            else:
+                total += score if weight == 1.0 else score * weight
+        if total is None:
+            total = np.zeros(len(table))
         masked = np.where(eligible, total, -np.inf)
         picked = self._rank_all(masked) if limit is None else self._rank_top(masked, limit)
         flat = [i for tier in picked for i in tier]
         predicted = state.predicted_s
         return RoutingDecision(
             [[table.views[i] for i in tier] for tier in picked],
-            scores={table.ids[i]: float(total[i]) for i in flat},
+            scores={table.ids[i]: float(total[i]) / self._weight_sum for i in flat},
             predicted_s={} if predicted is None else {table.ids[i]: float(predicted[i]) for i in flat},
             budget_s=state.budget_s,
-            placement_note=self._placement_note(ctx, table, state, flat[0]),
+            explain_placement=lambda: self._placement_note(ctx, table, state, flat[0]),
         )
 
     def _rank_all(self, masked: np.ndarray) -> list[list[int]]:
@@ -119,22 +138,26 @@ class Router:
         return tiers
 
     def _rank_top(self, masked: np.ndarray, limit: int) -> list[list[int]]:
-        """The best `limit` replicas as tiers, without sorting the rest."""
-        work = masked.copy()
+        """The best `limit` replicas as tiers, without sorting the rest (`masked` is used up)."""
         tiers: list[list[int]] = []
         left = limit
         while left > 0:
-            best = int(work.argmax())
-            score = work[best]
+            best = int(masked.argmax())
+            score = masked[best]
             if score == -np.inf:
                 break
-            ties = np.flatnonzero(work >= score - self.tie_tolerance)
-            if len(ties) > left:  # a random few of a large tie, without shuffling all of it
-                tier = [int(ties[j]) for j in self.rng.sample(range(len(ties)), left)]
+            near = masked >= score - self.tie_tolerance
+            if np.count_nonzero(near) == 1:  # the usual case: no tie, no index list
+                tier = [best]
+                masked[best] = -np.inf
             else:
-                tier = [int(i) for i in ties]
-                self.rng.shuffle(tier)
-            work[ties] = -np.inf
+                ties = np.flatnonzero(near)
+                if len(ties) > left:  # a random few of a large tie, without shuffling all of it
+                    tier = [int(ties[j]) for j in self.rng.sample(range(len(ties)), left)]
+                else:
+                    tier = [int(i) for i in ties]
+                    self.rng.shuffle(tier)
+                masked[ties] = -np.inf
             tiers.append(tier)
             left -= len(tier)
         return tiers

@@ -31,7 +31,7 @@ class LeastLoadedScorer:
         self.saturation = saturation
 
     def score(self, ctx, table, eligible, state):
-        return 1.0 - np.minimum(table.queue_depth, self.saturation) / self.saturation
+        return table.load_score(self.saturation)
 
 
 class KvCacheScorer:
@@ -78,9 +78,8 @@ class PredictedLatencyScorer:
 
     def score(self, ctx, table, eligible, state):
         predicted = state.predicted_s if state.predicted_s is not None else admission.predict_s(ctx, table)
-        predicted = predicted + self.FLOOR_S
-        best = np.min(predicted, where=eligible, initial=np.inf)
-        return best / predicted
+        best = np.where(eligible, predicted, np.inf).min()
+        return (best + self.FLOOR_S) / (predicted + self.FLOOR_S)
 
 
 SCORERS: dict[str, type] = {

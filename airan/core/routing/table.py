@@ -30,12 +30,16 @@ class ReplicaTable:
         self.ready = np.array([v.state is ReplicaState.READY for v in self.views], dtype=bool)
         self.queue_depth = np.array([v.queue_depth for v in self.views], dtype=float)
         self.kv_cache_usage = np.array([v.kv_cache_usage for v in self.views], dtype=float)
-        # admission columns (airan/core/admission.py); zeros predict only the network time
-        self.prefill_s_per_token = np.zeros(n)
-        self.decode_s_per_token = np.zeros(n)  # at the batch the replica would run with one more request
+        # admission columns (airan/core/admission.py); zeros predict only the network time.
+        # rates[0] is prefill seconds per prompt token, rates[1] decode seconds per token at the batch
+        # the replica would run with one more request: (prompt, tokens) @ rates is the service time
+        self.rates = np.zeros((2, n))
+        self.prefill_s_per_token = self.rates[0]  # views into `rates`
+        self.decode_s_per_token = self.rates[1]
         self.idle_decode_s_per_token = np.zeros(n)  # alone on the replica
         self.start_at = np.zeros((N_CLASSES, n))  # monotonic time a new request of each class would start
         self._serves: dict[str, np.ndarray] = {}
+        self._load_scores: dict[int, np.ndarray] = {}
         self.set_sites(sites)
 
     def __len__(self) -> int:
@@ -52,6 +56,7 @@ class ReplicaTable:
         self.site_headroom = headroom[self.site_of]
         self._accepts: dict[float, np.ndarray] = {}
         self._latency: dict[str, np.ndarray] = {}
+        self._round_trip: dict[str, np.ndarray] = {}
         self._locality: dict[tuple[str, float], np.ndarray] = {}
 
     def site_index(self, site_id: str) -> int:
@@ -74,6 +79,21 @@ class ReplicaTable:
                 ms = lat.get(controller_id, max(lat.values(), default=0.0))
                 per_site[i] = ms / 1000.0
             col = self._latency[controller_id] = per_site[self.site_of]
+        return col
+
+    def round_trip_s(self, controller_id: str) -> np.ndarray:
+        """Controller-to-site and back, per replica (cached)."""
+        col = self._round_trip.get(controller_id)
+        if col is None:
+            col = self._round_trip[controller_id] = 2.0 * self.latency_s(controller_id)
+        return col
+
+    def load_score(self, saturation: int) -> np.ndarray:
+        """1 for an idle replica, falling linearly to 0 at `saturation` queued requests; kept
+        current by `set_load`, so scoring reads it without computing."""
+        col = self._load_scores.get(saturation)
+        if col is None:
+            col = self._load_scores[saturation] = 1.0 - np.minimum(self.queue_depth, saturation) / saturation
         return col
 
     def locality_base(self, controller_id: str, scale_ms: float) -> np.ndarray:
@@ -101,6 +121,8 @@ class ReplicaTable:
         i = self.index.get(replica_id)
         if i is not None:
             self.queue_depth[i] = queue_depth
+            for saturation, col in self._load_scores.items():
+                col[i] = 1.0 - min(queue_depth, saturation) / saturation
 
     def set_ready(self, replica_id: str, ready: bool) -> None:
         i = self.index.get(replica_id)
