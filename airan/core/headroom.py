@@ -9,8 +9,10 @@ Per site, the forecast share for [t, t + horizon] is the largest of
 - the last report (the radio never gets less than it has now),
 - the recent trend: a least-squares line through the last `window_s` of reports, evaluated at the
   end of the horizon, plus the `quantile` of the reports' residuals around it,
-- the time-of-day profile: the last report plus how far the load rose, at the `quantile`, over the
-  same stretch of earlier days (the busy hour is seen coming before it arrives).
+- the time-of-day profile: the last report plus how far the load rose over the same stretch of
+  time on each earlier day (from that day's level at now's time of day to its peak over the
+  horizon), at the `quantile` across days: the busy hour is seen coming before it arrives, and a
+  day that is busier or quieter overall does not shift the rise.
 
 Missing data is treated as the worst case: a site whose reports stopped (older than `stale_after_s`
 by the clock) is forecast at the full share, so it drains; a site with too few reports for a trend
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -38,10 +40,12 @@ class ForecastParams:
     min_trend_samples: int = 4  # fewer reports: cold start
     cold_start_pad: float = 0.10  # share added to the last report during a cold start
     profile_bin_s: float = 900.0  # time-of-day bins of the profile
-    profile_samples_per_bin: int = 256  # reports a bin keeps (bounded memory; older days fall out)
+    profile_days: int = 7  # earlier days the profile reads (older bins are dropped)
+    profile_samples_per_bin: int = 256  # reports a bin keeps
     stale_after_s: float = 60.0  # clock seconds without a report: assume the radio needs everything
     share_without_reports: float = 0.0
     max_history: int = 4096  # recent reports kept per site
+    use_profile: bool = True  # False: trend and last report only (an ablation)
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.quantile < 1.0:
@@ -73,9 +77,8 @@ class _SiteHistory:
         self.times: deque[float] = deque(maxlen=p.max_history)  # radio-clock seconds (report time)
         self.shares: deque[float] = deque(maxlen=p.max_history)
         self.received_at = -math.inf  # registry clock
-        n_bins = max(1, int(round(DAY_S / p.profile_bin_s)))
-        # per time-of-day bin: (day number, share) of the reports that fell in it
-        self.profile: list[deque[tuple[int, float]]] = [deque(maxlen=p.profile_samples_per_bin) for _ in range(n_bins)]
+        # absolute bin number (radio-clock time // profile_bin_s) -> the shares reported in it
+        self.profile: OrderedDict[int, deque[float]] = OrderedDict()
 
 
 class HeadroomForecaster:
@@ -88,7 +91,7 @@ class HeadroomForecaster:
         self.params = params
         self.clock = clock
         self._sites = {s: _SiteHistory(params) for s in site_ids}
-        self._n_bins = max(1, int(round(DAY_S / params.profile_bin_s)))
+        self._keep_bins = int(math.ceil((params.profile_days + 1) * DAY_S / params.profile_bin_s))
 
     def observe(self, site_id: str, share: float, at: float | None = None) -> None:
         """One report of the radio's share; `at` is when the radio measured it (default: the clock).
@@ -111,10 +114,13 @@ class HeadroomForecaster:
             h.times.append(at)
             h.shares.append(share)
         h.received_at = max(h.received_at, now)
-        h.profile[self._bin(at)].append((int(at // DAY_S), share))
-
-    def _bin(self, t: float) -> int:
-        return int((t % DAY_S) // self.params.profile_bin_s) % self._n_bins
+        b = int(at // self.params.profile_bin_s)
+        if b not in h.profile:
+            h.profile[b] = deque(maxlen=self.params.profile_samples_per_bin)
+            h.profile.move_to_end(b)
+            while len(h.profile) > self._keep_bins:  # bounded: the oldest bins fall out
+                h.profile.popitem(last=False)
+        h.profile[b].append(share)
 
     def forecast(self, site_id: str) -> Forecast:
         p = self.params
@@ -132,7 +138,7 @@ class HeadroomForecaster:
             return Forecast(site_id, min(1.0, last + p.cold_start_pad), last, "cold_start", int(t.size))
 
         candidates = {"last": last, "trend": _trend_upper(t, y, last_t + p.horizon_s, p.quantile)}
-        rise = self._profile_rise(h, last_t, p)
+        rise = self._profile_rise(h, last_t, p) if p.use_profile else None
         if rise is not None:
             candidates["profile"] = last + rise
         basis = max(candidates, key=candidates.get)
@@ -140,16 +146,19 @@ class HeadroomForecaster:
         return Forecast(site_id, share, last, basis, int(t.size))
 
     def _profile_rise(self, h: _SiteHistory, now_t: float, p: ForecastParams) -> float | None:
-        """How far the load rose, at the quantile, from now's time of day to the stretch the horizon
-        covers, on earlier days; None while earlier days hold too few reports for those bins."""
-        today = int(now_t // DAY_S)
-        here = [v for d, v in h.profile[self._bin(now_t)] if d < today]
-        ahead = {self._bin(now_t + k * p.profile_bin_s) for k in range(int(p.horizon_s // p.profile_bin_s) + 1)}
-        ahead.add(self._bin(now_t + p.horizon_s))
-        future = [v for b in ahead for d, v in h.profile[b] if d < today]
-        if len(here) < p.min_trend_samples or len(future) < p.min_trend_samples:
+        """How far the load rose from now's time of day to its peak over the horizon, on each
+        earlier day, at the quantile across days; None while no earlier day has both."""
+        rises = []
+        for k in range(1, p.profile_days + 1):
+            ref = now_t - k * DAY_S
+            first, last = int(ref // p.profile_bin_s), int((ref + p.horizon_s) // p.profile_bin_s)
+            here = h.profile.get(first)
+            ahead = [v for b in range(first, last + 1) for v in h.profile.get(b, ())]
+            if here and ahead:
+                rises.append(max(ahead) - float(np.mean(here)))
+        if not rises:
             return None
-        return max(0.0, float(np.quantile(future, p.quantile)) - float(np.median(here)))
+        return max(0.0, float(np.quantile(rises, p.quantile)))
 
     def forecasts(self) -> dict[str, Forecast]:
         return {s: self.forecast(s) for s in self._sites}
