@@ -76,8 +76,11 @@ def stack_config(policy: str, trace, site_cpus: float, args) -> object:
     sites = []
     for s in trace.topology.site_configs():
         sites.append({**s, "cpus": site_cpus, "gpus": 0.0})
+    # the router before admission: no deadline filter, and every request dispatched to the engine at once
+    # (1,000 slots: the gateway queues nothing, as the actor took up to 1,000 concurrent calls)
     old_router = {"filters": ["ready", "site_active", "model"],
-                  "scorers": [{"type": "least_loaded", "weight": 1.0}, {"type": "site_locality", "weight": 1.0}]}
+                  "scorers": [{"type": "least_loaded", "weight": 1.0}, {"type": "site_locality", "weight": 1.0}],
+                  "admission": {"slots": 1000}}
     router = {"round_robin": {"policy": "round_robin", **old_router},
               "least_loaded": {"policy": "least_loaded", **old_router},  # the router before admission
               "radio_first": {"policy": "radio_first"}}[policy]  # fmt: skip
