@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import pyarrow as pa
 
 from sims.replay import Outcome, outcomes_table
@@ -74,3 +75,38 @@ def test_plots_write_files(tmp_path):
     b = plot_attainment_by_policy(tables, tmp_path / "a.png", bins=4)
     assert a.stat().st_size > 1000 and b.stat().st_size > 1000
     assert isinstance(tables["radio_first"], pa.Table)
+
+
+async def test_replay_can_stamp_ran_load_with_the_trace_clock():
+    """A radio-first forecast needs the trace's time of day: reports carry trace start + t_s."""
+    from concurrent import futures
+    from pathlib import Path
+
+    import grpc
+
+    from airan.v1 import control_pb2, control_pb2_grpc
+    from sims.replay import ReplayOptions, Replayer
+    from sims.trace import read_trace
+
+    stamps = []
+
+    class Plane(control_pb2_grpc.ControlServiceServicer):
+        def ReportRanLoad(self, request, context):
+            stamps.append(request.loads[0].time.ToNanoseconds() / 1e9)
+            return control_pb2.ReportRanLoadResponse(accepted=len(request.loads))
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    control_pb2_grpc.add_ControlServiceServicer_to_server(Plane(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        trace = read_trace(Path(__file__).resolve().parents[1] / "sims" / "examples" / "city-3sites")
+        trace.queries = []  # RAN load only
+        rp = Replayer(trace, f"127.0.0.1:{port}", ReplayOptions(speed=600, ran_load_time="trace", progress=False,
+                                                                grace_s=1))  # fmt: skip
+        await rp.run()
+    finally:
+        server.stop(grace=None)
+    times = np.unique(trace.ran_load["t_s"].to_numpy())
+    assert sorted(stamps) == pytest.approx(list(trace.start.timestamp() + times))
+    assert rp.t0 is not None
