@@ -209,3 +209,17 @@ def test_reprice_redoes_every_tickets_prediction_at_the_current_rates():
     rates.observe(100, 0.1, 41, 40 * 0.05)  # the replica is 50x slower at decoding than assumed
     q.reprice(rates)
     assert running.service_s == pytest.approx(0.1 + 40 * 0.05) and q.start_times(NOW)[0] == pytest.approx(NOW + 2.1)
+
+
+def test_a_lower_class_never_starts_beside_a_running_higher_class():
+    q = ReplicaQueue("r1", slots=4, bounds={p: 10 for p in Priority}, max_waiting=10)
+    near = Ticket("near", Priority.NEAR_RT, NOW + 1, service_s=0.8)
+    assert q.offer(near, NOW).started
+    be = ticket("be", service_s=2.0)
+    assert q.offer(be, NOW).queued  # three slots free, but its prefill would stall the NEAR_RT decode
+    assert q.start_times(NOW) == [NOW, NOW + 0.8, NOW + 0.8]  # only another NEAR_RT may join it
+    assert q.offer(Ticket("near2", Priority.NEAR_RT, NOW + 1, service_s=0.8), NOW).started
+    assert q.finish(near, NOW + 0.5) == []  # near2 still runs
+    assert [t.request_id for t in q.finish(q.running[0], NOW + 0.8)] == ["be"]
+    # the other way round: a higher class joins running lower ones while a slot is free
+    assert q.offer(Ticket("near3", Priority.NEAR_RT, NOW + 2, service_s=0.8), NOW + 0.9).started

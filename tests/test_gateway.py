@@ -509,3 +509,56 @@ def test_detector_fallback_and_placement_cross_the_proto_both_ways():
         p = message.placement
         assert p.answered_by == netops_pb2.ANSWER_SOURCE_DETECTOR and p.requested_site_id == "bs-01"
         assert p.note.startswith("answered by the fast detector") and p.allowed_ms == 200.0
+
+
+@pytest.mark.slow
+async def test_a_request_whose_deadline_passes_in_the_vllm_engines_queue_is_aborted_there(renderer):
+    """Real vLLM on the tiny model, one sequence at a time: a long request holds the engine, a NEAR_RT
+    one waits in vLLM's own queue, its deadline passes, the caller hears DEADLINE_EXCEEDED then, and
+    the engine's scheduler drops it from its waiting queue while the long one still runs."""
+    from airan.serving.engine.protocol import GenerationParams
+    from airan.serving.engine.vllm_engine import VllmEngine, VllmSettings
+
+    engine = VllmEngine(VllmSettings(model_path=ensure_tiny_model(), max_model_len=1024, dtype="float32",
+                                     kv_cache_gb=0.25, max_num_seqs=1))  # fmt: skip
+    await engine.start()
+    hog = None
+    try:
+        # the gateway sends both to the engine (4 slots), whose one sequence slot makes the second wait
+        gw = Gateway(with_admission(OPTIMISTIC, slots=4), FakePool({"r1": ("bs-01", engine)}),
+                     SiteRegistry(CONFIG.sites, 0.2), {"m": renderer})  # fmt: skip
+        prompt = renderer.render(q(), 512).token_ids
+
+        async def run_hog():
+            async for _ in engine.generate(prompt, GenerationParams(max_tokens=900, ignore_eos=True), "hog"):
+                pass
+
+        hog = asyncio.create_task(run_hog())
+        async with asyncio.timeout(60):
+            while engine.load().running < 1:
+                await asyncio.sleep(0.01)
+        waiting_seen = []
+
+        async def watch():
+            while True:
+                waiting_seen.append(engine.load().waiting)
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.create_task(watch())
+        t0 = time.monotonic()
+        with pytest.raises(AiranError) as e:
+            await gw.ask(q(max_tokens=8, priority=Priority.NEAR_RT, deadline=t0 + 0.5), request_id="late")
+        answered_after = time.monotonic() - t0
+        assert e.value.kind is ErrorKind.DEADLINE_EXCEEDED and "0 tokens so far" in e.value.message
+        assert 0.45 < answered_after < 1.0  # at the deadline, not after the long request
+        async with asyncio.timeout(10):  # the engine saw the abort: its waiting queue empties
+            while engine.load().waiting:
+                await asyncio.sleep(0.01)
+        watcher.cancel()
+        assert max(waiting_seen) == 1 and not hog.done() and engine.load().running == 1
+        assert "late" not in engine._llm.output_processor.request_states
+    finally:
+        if hog is not None:
+            hog.cancel()
+            await asyncio.gather(hog, return_exceptions=True)
+        await engine.shutdown()

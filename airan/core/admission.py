@@ -13,7 +13,10 @@ starts or finishes, never while one is being routed.
 A replica runs `slots` requests at once (the engine's batch); the rest wait in
 its `ReplicaQueue`: NEAR_RT before NON_RT before BEST_EFFORT, earliest deadline
 first within a class, bounded per class and in all, BEST_EFFORT shed first when
-a higher class needs the room.
+a higher class needs the room. A request never starts beside a running one of a
+higher class: on a CPU engine its prefill would stall that request's decoding
+(a 270-token prefill takes ~400 ms on one core), breaking the deadline it was
+admitted on; it starts when they have finished.
 """
 from __future__ import annotations
 
@@ -185,8 +188,12 @@ class ReplicaQueue:
     def __len__(self) -> int:
         return len(self.running) + len(self.waiting)
 
+    def _may_start(self, ticket: Ticket) -> bool:
+        rank = ticket.priority.rank
+        return len(self.running) < self.slots and all(t.priority.rank >= rank for t in self.running)
+
     def offer(self, ticket: Ticket, now: float) -> Offer:
-        if len(self.running) < self.slots and not self.waiting:
+        if (not self.waiting or ticket.key < self._keys[0]) and self._may_start(ticket):  # nothing ahead of it
             self._start(ticket, now)
             return Offer(started=True, queued=False)
         rank = ticket.priority.rank
@@ -210,7 +217,7 @@ class ReplicaQueue:
         if ticket in self.running:
             self.running.remove(ticket)
         started = []
-        while self.waiting and len(self.running) < self.slots:
+        while self.waiting and self._may_start(self.waiting[0]):
             nxt = self.waiting[0]
             self.withdraw(nxt)
             self._start(nxt, now)
@@ -252,18 +259,25 @@ class ReplicaQueue:
         least `min_remaining_s` from now, since one past its prediction is still running), then the
         waiting ones ahead of the class take the earliest free slot in service order. Waiting
         requests of the same class count as ahead (a new one's deadline is usually the latest).
+        A class also waits for every running and waiting request of a higher class to finish.
         """
-        free = [max(t.started_at + t.service_s, now + min_remaining_s) for t in self.running]
-        free += [now] * max(0, self.slots - len(free))
+        ends = [max(t.started_at + t.service_s, now + min_remaining_s) for t in self.running]
+        free = ends + [now] * max(0, self.slots - len(ends))
         heapq.heapify(free)
+        # when the last running request of a higher class than each class ends
+        higher_done = [max((e for e, t in zip(ends, self.running) if t.priority.rank < rank), default=now)
+                       for rank in range(N_CLASSES)]  # fmt: skip
         out = []
         waiting = iter(self.waiting)
         pending = next(waiting, None)
         for rank in range(N_CLASSES):
             while pending is not None and pending.priority.rank <= rank:
-                heapq.heappush(free, max(heapq.heappop(free), now) + pending.service_s)
+                start = max(heapq.heappop(free), now, higher_done[pending.priority.rank])
+                heapq.heappush(free, start + pending.service_s)
+                for lower in range(pending.priority.rank + 1, N_CLASSES):
+                    higher_done[lower] = max(higher_done[lower], start + pending.service_s)
                 pending = next(waiting, None)
-            out.append(max(free[0], now))
+            out.append(max(free[0], now, higher_done[rank]))
         return out
 
 

@@ -1,0 +1,172 @@
+"""A burst on the default config: 10 NEAR_RT diagnoses with 1 s deadlines and 20 BEST_EFFORT ones, all
+sent at once and all naming bs-01 (the scenario issue 16 measured on main before admission).
+
+    flock /tmp/airan-heavy.lock .venv/bin/python benchmarks/bench_admission_burst.py --label after
+    # the same burst against the router before admission (a worktree of that commit, same venv):
+    git worktree add /tmp/airan-before eaad6be && cp airan/v1/*_pb2*.py /tmp/airan-before/airan/v1/
+    flock /tmp/airan-heavy.lock env PYTHONPATH=/tmp/airan-before .venv/bin/python \\
+        benchmarks/bench_admission_burst.py --label before
+
+It starts the whole local stack (Ray site nodes, three SmolLM2 replicas on vLLM, gRPC on 127.0.0.1)
+with the airan that Python imports, warms each replica up with three one-at-a-time diagnoses (so
+admission has measured the replicas' speed), sends the burst `--rounds` times (the second with
+detector_fallback on the NEAR_RT requests where the server knows the field) and prints, per round:
+NEAR_RT answered in time, refused early (status, time to refuse), failed late; BEST_EFFORT answers,
+throughput and latency; which sites served. Results: benchmarks/results/admission_burst_<label>.json.
+It uses only AskRequest fields both versions know, plus detector_fallback where the stubs have it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from airan.config import load_config
+from airan.stack import LocalStack
+from airan.v1 import netops_pb2, netops_pb2_grpc
+
+RESULTS = Path(__file__).resolve().parent / "results"
+T0 = 1_700_000_000.0
+N_NEAR_RT, N_BEST_EFFORT, NEAR_RT_DEADLINE_S = 10, 20, 1.0
+
+
+def kpis() -> list[netops_pb2.KpiSample]:
+    """bs-01/c1 saturates while its co-site cell stays put (the gateway tests' congestion case)."""
+    rows = []
+    for i in range(3):
+        for name, unit, cell, values in (
+            ("RRU.PrbTotDl", "%", "bs-01/c1", (60.0, 62.0, 99.0)),
+            ("DRB.UEThpDl", "kbit/s", "bs-01/c1", (16000.0, 15800.0, 6000.0)),
+            ("RRU.PrbTotDl", "%", "bs-01/c2", (40.0, 41.0, 40.0)),
+            ("DRB.UEThpDl", "kbit/s", "bs-01/c2", (15000.0, 15100.0, 14900.0)),
+        ):
+            ts = Timestamp()
+            ts.FromNanoseconds(int((T0 + 60 * i) * 1e9))
+            rows.append(netops_pb2.KpiSample(name=name, value=values[i], unit=unit, cell_id=cell, time=ts))
+    return rows
+
+
+def request(priority: int, deadline_s: float | None, fallback: bool) -> netops_pb2.AskRequest:
+    r = netops_pb2.AskRequest(
+        controller_id="xapp-ts", site_ids=["bs-01"], cell_ids=["bs-01/c1", "bs-01/c2"],
+        question="Why did throughput drop on bs-01/c1?", kpi_context=kpis(), priority=priority,
+        response_mode=netops_pb2.DIAGNOSIS,
+    )  # fmt: skip
+    if deadline_s is not None:
+        ts = Timestamp()
+        ts.FromNanoseconds(int((time.time() + deadline_s) * 1e9))
+        r.deadline.CopyFrom(ts)
+    if fallback and "detector_fallback" in r.DESCRIPTOR.fields_by_name:
+        r.detector_fallback = True
+    return r
+
+
+async def one(stub, req: netops_pb2.AskRequest, cls: str, deadline_s: float | None) -> dict:
+    t0 = time.monotonic()
+    try:
+        resp = await stub.Ask(req, timeout=180)
+        out = dict(status="OK", site=resp.site_id, cause=netops_pb2.Cause.Name(resp.diagnosis.cause))
+        if "placement" in resp.DESCRIPTOR.fields_by_name and resp.HasField("placement"):
+            out["answered_by"] = netops_pb2.AnswerSource.Name(resp.placement.answered_by)
+            out["note"] = resp.placement.note
+    except grpc.aio.AioRpcError as e:
+        out = dict(status=e.code().name, message=(e.details() or "")[:300])
+    out.update(cls=cls, seconds=time.monotonic() - t0, deadline_s=deadline_s)
+    return out
+
+
+async def burst(stub, fallback: bool) -> tuple[list[dict], float]:
+    calls = [one(stub, request(netops_pb2.NEAR_RT, NEAR_RT_DEADLINE_S, fallback), "NEAR_RT", NEAR_RT_DEADLINE_S)
+             for _ in range(N_NEAR_RT)]  # fmt: skip
+    calls += [one(stub, request(netops_pb2.BEST_EFFORT, None, False), "BEST_EFFORT", None)
+              for _ in range(N_BEST_EFFORT)]  # fmt: skip
+    t0 = time.monotonic()
+    results = await asyncio.gather(*calls)
+    return list(results), time.monotonic() - t0
+
+
+def summarize(results: list[dict], makespan_s: float) -> dict:
+    near = [r for r in results if r["cls"] == "NEAR_RT"]
+    best = [r for r in results if r["cls"] == "BEST_EFFORT"]
+    in_time = [r for r in near if r["status"] == "OK" and r["seconds"] <= r["deadline_s"]]
+    by_detector = [r for r in in_time if r.get("answered_by") == "ANSWER_SOURCE_DETECTOR"]
+    refused = [r for r in near if r["status"] != "OK" and r["seconds"] < 0.5 * r["deadline_s"]]
+    late = [r for r in near if r not in in_time and r not in refused]
+    best_ok = [r for r in best if r["status"] == "OK"]
+    ms = lambda xs: [round(1000 * x, 1) for x in xs]  # noqa: E731
+    return dict(
+        near_rt_in_time=len(in_time), near_rt_in_time_by_detector=len(by_detector),
+        near_rt_in_time_ms=ms(sorted(r["seconds"] for r in in_time)),
+        near_rt_refused_early=len(refused), refused_statuses=dict(Counter(r["status"] for r in refused)),
+        time_to_refuse_ms=ms(sorted(r["seconds"] for r in refused)),
+        near_rt_late=len(late), late_statuses=dict(Counter(r["status"] for r in late)),
+        late_ms=ms(sorted(r["seconds"] for r in late)),
+        best_effort_answered=len(best_ok), best_effort_errors=dict(Counter(r["status"] for r in best if r["status"] != "OK")),
+        best_effort_per_min=round(60 * len(best_ok) / makespan_s, 1),
+        best_effort_p50_s=round(statistics.median([r["seconds"] for r in best_ok]), 2) if best_ok else None,
+        best_effort_max_s=round(max([r["seconds"] for r in best_ok]), 2) if best_ok else None,
+        sites=dict(sorted(Counter(r["site"] for r in results if r["status"] == "OK" and r.get("site")).items())),
+        makespan_s=round(makespan_s, 2),
+        example_refusal=next((r["message"] for r in refused), ""),
+        example_note=next((r["note"] for r in results if r.get("note")), ""),
+    )  # fmt: skip
+
+
+def print_summary(label: str, rnd: int, fallback: bool, s: dict) -> None:
+    print(f"\n[{label}] round {rnd}{' (NEAR_RT with detector_fallback)' if fallback else ''}: makespan {s['makespan_s']} s")
+    ttr = s["time_to_refuse_ms"]
+    print(f"  NEAR_RT   answered in time {s['near_rt_in_time']}/{N_NEAR_RT}"
+          f" (by the detector {s['near_rt_in_time_by_detector']}) {s['near_rt_in_time_ms']} ms;"
+          f" refused early {s['near_rt_refused_early']} {s['refused_statuses']}"
+          f"{f' in {min(ttr)}-{max(ttr)} ms' if ttr else ''};"
+          f" failed late {s['near_rt_late']} {s['late_statuses']} {s['late_ms']} ms")  # fmt: skip
+    print(f"  BE        answered {s['best_effort_answered']}/{N_BEST_EFFORT} errors {s['best_effort_errors']};"
+          f" {s['best_effort_per_min']}/min; p50 {s['best_effort_p50_s']} s, max {s['best_effort_max_s']} s")  # fmt: skip
+    print(f"  sites     {s['sites']}")
+    if s["example_refusal"]:
+        print(f"  refusal   {s['example_refusal']}")
+    if s["example_note"]:
+        print(f"  note      {s['example_note']}")
+
+
+async def main_async(label: str, rounds: int) -> dict:
+    config = load_config()
+    out = dict(label=label, machine=f"{platform.processor() or '?'}; {os.cpu_count()} cores; "
+                                   f"load {os.getloadavg()[0]:.1f} at start", rounds=[])  # fmt: skip
+    async with LocalStack(config) as stack:
+        async with grpc.aio.insecure_channel(stack.address) as channel:
+            stub = netops_pb2_grpc.NetOpsServiceStub(channel)
+            for _ in range(3):  # warm-up, one at a time, on every replica in turn
+                await one(stub, request(netops_pb2.NON_RT, None, False), "warm", None)
+            for rnd in range(1, rounds + 1):
+                fallback = rnd == 2
+                results, makespan = await burst(stub, fallback)
+                s = summarize(results, makespan)
+                print_summary(label, rnd, fallback, s)
+                out["rounds"].append(dict(fallback=fallback, summary=s, results=results))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--label", required=True, help="before | after (names the results file)")
+    ap.add_argument("--rounds", type=int, default=2, help="bursts on one warm stack (the 2nd with detector_fallback)")
+    args = ap.parse_args()
+    out = asyncio.run(main_async(args.label, args.rounds))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"admission_burst_{args.label}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
