@@ -116,6 +116,8 @@ def ask(
         f"queue {t.queue_ms:.0f} ms, first token {t.ttft_ms:.0f} ms, total {t.total_ms:.0f} ms",
         err=True,
     )
+    if final.placement.note:  # served away from the site asked for, or by the detector: why
+        typer.echo(f"-- {final.placement.note}", err=True)
 
 
 @app.command()
