@@ -12,9 +12,10 @@ BASE = {
 }
 
 
-def test_default_config_is_valid_and_serves_smollm2():
+def test_default_config_is_valid_and_serves_the_trained_smollm2_on_every_site():
     config = load_config()
-    assert config.default_model == "smollm2-135m-instruct"
+    assert config.default_model == "smollm2-netops-merged"
+    assert config.model(config.default_model).source == "variant"
     assert {r.site for r in config.replicas} == {s.id for s in config.sites}
 
 

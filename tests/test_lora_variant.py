@@ -433,14 +433,6 @@ def test_merging_a_stale_adapter_builds_and_says_it_needs_the_retrain(tmp_path, 
     assert "netops-v2" in err and f"airan model build {NAME} --force" in err
 
 
-def test_default_config_serves_the_committed_adapter_beside_its_parent():
-    config = load_config()
-    spec = config.model(NAME)
-    assert spec.is_adapter and spec.parent == SMOLLM2_NAME
-    assert Path(spec.path) == PACKAGED_DIR
-    assert any(NAME in r.adapters for r in config.replicas)
-
-
 def test_relative_model_paths_resolve_beside_the_config_file(tmp_path, tiny_dir):
     from airan.store.registry import describe, materialize
 

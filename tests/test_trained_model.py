@@ -1,0 +1,51 @@
+"""The trained NetOps model as a fresh machine serves it: the committed adapter merged into
+SmolLM2 at prepare time, on the real stack (Ray replica, vLLM on CPU, gRPC on 127.0.0.1)."""
+from __future__ import annotations
+
+import pytest
+
+from airan.config import load_config
+from airan.factory.ensure import served_model_names
+from airan.factory.variants import lora as L
+from airan.store.registry import packaged_adapter_dir
+
+TRAINED = "smollm2-netops-merged"
+ADAPTER = "smollm2-netops-lora"
+
+
+def test_default_config_serves_the_trained_model_everywhere():
+    config = load_config(None)
+    assert config.server.default_model == TRAINED
+    assert {r.model for r in config.replicas} == {TRAINED}
+    assert served_model_names(config) == [TRAINED]
+
+
+def test_committed_adapter_learnt_the_prompt_the_server_renders():
+    # a stale adapter would merge fine and answer badly: retrain it (one command) before serving
+    assert L.is_current(packaged_adapter_dir(ADAPTER)), f"retrain: airan model build {ADAPTER} --force --export airan/store/adapters"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+async def test_trained_model_diagnoses_a_known_injected_congestion():
+    from airan.client import AsyncAiranClient, build_request
+    from airan.demo import injected_congestion
+    from airan.evaluation.runner import stack_config
+    from airan.factory.ensure import ensure_served_models
+    from airan.stack import LocalStack
+    from airan.v1 import netops_pb2 as pb
+
+    config = stack_config([TRAINED])
+    ensure_served_models(config)  # a fresh clone: prepare SmolLM2, merge the committed adapter
+    event = injected_congestion(config)
+    cell = event["cell_ids"][0]
+    async with LocalStack(config) as plane, AsyncAiranClient(plane.address) as client:
+        for priority in ("near_rt", "non_rt"):
+            r = await client.ask(build_request(diagnosis=True, priority=priority, model=TRAINED, **event), timeout_s=300)
+            d = r.diagnosis
+            assert r.model == TRAINED
+            assert pb.Cause.Name(d.cause) == "CAUSE_CONGESTION", (priority, d)
+            assert cell in d.affected_cell_ids, (priority, d)
+            # the playbook's action for congestion, aimed at a cell with its parameter
+            assert d.actions and d.actions[0].type == pb.ACTION_OFFLOAD_TRAFFIC and d.actions[0].unit, d.actions
+            assert pb.Cause.Name(d.detector_cause) == "CAUSE_CONGESTION"
