@@ -112,8 +112,7 @@ RECIPES: dict[str, Recipe] = {
             "merge-lora",
             # the committed copy (airan/store/adapters/), or a PEFT adapter directory
             {"adapter": "smollm2-netops-lora"},
-            # the committed adapter is still the netops-v2 one until it is retrained (see its manifest's
-            # prompt_version); the merge then builds but warns, and its manifest records the version
+            # an adapter trained for an older prompt still merges, with a warning; the manifest records its version
             summary="the NetOps LoRA adapter merged into the base weights: the adapter's answers at the "
             "base's speed (vLLM's CPU LoRA path is several times slower)",
         ),
