@@ -112,9 +112,14 @@ class PreferredSiteFilter:
         req = ctx.request
         if req.deadline is None or not req.site_ids:
             return eligible
-        here = eligible & (table.site_of == table.site_index(req.site_ids[0]))
-        state.preferred_site_fits = bool(here.any())
-        return here if state.preferred_site_fits else eligible
+        rows = table.rows_of_site(req.site_ids[0])
+        fits_here = rows[eligible[rows]]
+        state.preferred_site_fits = len(fits_here) > 0
+        if not state.preferred_site_fits:
+            return eligible
+        here = np.zeros(len(table), dtype=bool)
+        here[fits_here] = True
+        return here
 
     def explain(self, ctx, table, state):  # never empties the set
         return ""

@@ -146,8 +146,9 @@ class Router:
             score = masked[best]
             if score == -np.inf:
                 break
-            near = masked >= score - self.tie_tolerance
-            if np.count_nonzero(near) == 1:  # the usual case: no tie, no index list
+            # ties are looked for in the first tier only: below it, equal scores keep index order
+            near = masked >= score - self.tie_tolerance if not tiers else None
+            if near is None or np.count_nonzero(near) == 1:  # the usual case: no index list
                 tier = [best]
                 masked[best] = -np.inf
             else:

@@ -62,8 +62,8 @@ class SiteLocalityScorer:
             return out
         out = out.copy()
         for site_id in request.site_ids[:0:-1]:  # later names first, so the first one wins a repeat
-            out[table.site_of == table.site_index(site_id)] = 0.8
-        out[table.site_of == table.site_index(request.site_ids[0])] = 1.0
+            out[table.rows_of_site(site_id)] = 0.8
+        out[table.rows_of_site(request.site_ids[0])] = 1.0
         return out
 
 

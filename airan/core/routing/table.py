@@ -27,6 +27,11 @@ class ReplicaTable:
         self.site_ids = sorted({v.site_id for v in self.views} | set(sites))
         self._site_pos = {s: i for i, s in enumerate(self.site_ids)}
         self.site_of = np.array([self._site_pos[v.site_id] for v in self.views], dtype=np.int64)
+        rows: dict[int, list[int]] = {}
+        for i, pos in enumerate(self.site_of):
+            rows.setdefault(int(pos), []).append(i)
+        self._rows_of_site = {pos: np.array(r, dtype=np.int64) for pos, r in rows.items()}
+        self._no_rows = np.zeros(0, dtype=np.int64)
         self.ready = np.array([v.state is ReplicaState.READY for v in self.views], dtype=bool)
         self.queue_depth = np.array([v.queue_depth for v in self.views], dtype=float)
         self.kv_cache_usage = np.array([v.kv_cache_usage for v in self.views], dtype=float)
@@ -61,6 +66,10 @@ class ReplicaTable:
 
     def site_index(self, site_id: str) -> int:
         return self._site_pos.get(site_id, -1)
+
+    def rows_of_site(self, site_id: str) -> np.ndarray:
+        """Indices of the replicas at a site (empty for a site with none)."""
+        return self._rows_of_site.get(self._site_pos.get(site_id, -1), self._no_rows)
 
     def site_accepts(self, min_ai_headroom: float) -> np.ndarray:
         mask = self._accepts.get(min_ai_headroom)
