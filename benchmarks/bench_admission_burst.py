@@ -8,8 +8,8 @@ sent at once and all naming bs-01 (the scenario issue 16 measured on main before
         benchmarks/bench_admission_burst.py --label before
 
 It starts the whole local stack (Ray site nodes, three SmolLM2 replicas on vLLM, gRPC on 127.0.0.1)
-with the airan that Python imports, warms each replica up with three one-at-a-time diagnoses (so
-admission has measured the replicas' speed), sends the burst `--rounds` times (the second with
+with the airan that Python imports, warms each replica up with one diagnosis naming its site, one at
+a time (so admission has measured the replicas' speed), sends the burst `--rounds` times (the second with
 detector_fallback on the NEAR_RT requests where the server knows the field) and prints, per round:
 NEAR_RT answered in time, refused early (status, time to refuse), failed late; BEST_EFFORT answers,
 throughput and latency; which sites served. Results: benchmarks/results/admission_burst_<label>.json.
@@ -55,9 +55,9 @@ def kpis() -> list[netops_pb2.KpiSample]:
     return rows
 
 
-def request(priority: int, deadline_s: float | None, fallback: bool) -> netops_pb2.AskRequest:
+def request(priority: int, deadline_s: float | None, fallback: bool, site: str = "bs-01") -> netops_pb2.AskRequest:
     r = netops_pb2.AskRequest(
-        controller_id="xapp-ts", site_ids=["bs-01"], cell_ids=["bs-01/c1", "bs-01/c2"],
+        controller_id="xapp-ts", site_ids=[site], cell_ids=["bs-01/c1", "bs-01/c2"],
         question="Why did throughput drop on bs-01/c1?", kpi_context=kpis(), priority=priority,
         response_mode=netops_pb2.DIAGNOSIS,
     )  # fmt: skip
@@ -145,8 +145,8 @@ async def main_async(label: str, rounds: int) -> dict:
     async with LocalStack(config) as stack:
         async with grpc.aio.insecure_channel(stack.address) as channel:
             stub = netops_pb2_grpc.NetOpsServiceStub(channel)
-            for _ in range(3):  # warm-up, one at a time, on every replica in turn
-                await one(stub, request(netops_pb2.NON_RT, None, False), "warm", None)
+            for site in ("bs-01", "bs-02", "bs-03"):  # warm-up, one at a time, one per replica
+                await one(stub, request(netops_pb2.NON_RT, None, False, site), "warm", None)
             for rnd in range(1, rounds + 1):
                 fallback = rnd == 2
                 results, makespan = await burst(stub, fallback)
