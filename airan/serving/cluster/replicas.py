@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -181,8 +182,14 @@ class RayReplicaPool:
         if self.config.cluster.mode != "local":
             return [None] * len(specs)
         cores = sorted(os.sched_getaffinity(0))
-        per = self.config.engine.cpu_threads or max(1, len(cores) // max(1, len(specs)))
-        return [[cores[(k * per + j) % len(cores)] for j in range(per)] for k in range(len(specs))]
+        even = max(1, len(cores) // max(1, len(specs)))
+        plan, start = [], 0
+        for spec, _ in specs:
+            # never more threads than the site's Ray node offers (a 1-CPU site on a 2-core machine)
+            per = self.config.engine.cpu_threads or max(1, min(even, math.ceil(self.config.site(spec.site).cpus)))
+            plan.append([cores[(start + j) % len(cores)] for j in range(per)])
+            start += per
+        return plan
 
     async def start(self) -> None:
         # every replica's engine first: a kind this install cannot run fails here, before any actor
