@@ -215,7 +215,7 @@ def test_the_pool_sends_each_actor_the_configured_engine_spec(monkeypatch):
 
     asyncio.run(main())
     assert [v.state.name for v in pool.views()] == ["READY", "READY"]
-    for (options, (replica_id, site, spec)), cpus in zip(actors.created, ([0], [1])):
+    for (options, (replica_id, site, spec, *_cap)), cpus in zip(actors.created, ([0], [1])):
         assert spec == EngineSpec("vllm", settings_for(pool.config.model("m"), pool.config.engine, Path("/models/m")),
                                   cpu_engine_env(cpus))  # fmt: skip
         assert options["runtime_env"] == {"env_vars": cpu_engine_env(cpus)} and options["num_cpus"] == 1
