@@ -273,8 +273,13 @@ class RayReplicaPool:
                 log.warning("cpu cap of %s not set: %s", replica_id, _unwrap(e))
 
     async def cpu_seconds(self) -> dict[str, float]:
-        """Replica id -> CPU seconds of its process tree so far (replicas that answer in 5 s)."""
+        """Replica id -> CPU seconds of its process tree so far. In local mode read here (psutil on
+        the actor's pid): a replica throttled by its cap answers an actor call late; else asked of the
+        actor (replicas that answer in 5 s)."""
         live = [r for r in self._replicas.values() if r.view.state in (ReplicaState.READY, ReplicaState.DRAINING)]
+        if self.config.cluster.mode == "local":
+            pids = {r.view.replica_id: r.pid for r in live if r.pid}
+            return await asyncio.to_thread(lambda: {rid: tree_cpu_seconds(pid) for rid, pid in pids.items()})
 
         async def one(r: _Replica):
             try:
