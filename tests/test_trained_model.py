@@ -20,6 +20,29 @@ def test_default_config_serves_the_trained_model_everywhere():
     assert served_model_names(config) == [TRAINED]
 
 
+def test_ensure_builds_only_what_the_cache_lacks_and_refuses_what_it_cannot_build(tmp_path, monkeypatch):
+    from airan.config import parse_config
+    from airan.factory.ensure import ensure_served_models
+    from airan.store.registry import ModelNotAvailable
+
+    monkeypatch.setenv("AIRAN_CACHE", str(tmp_path / "cache"))
+    config = parse_config({
+        "sites": [{"id": "bs-01", "cpus": 1}],
+        "models": [{"name": "tiny-ensure", "source": "tiny-random", "dtype": "float32", "max_model_len": 256}],
+        "replicas": [{"site": "bs-01", "model": "tiny-ensure"}],
+    })  # fmt: skip
+    said = []
+    assert ensure_served_models(config, say=said.append) == ["tiny-ensure"]
+    assert ensure_served_models(config, say=said.append) == []  # now in the cache: nothing to do
+    missing = parse_config({
+        "sites": [{"id": "bs-01", "cpus": 1}],
+        "models": [{"name": "operator-model", "source": "local", "path": str(tmp_path / "nowhere")}],
+        "replicas": [{"site": "bs-01", "model": "operator-model"}],
+    })  # fmt: skip
+    with pytest.raises(ModelNotAvailable, match="cannot build"):
+        ensure_served_models(missing, say=said.append)
+
+
 def test_committed_adapter_learnt_the_prompt_the_server_renders():
     # a stale adapter would merge fine and answer badly: retrain it (one command) before serving
     assert L.is_current(packaged_adapter_dir(ADAPTER)), f"retrain: airan model build {ADAPTER} --force --export airan/store/adapters"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from airan.config import AiranConfig
-from airan.store.registry import ModelNotAvailable, materialize
+from airan.store.registry import ModelNotAvailable, materialize, tiny_params_for
 
 
 def served_model_names(config: AiranConfig) -> list[str]:
@@ -25,7 +25,7 @@ def ensure_served_models(config: AiranConfig, say: Callable[[str], None] = print
     """Prepare SmolLM2, generate tiny models and build variants (e.g. the NetOps adapter merged
     into SmolLM2, about a minute) that `config` serves and the cache lacks; return their names."""
     from airan.factory.smollm2 import prepare_smollm2
-    from airan.factory.tiny import ensure_tiny_model, tiny_params_for
+    from airan.factory.tiny import ensure_tiny_model
     from airan.factory.variants.build import build_variant
 
     made = []
