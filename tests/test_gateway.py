@@ -324,7 +324,7 @@ async def test_a_deadline_no_replica_can_meet_because_of_load_is_refused_at_once
     t0 = time.monotonic()
     with pytest.raises(AiranError) as e:
         await gw.ask(q(max_tokens=8, priority=Priority.NEAR_RT, deadline=time.monotonic() + 1.0), request_id=call_id())
-    assert time.monotonic() - t0 < 0.05  # at once, not after the budget
+    assert time.monotonic() - t0 < 0.5  # at once: well before the 1 s budget, not after it
     assert e.value.kind is ErrorKind.RESOURCE_EXHAUSTED
     assert "refused at admission" in e.value.message and "ms predicted" in e.value.message and "ms left" in e.value.message
     assert slow.calls == 1  # the refused request never reached the engine
@@ -450,7 +450,7 @@ async def test_a_near_rt_diagnosis_may_opt_in_to_the_detectors_answer_in_time(ga
                       max_tokens=16)  # 16 tokens at the 25 tokens/s prior: 640 ms  # fmt: skip
     t0 = time.monotonic()
     ans = await gw.ask(q(**impossible, deadline=t0 + 0.2, detector_fallback=True), request_id=call_id())
-    assert time.monotonic() - t0 < 0.1 and replica.calls == 0
+    assert time.monotonic() - t0 < 0.2 and replica.calls == 0  # in time, without the model
     assert ans.answered_by == "detector" and ans.diagnosis.cause == "CONGESTION"
     assert ans.diagnosis.affected_cell_ids == ("bs-01/c1",) and ans.diagnosis.actions[0].type == "OFFLOAD_TRAFFIC"
     assert ans.routing_note.startswith("answered by the fast detector (DEADLINE_EXCEEDED: refused at admission")
@@ -550,7 +550,7 @@ async def test_a_request_whose_deadline_passes_in_the_vllm_engines_queue_is_abor
             await gw.ask(q(max_tokens=8, priority=Priority.NEAR_RT, deadline=t0 + 0.5), request_id="late")
         answered_after = time.monotonic() - t0
         assert e.value.kind is ErrorKind.DEADLINE_EXCEEDED and "0 tokens so far" in e.value.message
-        assert 0.45 < answered_after < 1.0  # at the deadline, not after the long request
+        assert 0.45 < answered_after < 3.0  # at the deadline, not after the long request (900 tokens)
         async with asyncio.timeout(10):  # the engine saw the abort: its waiting queue empties
             while engine.load().waiting:
                 await asyncio.sleep(0.01)
@@ -562,3 +562,14 @@ async def test_a_request_whose_deadline_passes_in_the_vllm_engines_queue_is_abor
             hog.cancel()
             await asyncio.gather(hog, return_exceptions=True)
         await engine.shutdown()
+
+
+async def test_a_replica_that_has_not_answered_yet_is_predicted_at_its_models_measured_speed(gateway):
+    # on the priors alone an unmeasured replica can look slower than a measured busy one, be passed
+    # over and never be measured; until its first answer it borrows what its model's replicas measured
+    gw, _ = gateway({"r1": ("bs-01", FakeReplica(words=("w",) * 6, delay=0.02)), "r2": ("bs-02", FakeReplica())})
+    await gw.ask(q(max_tokens=6, site_ids=("bs-01",)), request_id=call_id())
+    measured = gw._rates["r1"].decode_s_per_token(1)
+    assert 0.015 < measured < 0.1 and gw._rates_of("r2").decode_samples == 0
+    r2 = gw._table.index["r2"]
+    assert gw._table.idle_decode_s_per_token[r2] == pytest.approx(measured)  # not the 40 ms prior

@@ -154,6 +154,8 @@ class Gateway:
         self._bounds = {p: getattr(admission.queue_bounds, p.name.lower()) for p in Priority}
         self._queues: dict[str, ReplicaQueue] = {}
         self._rates: dict[str, RateModel] = {}
+        self._model_rates: dict[str, RateModel] = {}  # every replica of a model, pooled
+        self._model_of: dict[str, str] = {}
         self._waiters: dict[Ticket, asyncio.Future] = {}
         self._table: ReplicaTable | None = None
         self._table_key: list | None = None
@@ -427,7 +429,7 @@ class Gateway:
         client = self.pool.client(rid)
         # a retry is a new engine request; the id the caller sees stays the same
         engine_request_id = query.request_id if attempt == 1 else f"{query.request_id}#{attempt}"
-        queue, rates = self._queue(rid), self._rates_of(rid)
+        queue, rates = self._queue(rid), self._speed_of(rid)
         table = self._routing_table()
         network_s = 2.0 * float(table.latency_s(query.controller_id)[table.index[rid]]) if rid in table.index else 0.0
         ticket = Ticket(
@@ -445,14 +447,14 @@ class Gateway:
             if offer.queued:
                 await self._wait_for_slot(queue, ticket, arrival)
             async for event in self._generate(query, replica, client, engine_request_id, prompt, params,
-                                              arrival, attempt, rates):  # fmt: skip
+                                              arrival, attempt):  # fmt: skip
                 yield event
         finally:
             self._leave(queue, ticket)
 
     async def _generate(
         self, query: Query, replica: ReplicaView, client: ReplicaClient, engine_request_id: str,
-        prompt: RenderedPrompt, params: GenerationParams, arrival: float, attempt: int, rates: RateModel,
+        prompt: RenderedPrompt, params: GenerationParams, arrival: float, attempt: int,
     ) -> AsyncIterator[Delta | Answer]:  # fmt: skip
         dispatched = self.clock()
         first_token_at = None
@@ -500,7 +502,7 @@ class Gateway:
         prefill_s = last.prefill_ms / 1000 if last.prefill_ms is not None \
             else max(0.0, first - dispatched - engine_queue_ms / 1000)  # fmt: skip
         decode_s = last.decode_ms / 1000 if last.decode_ms is not None else done - first
-        rates.observe(last.prompt_tokens, prefill_s, last.completion_tokens, decode_s, batch)
+        self._learn(replica, last.prompt_tokens, prefill_s, last.completion_tokens, decode_s, batch)
         answer = Answer(
             request_id=query.request_id,
             text="".join(text),
@@ -527,19 +529,42 @@ class Gateway:
                                                             admission.max_waiting)  # fmt: skip
         return queue
 
+    def _new_rates(self) -> RateModel:
+        a = self.config.router.admission
+        return RateModel(a.smoothing, a.prior_prefill_tok_s, a.prior_decode_tok_s, a.batch_slowdown)
+
     def _rates_of(self, replica_id: str) -> RateModel:
+        """What this replica's own answers measured (the priors until its first)."""
         rates = self._rates.get(replica_id)
         if rates is None:
-            a = self.config.router.admission
-            rates = self._rates[replica_id] = RateModel(a.smoothing, a.prior_prefill_tok_s, a.prior_decode_tok_s,
-                                                        a.batch_slowdown)  # fmt: skip
+            rates = self._rates[replica_id] = self._new_rates()
         return rates
+
+    def _speed_of(self, replica_id: str) -> RateModel:
+        """The speed admission predicts with: the replica's own measurements, or, until it has
+        answered, what the replicas serving the same model measured (a replica predicted on a
+        pessimistic prior would never be chosen, so never measured), or the priors."""
+        own = self._rates_of(replica_id)
+        if own.decode_samples:
+            return own
+        shared = self._model_rates.get(self._model_of.get(replica_id, ""))
+        return shared if shared is not None and shared.decode_samples else own
+
+    def _learn(self, replica: ReplicaView, prompt_tokens: int, prefill_s: float, completion_tokens: int,
+               decode_s: float, batch: float) -> None:  # fmt: skip
+        self._rates_of(replica.replica_id).observe(prompt_tokens, prefill_s, completion_tokens, decode_s, batch)
+        shared = self._model_rates.setdefault(replica.model, self._new_rates())
+        shared.observe(prompt_tokens, prefill_s, completion_tokens, decode_s, batch)
+        for rid, model in self._model_of.items():  # replicas that predict with the shared figures
+            if model == replica.model and rid != replica.replica_id and not self._rates_of(rid).decode_samples:
+                self._queue_changed(rid)
 
     def _routing_table(self) -> ReplicaTable:
         """The router's columns, rebuilt only when the replica set or a site changed."""
         views = self.pool.views()
         if self._table is None or views != self._table_key:  # the pool replaces a view when it changes
             self._table, self._table_key = ReplicaTable(views, self.sites.views()), views
+            self._model_of = {v.replica_id: v.model for v in views}
             for v in views:
                 self._queue_changed(v.replica_id)
         else:
@@ -552,7 +577,7 @@ class Gateway:
         """Rewrite one replica's admission columns from its queue and measured speed."""
         if self._table is None or replica_id not in self._table.index:
             return
-        queue, rates = self._queue(replica_id), self._rates_of(replica_id)
+        queue, rates = self._queue(replica_id), self._speed_of(replica_id)
         queue.reprice(rates)
         running = len(queue.running)
         self._table.set_admission(
