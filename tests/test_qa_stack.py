@@ -21,7 +21,9 @@ QUESTION = "What does RRU.PrbUsedDl measure?"
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack():
-    async with LocalStack(prepare_tiny_models(tiny_stack_config(n_sites=1))) as plane:
+    # one site, one replica on one thread (a replica asking for more CPUs than its site's node offers never starts)
+    config = tiny_stack_config(n_sites=1, engine={"kv_cache_gb": 0.25, "max_num_seqs": 8, "cpu_threads": 1})
+    async with LocalStack(prepare_tiny_models(config)) as plane:
         yield plane
 
 
