@@ -118,6 +118,8 @@ def ask(
     )
     if final.placement.note:  # served away from the site asked for, or by the detector: why
         typer.echo(f"-- {final.placement.note}", err=True)
+    if final.citations:  # free text: the knowledge passages the answer cites
+        typer.echo("-- cites " + "; ".join(f"[{c.passage_id}] {c.title}" for c in final.citations), err=True)
 
 
 @app.command()
