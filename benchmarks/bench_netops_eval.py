@@ -8,9 +8,8 @@ evidence the server computes). Each `--model` is asked through the real path (gR
 control plane -> Ray replica -> vLLM) in DIAGNOSIS mode at NON_RT, a few queries in flight;
 `--near-rt` also asks the brief NEAR_RT form.
 
-    .venv/bin/python benchmarks/bench_netops_eval.py --model smollm2-135m-instruct           # ~1 h on 2 cores
-    .venv/bin/python benchmarks/bench_netops_eval.py --model smollm2-135m-instruct --test-items 140 \\
-        --shifted-items 140 --out benchmarks/results/netops_eval_small
+    .venv/bin/python benchmarks/bench_netops_eval.py --model smollm2-135m-instruct \\
+        --model smollm2-netops-merged --shifted-items 350 --out benchmarks/results/netops_eval  # ~22 min on 2 cores
 
 Writes <out>/summary.json (per set and method: macro-F1 and its bootstrap CI, cell F1, action
 accuracy, faithfulness, prompt tokens, latency), macro_f1_<set>.png, confusion_<set>.png and
