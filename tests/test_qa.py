@@ -99,3 +99,16 @@ def test_training_questions_cover_every_aspect_many_times(kb):
     assert sum(not i.answerable for i in train) == 2 * len(TRAIN_UNANSWERABLE)
     for i, j in itertools.islice(itertools.combinations(train[:50], 2), 200):
         assert i.item_id != j.item_id
+
+
+def test_a_written_run_rescores_to_the_same_scores(kb, items, tmp_path):
+    from dataclasses import asdict
+
+    from airan.evaluation.qa_runner import QAEvaluation, rescore
+
+    some = items[::20]
+    answers = {"m": [QAAnswer(i.item_id, reference_answer(i, kb, i.passage_ids if k % 2 else ()), 10.0 * k,
+                              citations=tuple(i.passage_ids)) for k, i in enumerate(some)]}  # fmt: skip
+    run = QAEvaluation({"n": len(some)}, some, answers, {"m": score(some, answers["m"], kb)})
+    run.write(tmp_path)
+    assert rescore(tmp_path, kb)["methods"]["m"] == asdict(run.scores["m"])

@@ -94,6 +94,7 @@ class KnowledgeBase:
         names: set[str] = set()
         for p in self.passages:
             names.add(p.name)
+            names.update(p.name.split("."))  # an RPC's service and method (NetOpsService.Ask)
             names.update(_NAME_LIKE.findall(p.text))
             names.update(_NAME_LIKE.findall(p.title))
         names.update(causes.CAUSES)
@@ -108,7 +109,7 @@ _NAME_LIKE = re.compile(
     r"\b(?:[A-Za-z][A-Za-z0-9]*(?:[.][A-Za-z0-9]+(?:-[A-Za-z0-9]+)?)+"
     r"|[a-z][a-z0-9]*(?:_[a-z0-9]+)+"
     r"|[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+"
-    r"|[A-Z][a-z0-9]+(?:[A-Z][A-Za-z0-9]*)+)\b"
+    r"|[A-Z][a-z0-9]+(?:[A-Z][a-z0-9]+)+[A-Za-z0-9]*)\b"
 )
 
 

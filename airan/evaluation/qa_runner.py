@@ -168,3 +168,24 @@ def markdown_table(evaluation: QAEvaluation) -> str:
     for method, s in evaluation.scores.items():
         rows.append(f"| {method} | {s.n} | " + " | ".join(_cell(getattr(s, k)) for _, k in COLUMNS) + " |")
     return "\n".join(rows)
+
+
+def rescore(directory: Path, kb: KnowledgeBase) -> dict:
+    """Score a run's answers.jsonl again with the current scorers (e.g. after a scorer fix) and rewrite
+    its summary.json; the answers themselves are never changed. Returns the new summary."""
+    from airan.evaluation.qa import QAItem
+
+    rows = [json.loads(line) for line in (directory / "answers.jsonl").read_text().splitlines() if line.strip()]
+    summary_path = directory / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    item_fields = set(QAItem.__dataclass_fields__)
+    answer_fields = set(QAAnswer.__dataclass_fields__)
+    for method in summary["methods"]:
+        mine = [r for r in rows if r["method"] == method]
+        items = [QAItem(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items() if k in item_fields})
+                 for r in mine]  # fmt: skip
+        answers = [QAAnswer(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items() if k in answer_fields})
+                   for r in mine]  # fmt: skip
+        summary["methods"][method] = asdict(score(items, answers, kb))
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
