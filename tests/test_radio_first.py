@@ -115,7 +115,7 @@ class FakePool:
         self.limits[rid] = (max_concurrency, round(cpu_cap, 3))
         self._views[rid] = replace(self._views[rid], max_concurrency=max_concurrency, cpu_cap=cpu_cap)
 
-    async def swap(self, rid, variant, path, busy=None):
+    async def swap(self, rid, variant, path, busy=None, initial_cap=None):
         old = self._views.pop(rid)
         new = f"{rid}-{variant}"
         self._views[new] = replace(old, replica_id=new, variant="" if variant == old.model else variant)

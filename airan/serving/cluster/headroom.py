@@ -135,8 +135,12 @@ class HeadroomController:
             self._event(site_id, "swap_failed", f"{model}: no prepared model directory", math.nan)
             return
         for v in ready:  # one replica at a time: the site never has none ready
+            # the new replica starts with its share of the headroom beside the site's others
+            headroom = self.sites.get(site_id).headroom_cpus
+            live = sum(1 for x in self.pool.views() if x.site_id == site_id and x.state is not ReplicaState.STOPPED)
+            start_cap = None if headroom is None else max(DRAIN_CAP_CPUS, headroom / (live + 1))
             try:
-                new_id = await self.pool.swap(v.replica_id, model, path, busy=self.busy)
+                new_id = await self.pool.swap(v.replica_id, model, path, busy=self.busy, initial_cap=start_cap)
                 self._event(site_id, "swap", f"{v.replica_id} -> {new_id} ({model}): {reason}",
                             self.sites.get(site_id).headroom_cpus or math.nan)
             except Exception as e:

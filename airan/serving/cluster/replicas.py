@@ -30,7 +30,9 @@ from airan.core.routing import ReplicaState, ReplicaView
 log = logging.getLogger(__name__)
 
 
-@ray.remote
+# cap and accounting calls run on their own thread: an engine that is starting (or a throttled one)
+# must not hold up the calls that set its cap
+@ray.remote(concurrency_groups={"control": 1})
 class ReplicaActor:
     """Holds one engine on its site's node; a thin adapter over the `EngineClient` protocol.
 
@@ -54,13 +56,15 @@ class ReplicaActor:
         cap = self.cap.state().mechanism if self.cap is not None else ""
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "cap_mechanism": cap}
 
-    def set_cpu_cap(self, cpus: float | None) -> str:
+    @ray.method(concurrency_group="control")
+    async def set_cpu_cap(self, cpus: float | None) -> str:
         """Cap this replica's process tree at `cpus` cores; returns the mechanism in force."""
         if self.cap is None:
             return ""
         return self.cap.set(cpus).mechanism
 
-    def cpu_seconds(self) -> float:
+    @ray.method(concurrency_group="control")
+    async def cpu_seconds(self) -> float:
         """CPU seconds used by this replica's live process tree (actor, engine core, workers)."""
         return tree_cpu_seconds(os.getpid())
 
@@ -215,10 +219,13 @@ class RayReplicaPool:
         self._poller = asyncio.create_task(self._poll_loads(), name="airan-replica-load")
 
     def _launch(self, view: ReplicaView, cpus: list[int] | None, engine: EngineSpec,
-                initial_cap: float | None = None) -> _Replica:  # fmt: skip
+                initial_cap: float | None = None, beside: bool = False) -> _Replica:  # fmt: skip
         actor = ReplicaActor.options(
             name=view.replica_id,
-            num_cpus=len(cpus) if cpus else 1,
+            # a replica started beside the one it replaces (make before break) takes no Ray CPUs: the
+            # site's node has none left until the old one stops, and the CPU cap, not Ray's count,
+            # bounds what the two use together
+            num_cpus=0 if beside else (len(cpus) if cpus else 1),
             resources={site_resource(view.site_id): 1},
             runtime_env={"env_vars": engine.env},
             max_concurrency=1000,
@@ -293,7 +300,7 @@ class RayReplicaPool:
         return self._streams[replica_id]
 
     async def swap(self, replica_id: str, variant: str, model_path: os.PathLike, drain_timeout_s: float = 300.0,
-                   busy: Callable[[str], int] | None = None) -> str:  # fmt: skip
+                   busy: Callable[[str], int] | None = None, initial_cap: float | None = None) -> str:  # fmt: skip
         """Make before break: start `variant` beside `replica_id` on its site, route to it once it is
         ready, drain the old one (no new requests; its open streams and what `busy` counts, e.g. the
         gateway's queue for it, finish), then stop it. Returns the new replica's id; on a failed start
@@ -309,7 +316,8 @@ class RayReplicaPool:
         view = replace(old.view, replica_id=new_id, state=ReplicaState.STARTING, in_flight=0, running=0, waiting=0,
                        variant="" if variant == logical else variant, max_concurrency=0)  # fmt: skip
         # it starts under a cap too: the control loop splits the site's headroom among the old, the new
-        self._launch(view, old.cpus, engine, initial_cap=old.view.cpu_cap)
+        cap = initial_cap if initial_cap is not None else old.view.cpu_cap
+        self._launch(view, old.cpus, engine, initial_cap=cap, beside=True)
         await self._start_one(new_id)
         new = self._replicas[new_id]
         if new.view.state is not ReplicaState.READY:
