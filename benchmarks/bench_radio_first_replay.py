@@ -99,6 +99,8 @@ def stack_config(policy: str, trace, site_cpus: float, args) -> object:
             # radio-clock (trace) seconds: one RAN report interval ahead, an hour of trend
             "forecast_horizon_s": max(args.interval_s, args.control_s * speed), "forecast_window_s": 3600.0,
             "stale_after_s": 30.0, "swap_variants": False,
+            # hold a resume for 15 trace minutes (the hold runs on the real clock)
+            "swap_hold_s": 900.0 / speed, "swap_hysteresis": 0.25,
         },
     })  # fmt: skip
 
