@@ -165,6 +165,19 @@ async def _diagnoses(client: AsyncAiranClient, config: AiranConfig) -> None:
         )
 
 
+async def _knowledge_questions(client: AsyncAiranClient) -> None:
+    """Free text grounded in the knowledge base: the answer and the passages it cited (kept only
+    when they were shown to the model), beside the passages retrieval put in the prompt."""
+    table = Table(title="free-text questions, answered from the knowledge base", show_lines=True)
+    for col in ("question", "answer", "cited", "passages shown", "latency"):
+        table.add_column(col, overflow="fold")
+    for question in ("What does RRU.PrbUsedDl measure?", "How do I reduce handover failures between two cells?"):
+        r = await client.ask(build_request(question, priority="non_rt", max_tokens=64), timeout_s=120)
+        table.add_row(question, r.text.strip() or "(empty)", ", ".join(c.passage_id for c in r.citations) or "-",
+                      ", ".join(r.prompt.passage_ids) or "-", f"{r.timings.total_ms:.0f} ms")  # fmt: skip
+    console.print(table)
+
+
 async def _demo(config: AiranConfig) -> int:
     from airan.factory.ensure import ensure_served_models
 
@@ -196,6 +209,7 @@ async def _demo(config: AiranConfig) -> int:
                 )
             console.print(table)
             await _diagnoses(client, config)
+            await _knowledge_questions(client)
 
             console.print(f"[bold]streaming[/] from {sites[-1]}: ", end="")
             async for chunk in client.ask_stream(
