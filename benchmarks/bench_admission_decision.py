@@ -68,14 +68,9 @@ GOAL_DECISION_US, GOAL_REJECT_US = 50.0, 1000.0
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from airan.evaluation.runner import machine_facts
+
+    cpu = machine_facts()["cpu_model"] or platform.processor() or "?"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}, {os.cpu_count()} cores visible (1 used), load average {load:.1f} at start, "
             f"Python {platform.python_version()}, numpy {np.__version__}")  # fmt: skip
