@@ -14,13 +14,18 @@ class ErrorKind(str, Enum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     CANCELLED = "CANCELLED"
     INTERNAL = "INTERNAL"
+    # the caller could not be identified (no or bad token / certificate), or may not do this
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
 
 
 class AiranError(Exception):
-    def __init__(self, kind: ErrorKind, message: str) -> None:
+    def __init__(self, kind: ErrorKind, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        # a short label for metrics (airan_rejections_total{reason}); "" = the kind's name
+        self.reason = reason
 
     def __repr__(self) -> str:
         return f"AiranError({self.kind.value}: {self.message})"
