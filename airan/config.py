@@ -230,6 +230,11 @@ class ServerConfig(_Strict):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0 = no metrics endpoint
     grace_s: Annotated[float, Field(ge=0)] = 5.0
     default_model: str | None = None
+    # largest request the server reads, in bytes: a bigger one is refused with RESOURCE_EXHAUSTED before
+    # it is parsed (1 MiB holds any request within the field bounds of airan/core/limits.py)
+    max_receive_message_bytes: Annotated[int, Field(ge=65536)] = 1048576
+    # largest response it sends (topology and replica lists grow with the sites)
+    max_send_message_bytes: Annotated[int, Field(ge=65536)] = 4194304
     # PEM files; set together to serve TLS (the Helm chart mounts them from a Secret)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None

@@ -55,7 +55,7 @@ mounted Secret, and how to reach the RayCluster.
 {{- $site = merge $site (pick . "x_km" "y_km" "latency_ms" "labels") -}}
 {{- $sites = append $sites $site -}}
 {{- end -}}
-{{- $server := pick .Values.server "port" "metrics_port" "grace_s" "default_model" -}}
+{{- $server := pick .Values.server "port" "metrics_port" "grace_s" "default_model" "max_receive_message_bytes" "max_send_message_bytes" -}}
 {{- $_ := set $server "host" "0.0.0.0" -}}
 {{- if .Values.tls.enabled -}}
 {{- $dir := include "airan.tls.dir" . -}}
