@@ -30,6 +30,7 @@ from airan.serving.api.interceptors import (
     RequestIdInterceptor,
     server_interceptors,
 )
+from airan.serving.api.malformed import MalformedRequestInterceptor
 from airan.serving.gateway import Delta, Gateway
 from airan.serving.server import build_grpc_server
 from airan.serving.sites import SiteRegistry, SiteState
@@ -107,7 +108,8 @@ def test_every_error_kind_has_exactly_its_status():
 
 
 def test_the_chain_is_one_list_with_request_ids_outermost_and_error_mapping_innermost():
-    assert [type(i) for i in server_interceptors()] == [RequestIdInterceptor, MetricsInterceptor, ErrorInterceptor]
+    assert [type(i) for i in server_interceptors()] == [RequestIdInterceptor, MetricsInterceptor, ErrorInterceptor,
+                                                        MalformedRequestInterceptor]
 
 
 @pytest.mark.parametrize("kind", list(ErrorKind))

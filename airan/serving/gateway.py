@@ -146,6 +146,7 @@ class Gateway:
         self.clock = clock
         self.in_flight: Counter[str] = Counter()  # requests each replica's engine is running for us
         self._cache = _IdempotencyCache(config.limits.idempotency_cache_size)
+        self._one_off_in_flight: set[str] = set()  # ids of calls without a client key, while they run
         # admission: per-replica queues and measured speed; the routing table's admission columns
         # are rewritten from them whenever a queue changes, never while a request is routed
         admission = config.router.admission
@@ -215,9 +216,20 @@ class Gateway:
                 f"request_id '{key}' is already being answered; wait for it or use a new request_id",
             )
         if not key:  # a one-off call: nothing to remember
-            async for event in self._run(replace(query, request_id=request_id), arrival):
-                yield event
+            # its id (a caller's x-request-id, or minted) is also the engine's request id: one call at a time
+            if request_id in self._one_off_in_flight or request_id in self._cache.in_flight:
+                raise AiranError(ErrorKind.ALREADY_EXISTS, f"request id '{request_id}' names a call still in "
+                                 "flight: give each call its own x-request-id")  # fmt: skip
+            self._one_off_in_flight.add(request_id)
+            try:
+                async for event in self._run(replace(query, request_id=request_id), arrival):
+                    yield event
+            finally:
+                self._one_off_in_flight.discard(request_id)
             return
+        if key in self._one_off_in_flight:
+            raise AiranError(ErrorKind.ALREADY_EXISTS,
+                             f"request_id '{key}' names a call still in flight (its x-request-id): use a new request_id")  # fmt: skip
         # claim the key so a concurrent retry waits for this answer instead of recomputing it
         future = asyncio.get_running_loop().create_future()
         self._cache.in_flight[key] = future
@@ -258,8 +270,13 @@ class Gateway:
         spec = self.config.model(model)
         max_len = self.config.model(spec.parent).max_model_len if spec.is_adapter else spec.max_model_len
         lora = model if spec.is_adapter else None
-        diagnosis = diagnosis_context(query, self.detector) if query.mode == "diagnosis" else None
-        prompt = self.renderers[model].render(query, max_len - query.max_tokens, diagnosis)
+
+        def prepare() -> tuple[DiagnosisContext | None, RenderedPrompt]:
+            evidence = diagnosis_context(query, self.detector) if query.mode == "diagnosis" else None
+            return evidence, self.renderers[model].render(query, max_len - query.max_tokens, evidence)
+
+        # the detector and the tokenizer are CPU work: off the event loop, so other calls keep moving
+        diagnosis, prompt = await asyncio.to_thread(prepare)
         fallback = self.config.router.admission.detector_fallback if query.detector_fallback is None \
             else query.detector_fallback  # fmt: skip
         try:

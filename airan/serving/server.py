@@ -41,7 +41,10 @@ def build_grpc_server(
     gateway: Gateway, node_of_site: dict[str, str], health_servicer: health.aio.HealthServicer
 ) -> grpc.aio.Server:
     """The gRPC server with its interceptor chain, servicers, health and reflection; no port bound yet."""
-    server = grpc.aio.server(interceptors=server_interceptors(), options=GRPC_OPTIONS)
+    cfg = gateway.config.server
+    options = [*GRPC_OPTIONS, ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
+               ("grpc.max_send_message_length", cfg.max_send_message_bytes)]  # fmt: skip
+    server = grpc.aio.server(interceptors=server_interceptors(), options=options)
     netops_pb2_grpc.add_NetOpsServiceServicer_to_server(NetOpsServicer(gateway), server)
     control_pb2_grpc.add_ControlServiceServicer_to_server(ControlServicer(gateway, node_of_site), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

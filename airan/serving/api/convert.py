@@ -5,13 +5,13 @@ response is built here, so a field added to a proto is handled in one place.
 """
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable
 
-from airan.config import SiteConfig
+from airan.config import LimitsConfig, SiteConfig
+from airan.core import limits as bounds
 from airan.core.diagnosis import Diagnosis
-from airan.errors import invalid
+from airan.core.limits import valid_request_id  # noqa: F401  (the interceptors' check of an id)
 from airan.serving.gateway import Answer
 from airan.core.query import Query, query_from_fields
 from airan.core.routing import Priority, ReplicaState, ReplicaView
@@ -20,12 +20,8 @@ from airan.v1 import control_pb2, netops_pb2
 
 # A client's request_id is an idempotency key and is echoed in gRPC metadata,
 # so it must be a valid metadata value: printable ASCII, no spaces, bounded.
-REQUEST_ID_MAX_CHARS = 128
-_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,%d}" % REQUEST_ID_MAX_CHARS)
-
-
-def valid_request_id(request_id: str) -> bool:
-    return bool(_REQUEST_ID.fullmatch(request_id))
+REQUEST_ID_MAX_CHARS = bounds.ID_MAX_CHARS
+_DEFAULT_LIMITS = LimitsConfig()
 
 
 _PRIORITY = {
@@ -44,16 +40,52 @@ REPLICA_STATE = {
 _REPLICA_STATE_FROM_PROTO = {v: k for k, v in REPLICA_STATE.items()}
 
 
-def query_from_proto(req: netops_pb2.AskRequest, now_monotonic: float, grpc_remaining_s: float | None) -> Query:
+def check_ask_request(req: netops_pb2.AskRequest, limits: LimitsConfig = _DEFAULT_LIMITS) -> None:
+    """Every field of an AskRequest within its bound (airan/core/limits.py), before anything is built
+    from it: counts first, so a huge list is refused without reading its items."""
+    bounds.check_request_id("request_id", req.request_id)
+    bounds.check_text("controller_id", req.controller_id, bounds.ID_MAX_CHARS, identifier=True)
+    bounds.check_text("question", req.question, limits.max_question_chars)
+    bounds.check_text("model", req.model, bounds.MODEL_MAX_CHARS, identifier=True)
+    bounds.check_enum("priority", req.priority, _ENUM_NAMES[netops_pb2.PriorityClass])
+    bounds.check_enum("response_mode", req.response_mode, _ENUM_NAMES[netops_pb2.ResponseMode])
+    bounds.check_items("site_ids", req.site_ids, bounds.MAX_SITE_IDS)
+    bounds.check_items("cell_ids", req.cell_ids, bounds.MAX_CELL_IDS, "name the cells the question is about")
+    bounds.check_items("kpi_context", req.kpi_context, limits.max_kpi_samples,
+                       "send the most recent or most relevant samples")  # fmt: skip
+    bounds.check_items("recent_events", req.recent_events, bounds.MAX_RECENT_EVENTS, "send the latest ones")
+    for i, site_id in enumerate(req.site_ids):
+        bounds.check_text(f"site_ids[{i}]", site_id, bounds.SITE_ID_MAX_CHARS, identifier=True)
+    for i, cell_id in enumerate(req.cell_ids):
+        bounds.check_text(f"cell_ids[{i}]", cell_id, bounds.CELL_ID_MAX_CHARS, identifier=True)
+    for i, event in enumerate(req.recent_events):
+        bounds.check_text(f"recent_events[{i}]", event, bounds.EVENT_MAX_CHARS)
+    for i, k in enumerate(req.kpi_context):
+        bounds.check_text(f"kpi_context[{i}].name", k.name, bounds.KPI_NAME_MAX_CHARS, identifier=True)
+        bounds.check_text(f"kpi_context[{i}].unit", k.unit, bounds.KPI_UNIT_MAX_CHARS, identifier=True)
+        bounds.check_text(f"kpi_context[{i}].cell_id", k.cell_id, bounds.CELL_ID_MAX_CHARS, identifier=True)
+        if k.HasField("time"):
+            bounds.check_timestamp(f"kpi_context[{i}].time", k.time.seconds, k.time.nanos)
+    if req.HasField("deadline"):
+        bounds.check_timestamp("deadline", req.deadline.seconds, req.deadline.nanos)
+
+
+_ENUM_NAMES = {
+    enum: {v.number: v.name for v in enum.DESCRIPTOR.values}
+    for enum in (netops_pb2.PriorityClass, netops_pb2.ResponseMode)
+}
+
+
+def query_from_proto(
+    req: netops_pb2.AskRequest, now_monotonic: float, grpc_remaining_s: float | None,
+    limits: LimitsConfig = _DEFAULT_LIMITS,
+) -> Query:  # fmt: skip
     """The effective deadline is the earlier of the request's own and the gRPC call's.
 
-    `request_id` stays the client's idempotency key (empty when none was given).
+    `request_id` stays the client's idempotency key (empty when none was given). Every field is
+    checked against its bound first (`check_ask_request`; `limits`: the server's).
     """
-    if req.request_id and not valid_request_id(req.request_id):
-        raise invalid(
-            f"request_id must be 1-{REQUEST_ID_MAX_CHARS} printable ASCII characters without spaces "
-            f"(got {len(req.request_id)} characters: {req.request_id[:40]!r}); leave it empty for a one-off query"
-        )
+    check_ask_request(req, limits)
     deadlines = []
     if req.HasField("deadline"):
         deadlines.append(now_monotonic + (req.deadline.ToNanoseconds() / 1e9 - time.time()))
@@ -70,7 +102,7 @@ def query_from_proto(req: netops_pb2.AskRequest, now_monotonic: float, grpc_rema
         req.site_ids,
         req.cell_ids,
         kpis,
-        priority=_PRIORITY.get(req.priority, Priority.BEST_EFFORT),
+        priority=_PRIORITY[req.priority],
         max_tokens=req.max_tokens,
         temperature=req.temperature,
         deadline=min(deadlines) if deadlines else None,
@@ -251,7 +283,17 @@ def drain_site_response(site: control_pb2.Site, in_flight: int) -> control_pb2.D
 
 
 def ran_loads_from_proto(req: control_pb2.ReportRanLoadRequest) -> list[tuple[str, float, float | None]]:
-    """(site, share, when the radio measured it in unix seconds, or None when the report has no time)."""
+    """(site, share, when the radio measured it in unix seconds, or None when the report has no time).
+
+    The whole batch is checked before any of it is returned, so a bad report refuses the batch and none
+    of it is applied."""
+    bounds.check_items("loads", req.loads, bounds.MAX_RAN_LOADS, "split the batch")
+    for i, load in enumerate(req.loads):
+        bounds.check_text(f"loads[{i}].site_id", load.site_id, bounds.SITE_ID_MAX_CHARS, required=True,
+                          identifier=True)  # fmt: skip
+        bounds.check_share(f"loads[{i}].ran_compute_share (site {load.site_id!r})", load.ran_compute_share)
+        if load.HasField("time"):
+            bounds.check_timestamp(f"loads[{i}].time", load.time.seconds, load.time.nanos)
     return [
         (load.site_id, load.ran_compute_share, load.time.ToNanoseconds() / 1e9 if load.HasField("time") else None)
         for load in req.loads
@@ -260,3 +302,9 @@ def ran_loads_from_proto(req: control_pb2.ReportRanLoadRequest) -> list[tuple[st
 
 def report_ran_load_response(accepted: int, surged_site_ids: Iterable[str]) -> control_pb2.ReportRanLoadResponse:
     return control_pb2.ReportRanLoadResponse(accepted=accepted, surged_site_ids=list(surged_site_ids))
+
+
+def check_site_id_request(req: control_pb2.ListReplicasRequest | control_pb2.DrainSiteRequest) -> None:
+    """ListReplicas (empty = every site) and DrainSite (a site is required): the site id within its bound."""
+    required = isinstance(req, control_pb2.DrainSiteRequest)
+    bounds.check_text("site_id", req.site_id, bounds.SITE_ID_MAX_CHARS, required=required, identifier=True)

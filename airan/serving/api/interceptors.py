@@ -4,13 +4,16 @@
 
 1. `RequestIdInterceptor`: the one place a call's request id is minted. A
    client's `request_id` field (its idempotency key) is the id when it is well
-   formed; otherwise a fresh one is minted. It is echoed in trailing metadata
+   formed; otherwise the caller's `x-request-id` metadata when well formed (a
+   tracing id, not an idempotency key); otherwise a fresh one is minted. It is echoed in trailing metadata
    (`x-request-id`) on answers and errors alike, and is what the server logs.
 2. `MetricsInterceptor`: latency per RPC and status code (and queries per
    priority) into airan/serving/metrics.py's collectors.
 3. `ErrorInterceptor`: the one mapping from exceptions to gRPC statuses
    (`status_for`); an unexpected exception becomes INTERNAL carrying the request
    id, is logged with it, and the server keeps serving.
+4. `MalformedRequestInterceptor` (airan/serving/api/malformed.py): a request whose
+   bytes do not parse reaches the chain as INVALID_ARGUMENT instead of grpc's UNKNOWN.
 
 The id is minted here rather than in the gateway because every RPC needs one
 (ControlService calls and calls that fail before reaching the gateway too: the
@@ -41,6 +44,7 @@ import grpc
 from airan.errors import AiranError, ErrorKind
 from airan.serving import metrics
 from airan.serving.api.convert import valid_request_id
+from airan.serving.api.malformed import MalformedRequestInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +146,15 @@ class RequestIdInterceptor(CallInterceptor):
     @asynccontextmanager
     async def scope(self, method, request, context):
         key = getattr(request, "request_id", "")
-        # a malformed key is refused by convert.query_from_proto; the call still gets an id
-        request_id = key if isinstance(key, str) and valid_request_id(key) else new_request_id()
+        # a malformed key is refused by convert.query_from_proto; the call still gets an id: without a
+        # valid key, the caller's x-request-id metadata when well formed (a tracing id: it names the
+        # call in logs and answers but is no idempotency key), else a fresh one
+        if isinstance(key, str) and valid_request_id(key):
+            request_id = key
+        elif valid_request_id(sent := _metadata_request_id(context)):
+            request_id = sent
+        else:
+            request_id = new_request_id()
         _CALL.set(Call(method, request_id))  # this RPC's task only
         context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
         yield
@@ -191,6 +202,14 @@ class ErrorInterceptor(CallInterceptor):
             await context.abort(code, message)
 
 
+def _metadata_request_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's x-request-id metadata ("" when none)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_METADATA and isinstance(value, str):
+            return value
+    return ""
+
+
 def _code_name(code: Any) -> str | None:
     if code is None:
         return None
@@ -204,4 +223,4 @@ def _code_name(code: Any) -> str | None:
 
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
     """The chain every RPC passes, outermost first (see the module docstring to add one)."""
-    return [RequestIdInterceptor(), MetricsInterceptor(), ErrorInterceptor()]
+    return [RequestIdInterceptor(), MetricsInterceptor(), ErrorInterceptor(), MalformedRequestInterceptor()]

@@ -26,7 +26,7 @@ class NetOpsServicer(netops_pb2_grpc.NetOpsServiceServicer):
 
     def _query(self, request, context):
         arrival = time.monotonic()
-        query = convert.query_from_proto(request, arrival, context.time_remaining())
+        query = convert.query_from_proto(request, arrival, context.time_remaining(), self.gateway.config.limits)
         call = current_call()
         call.priority = query.priority.value
         return query, arrival, call.request_id
@@ -64,6 +64,7 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         return convert.topology_response(self._site(s) for s in self.gateway.sites.states())
 
     async def ListReplicas(self, request, context):
+        convert.check_site_id_request(request)
         if request.site_id:
             self.gateway.sites.get(request.site_id)  # NOT_FOUND, naming the known sites
         nodes = self.gateway.replica_node_ids()
@@ -76,13 +77,16 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         )
 
     async def DrainSite(self, request, context):
+        convert.check_site_id_request(request)
         state = self.gateway.sites.set_drained(request.site_id, not request.resume)
         log.info("site %s %s (request %s)", request.site_id, "resumed" if request.resume else "drained",
                  current_call().request_id)
         return convert.drain_site_response(self._site(state), self.gateway.site_in_flight(request.site_id))
 
     async def ReportRanLoad(self, request, context):
-        loads = convert.ran_loads_from_proto(request)
+        loads = convert.ran_loads_from_proto(request)  # every report within bounds, or none applied
+        for site_id, _, _ in loads:
+            self.gateway.sites.get(site_id)  # NOT_FOUND before any of the batch is applied
         surged = []
         for site_id, share, at in loads:
             if self.gateway.sites.report_ran_load(site_id, share, at):
