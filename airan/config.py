@@ -224,6 +224,36 @@ class RadioConfig(_Strict):
     swap_hold_s: Annotated[float, Field(ge=0)] = 30.0
 
 
+class ReliabilityConfig(_Strict):
+    """Failure detection, recovery and stream resume (README "Reliability")."""
+
+    # every replica gets a health call this often; one not answered within health_timeout_s misses
+    health_interval_s: Annotated[float, Field(gt=0)] = 0.5
+    health_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    # a replica that answered no health call for this long (and missed one) is hung: it is replaced
+    unresponsive_after_s: Annotated[float, Field(gt=0)] = 3.0
+    # a lost replica restarts at once; if its replacements keep failing, after 1, 2, 4, ... up to max s
+    restart_backoff_s: Annotated[float, Field(ge=0)] = 1.0
+    restart_backoff_max_s: Annotated[float, Field(ge=0)] = 30.0
+    # a replacement up this long ends the backoff (the next loss restarts at once again)
+    stable_after_s: Annotated[float, Field(ge=0)] = 60.0
+    # a replacement whose engine is not up in this long is stopped and tried again (elsewhere if its
+    # site's node is gone)
+    start_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    # a stream whose replica dies mid-answer continues on another replica at most this many times
+    max_stream_resumes: Annotated[int, Field(ge=0, le=16)] = 2
+
+    @model_validator(mode="after")
+    def _timeouts_in_order(self) -> ReliabilityConfig:
+        if self.health_timeout_s >= self.unresponsive_after_s:
+            raise ValueError(f"reliability.health_timeout_s ({self.health_timeout_s}) must be below "
+                             f"unresponsive_after_s ({self.unresponsive_after_s}): a probe must time out "
+                             "before its replica counts as hung")  # fmt: skip
+        if self.restart_backoff_max_s < self.restart_backoff_s:
+            raise ValueError("reliability.restart_backoff_max_s must be at least restart_backoff_s")
+        return self
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 50051
@@ -293,6 +323,7 @@ class AiranConfig(_Strict):
     router: RouterConfig = RouterConfig()
     limits: LimitsConfig = LimitsConfig()
     radio: RadioConfig = RadioConfig()
+    reliability: ReliabilityConfig = ReliabilityConfig()
     server: ServerConfig = ServerConfig()
     cluster: ClusterConfig = ClusterConfig()
     # model name -> measured facts; in a file, either inline or the name of a catalog file beside it

@@ -28,6 +28,7 @@ from airan.config import (
     LimitsConfig,
     ModelSpec,
     RadioConfig,
+    ReliabilityConfig,
     ReplicaSpec,
     RouterConfig,
     ScorerSpec,
@@ -716,7 +717,7 @@ def test_schema_mirrors_airan_config_model(schema):
     assert set(props["models"]["items"]["properties"]) == set(ModelSpec.model_fields)
     assert set(props["replicas"]["items"]["properties"]) == set(ReplicaSpec.model_fields)
     for section, model in [("engine", EngineConfig), ("router", RouterConfig), ("limits", LimitsConfig),
-                           ("radio", RadioConfig)]:
+                           ("radio", RadioConfig), ("reliability", ReliabilityConfig)]:
         assert set(props[section]["properties"]) == set(model.model_fields), section
     # host and TLS paths are the chart's to set; everything else comes from values
     chart_owned = {"host", "tls_cert_file", "tls_key_file", "tls_client_ca_file"}
@@ -733,7 +734,7 @@ def test_schema_mirrors_airan_config_model(schema):
 
 def test_values_defaults_are_airan_defaults(chart_values):
     for section, model in [("engine", EngineConfig), ("router", RouterConfig), ("limits", LimitsConfig),
-                           ("radio", RadioConfig)]:
+                           ("radio", RadioConfig), ("reliability", ReliabilityConfig)]:
         assert chart_values[section] == model().model_dump(mode="json"), section
 
 

@@ -82,7 +82,7 @@ replicas:
   - {site: {{ .site | quote }}, model: {{ .model | quote }}{{ if hasKey . "count" }}, count: {{ .count }}{{ end }}{{ with .adapters }}, adapters: {{ toJson . }}{{ end }}}
 {{- else }} []
 {{- end }}
-{{- range $section := list "engine" "router" "limits" "radio" "catalog" }}
+{{- range $section := list "engine" "router" "limits" "radio" "reliability" "catalog" }}
 {{- with index $.Values $section }}
 {{ $section }}:
 {{- toYaml . | nindent 2 }}
