@@ -284,7 +284,33 @@ def test_checkpoint_steps_are_even_and_end_at_the_last_step():
     s = L.TrainSettings.of(RECIPE, 0, RECIPE.calib_items, RECIPE.heldout_items)
     steps = s.checkpoint_steps()
     assert steps[-1] == s.steps and len(steps) == RECIPE.params["checkpoints"]
-    assert L.TrainSettings.of(RECIPE.with_params(accum=2, epochs=1), 0, 4, 1).checkpoint_steps() == [1, 2]
+    assert L.TrainSettings.of(RECIPE.with_params(accum=2, epochs=1, qa_train_items=0), 0, 4, 1).checkpoint_steps() == [1, 2]
+    # diagnosis and QA items are batched apart: 4 + 3 items in batches of 2 are 2 + 2 steps
+    assert L.TrainSettings.of(RECIPE.with_params(accum=2, epochs=1, qa_train_items=3), 0, 4, 1).steps == 4
+
+
+def test_the_kept_checkpoint_guards_both_modes():
+    def c(step, f1, qa, nll=0.1):
+        return {"step": step, "macro_f1": f1, "target_nll": nll, "qa": {"qa_score": qa}}
+
+    # within the tolerance of the best macro-F1 the better QA DEV score wins ...
+    assert L.choose_checkpoint([c(1, 0.90, 0.3), c(2, 0.90 - L.F1_TOLERANCE, 0.6)]) == 2
+    # ... but never a checkpoint that lost more diagnosis than that
+    assert L.choose_checkpoint([c(1, 0.90, 0.3), c(2, 0.87, 0.9)]) == 1
+    # no QA trained: the best macro-F1, then the lower target NLL, then the earlier step
+    plain = [{"step": 1, "macro_f1": 0.8, "target_nll": 0.2}, {"step": 2, "macro_f1": 0.8, "target_nll": 0.1},
+             {"step": 3, "macro_f1": 0.8, "target_nll": 0.1}]
+    assert L.choose_checkpoint(plain) == 2
+    with pytest.raises(ValueError):
+        L.choose_checkpoint([])
+
+
+def test_epoch_batches_keep_the_kinds_apart_and_cover_every_item_once():
+    import torch
+
+    batches = L.epoch_batches(10, 7, 4, torch.Generator().manual_seed(0))
+    assert sorted(i for b in batches for i in b) == list(range(17)) and len(batches) == 3 + 2
+    assert all(all(i < 10 for i in b) or all(i >= 10 for i in b) for b in batches)
 
 
 # --- the recipe and its builds -------------------------------------------------------------
@@ -293,7 +319,8 @@ def test_checkpoint_steps_are_even_and_end_at_the_last_step():
 def test_the_recipe_targets_the_compact_prompt(tiny_dir):
     assert RECIPE.method == "lora" and RECIPE.is_adapter and RECIPE.parent == "smollm2"
     s = L.TrainSettings.of(RECIPE, 0, RECIPE.calib_items, RECIPE.heldout_items)
-    assert s.train_items >= 2000 and s.heldout_items >= 70 and s.near_rt_share == pytest.approx(0.4)
+    assert s.train_items >= 1200 and s.heldout_items >= 70 and s.near_rt_share == pytest.approx(0.4)
+    assert s.qa_train_items >= 400 and s.qa_dev_items >= 10  # one model serves both modes
     assert s.top_layers > 4  # more than the old last-four
     extras = L.request_extras(tiny_dir)
     assert extras["prompt_version"] == COMPACT_PROMPT_VERSION == "netops-v3"
@@ -301,7 +328,8 @@ def test_the_recipe_targets_the_compact_prompt(tiny_dir):
 
 
 def _tiny_recipe():
-    return RECIPE.with_params(top_layers=1, epochs=1, accum=2, warmup_steps=1, checkpoints=2)
+    return RECIPE.with_params(top_layers=1, epochs=1, accum=2, warmup_steps=1, checkpoints=2, qa_per_passage=1,
+                              qa_train_items=2, qa_dev_items=1)  # fmt: skip
 
 
 def test_tiny_build_runs_end_to_end_is_deterministic_and_records_the_selection(tmp_path, tiny_dir):
@@ -315,13 +343,18 @@ def test_tiny_build_runs_end_to_end_is_deterministic_and_records_the_selection(t
     assert m["method"] == "lora" and m["parent"] == tiny_dir.name and m["rank"] == RECIPE.params["rank"]
     assert m["prompt_version"] == COMPACT_PROMPT_VERSION == m["request"]["prompt_version"]
     assert m["system_prompt_sha256"] == hashlib.sha256(DIAGNOSIS_SYSTEM.encode()).hexdigest()
-    assert m["training"]["steps"] == 2 and m["data"]["train_items"] == 4 and m["data"]["heldout_items"] == 3
+    # 4 diagnosis + 2 QA items, batched apart in pairs: 3 steps
+    assert m["training"]["steps"] == 3 and m["data"]["train_items"] == 4 and m["data"]["heldout_items"] == 3
+    qa = m["data"]["qa"]
+    assert qa["train"]["pairs"] == 2 and qa["dev"]["pairs"] == 1 and len(qa["sha256"]) == 64
+    assert m["request"]["knowledge_sha256"] == qa["knowledge_sha256"]
     assert m["data"]["train"]["near_rt"] + m["data"]["dev"]["near_rt"] == 2 and len(m["data"]["sha256"]) == 64
     assert m["layers"] == [1] and m["parameters"] > 0 and m["build_seconds"] > 0
     sel = m["selection"]
-    assert [c["step"] for c in sel["checkpoints"]] == [1, 2] and sel["chosen_step"] in (1, 2)
+    assert [c["step"] for c in sel["checkpoints"]] == [2, 3] and sel["chosen_step"] in (2, 3)
     assert all(0.0 <= c["macro_f1"] <= 1.0 and c["seconds"] >= 0 for c in sel["checkpoints"])
-    best = max(sel["checkpoints"], key=lambda c: (c["macro_f1"], -c["target_nll"]))
+    assert all(0.0 <= c["qa"]["qa_score"] <= 1.0 and len(c["qa"]["answers"]) == 1 for c in sel["checkpoints"])
+    best = next(c for c in sel["checkpoints"] if c["step"] == L.choose_checkpoint(sel["checkpoints"]))
     assert sel["chosen"] == best and m["heldout"]["macro_f1"]["adapter"] == best["macro_f1"]
     assert "macro_f1" in sel["parent"] and m["heldout"]["perplexity"]["parent"] > 1
     assert set(m["training"]["seconds"]) == {"cache", "train", "dev_checks"}
@@ -336,21 +369,22 @@ def test_tiny_build_runs_end_to_end_is_deterministic_and_records_the_selection(t
 
 
 def test_the_chosen_checkpoint_is_the_one_written(tmp_path, tiny_dir, monkeypatch):
-    """Make step 1 win, then step 2: the manifest names the winner and the adapters differ."""
+    """Make the first checkpoint (step 2) win, then the second (step 3): the manifest names the winner
+    and the adapters differ."""
     real = L.dev_scores
     shas = {}
     for winner in (1, 2):
         calls = []
 
         def scores(answers, examples, nlls, winner=winner, calls=calls):
-            calls.append(None)  # call 1 is the parent, call k + 1 the checkpoint of step k
+            calls.append(None)  # call 1 is the parent, call k + 1 the k-th checkpoint
             return {**real(answers, examples, nlls), "macro_f1": 1.0 if len(calls) == winner + 1 else 0.0}
 
         monkeypatch.setattr(L, "dev_scores", scores)
         path = build_variant(_tiny_recipe(), calib_items=4, heldout_items=3, models_dir=tmp_path / str(winner),
                              parent_dir=tiny_dir, show_progress=False, threads=1)  # fmt: skip
         m = load_variant_manifest(NAME, tmp_path / str(winner))
-        assert m["selection"]["chosen_step"] == winner and m["selection"]["chosen"]["macro_f1"] == 1.0
+        assert m["selection"]["chosen_step"] == (2, 3)[winner - 1] and m["selection"]["chosen"]["macro_f1"] == 1.0
         shas[winner] = hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
     assert shas[1] != shas[2]
 

@@ -50,3 +50,34 @@ def test_targets_cite_only_shown_passages_or_say_not_covered(pairs):
 def test_no_training_question_is_an_evaluation_question(pairs):
     items, _ = pairs
     assert not {i.question for i in items} & {i.question for i in eval_set(packaged_knowledge())}
+
+
+def test_qa_split_holds_out_whole_question_groups_and_no_evaluation_question():
+    from airan.factory.variants.qa_data import qa_split
+
+    kb = packaged_knowledge()
+    train, dev = qa_split(kb, 2, 200, 20)
+    assert len(train) == 200 and len(dev) == 20 and sum(not i.answerable for i in dev) == 4
+    # DEV asks what training never asks in any wording: a DEV item's whole group (its consecutive
+    # per_passage wordings in the pool) stays out of training
+    pool = train_questions(kb, 2)
+    held = {k // 2 for k, i in enumerate(pool) if i in dev}
+    assert len(held) == 20 and not {pool[k] for g in held for k in (2 * g, 2 * g + 1)} & set(train)
+    assert not {i.question for i in dev} & {i.question for i in train}
+    assert not {i.question for i in train + dev} & {i.question for i in eval_set(kb)}
+    assert qa_split(kb, 2, 200, 20) == (train, dev)  # deterministic
+    with pytest.raises(ValueError):
+        qa_split(kb, 2, 10_000, 20)
+
+
+def test_qa_dev_scores_count_facts_refusals_and_invented_names(renderer):
+    from airan.factory.variants.qa_data import qa_dev_scores, qa_split
+
+    kb = packaged_knowledge()
+    _, dev = qa_split(kb, 2, 0, 10)
+    examples = build_qa_examples(renderer, kb=kb, items=dev)
+    refs = [ex.target for ex in examples]
+    perfect = qa_dev_scores(refs, dev, examples, kb)
+    assert perfect["qa_score"] == 1.0 and perfect["invented_names"] == 0
+    wrong = qa_dev_scores(["It is RRU.FooBarDl. " + NOT_COVERED[::-1]] * len(dev), dev, examples, kb)
+    assert wrong["qa_score"] < 0.2 and wrong["invented_names"] == len(dev)

@@ -208,6 +208,8 @@ def build_dataset_command(
     manifest = netops_data.write_dataset(
         out, parent, train_items or spec.calib_items, dev_items or spec.heldout_items,
         near_rt_share=spec.params.get("near_rt_share", netops_data.NEAR_RT_SHARE), show_progress=True,
+        qa_per_passage=spec.params.get("qa_per_passage", 0), qa_train_items=spec.params.get("qa_train_items", 0),
+        qa_dev_items=spec.params.get("qa_dev_items", 0),
     )  # fmt: skip
     typer.echo(f"{out}: {manifest['train']['items']} training + {manifest['dev']['items']} DEV items, "
                f"prompt {manifest['prompt_version']}, data sha256 {manifest['data_sha256'][:12]}")  # fmt: skip

@@ -1,4 +1,5 @@
-"""The `lora` method: train a PEFT LoRA adapter on the compact NetOps diagnosis (`netops_data`).
+"""The `lora` method: train a PEFT LoRA adapter on the compact NetOps diagnosis (`netops_data`) and on
+free-text questions answered from knowledge passages (`qa_data`): one model serves both modes.
 
 The served prompt is ~250 tokens (evidence lines, the detector's answer, the
 question) and the answer a few: `CONGESTION A; RRU.PrbTotDl`. LoRA sits on the
@@ -7,13 +8,19 @@ same hidden states at every step, so each item goes through them once
 (cached, with their keys and values for the development items) and the
 training steps run the top layers alone, a padded batch of `accum` items at a
 time (right padding: causal attention never lets a real position see a pad).
-The loss is the mean NLL of the answer's tokens and <|im_end|>, per item.
+The loss is the mean NLL of the answer's tokens and <|im_end|>, per item. QA prompts (~430 tokens:
+retrieved passages and the question) are batched apart from diagnosis ones (~250) so that padding
+stays small; the batches of both kinds are shuffled together every epoch.
 
 Model selection: at `checkpoints` evenly spaced steps the adapter answers the
 DEV items as the server would ask for it, greedily under the answer grammar
 (the canonical token sequences of every cause, cell subset and end: the
-answer's end or '; ' before citations), and the checkpoint with the best DEV
-macro-F1 of the cause (ties: lower DEV target NLL) is the one written. vLLM
+answer's end or '; ' before citations), scored by DEV macro-F1 of the
+cause; the QA DEV items (whole question groups held out of the
+QA training pool, never the evaluation set) are answered greedily too, and among the checkpoints
+whose DEV macro-F1 is within `F1_TOLERANCE` of the best, the one with the best QA DEV score (key
+facts stated, or a refusal where the context does not cover the question; ties: higher macro-F1,
+lower target NLL) is the one written: both modes guard the choice. vLLM
 serves the result as an ordinary PEFT adapter: the layers below simply have no
 LoRA weights.
 
@@ -42,6 +49,7 @@ from airan.core.diagnosis import (
 )  # fmt: skip
 from airan.factory.buildonce import Steps, sha256_file
 from airan.factory.variants import netops_data as D
+from airan.factory.variants import qa_data as Q
 from airan.factory.variants.hf import load_frozen
 from airan.factory.variants.recipes import Recipe
 from airan.store.registry import describe
@@ -49,6 +57,9 @@ from airan.store.registry import describe
 FORMAT = "peft-lora/safetensors"
 PLAIN = ("NORMAL", "UNKNOWN")  # causes that name no cells
 MISS = "INVALID"  # a DEV answer that does not parse: a miss for every cause
+# a checkpoint within this DEV macro-F1 of the best one may be chosen for a better QA DEV score
+# (140 DEV items: one item is ~0.007 of macro-F1)
+F1_TOLERANCE = 0.015
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,11 @@ class TrainSettings:
     warmup_steps: int
     checkpoints: int = 4  # DEV evaluations, evenly spaced over the run; the best one is kept
     near_rt_share: float = D.NEAR_RT_SHARE
+    # free-text QA pairs mixed in (qa_data.qa_split): the TRAIN wording pool asks every aspect
+    # qa_per_passage times; qa_train_items of them train, qa_dev_items held-out groups choose the checkpoint
+    qa_per_passage: int = 0
+    qa_train_items: int = 0
+    qa_dev_items: int = 0
     seed: int = 0
 
     @classmethod
@@ -78,7 +94,8 @@ class TrainSettings:
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.train_items / self.accum)
+        # the two kinds are batched apart (similar prompt lengths in a padded batch)
+        return math.ceil(self.train_items / self.accum) + math.ceil(self.qa_train_items / self.accum)
 
     @property
     def steps(self) -> int:
@@ -100,12 +117,19 @@ def request_extras(parent: Path) -> dict:
     from airan.store.registry import PACKAGED_DETECTOR
 
     detector = D.load_detector()
+    from airan.core.knowledge import packaged_knowledge
+    from airan.core.retrieval import FREE_TEXT_PROMPT_VERSION
+
     train, dev = D.data_split(7, 7, detector)
     renderer = PromptRenderer(parent)
     sample = D.build_examples(renderer, train + dev, D.priorities(14), detector)
+    kb = packaged_knowledge()
+    sample += Q.build_qa_examples(renderer, kb=kb, items=Q.train_questions(kb, 1)[::40])
     return {
         "parent_config_sha256": sha256_file(parent / "config.json"),
         "prompt_version": COMPACT_PROMPT_VERSION,
+        "free_text_prompt_version": FREE_TEXT_PROMPT_VERSION,
+        "knowledge_sha256": Q.knowledge_sha256(kb),
         "detector_sha256": sha256_file(PACKAGED_DETECTOR / MODEL_FILE),
         "prompt_sample_sha256": D.data_sha256(sample),
     }
@@ -351,6 +375,7 @@ def train_adapter(work: Path, recipe: Recipe, s: TrainSettings, parent: Path, pa
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
+    from airan.core.knowledge import packaged_knowledge
     from airan.core.prompting import DIAGNOSIS_SYSTEM, PromptRenderer
 
     started = time.perf_counter()
@@ -370,8 +395,13 @@ def train_adapter(work: Path, recipe: Recipe, s: TrainSettings, parent: Path, pa
                                show_progress)  # fmt: skip
         eos = tok.convert_tokens_to_ids("<|im_end|>")
         tries = [answer_trie(tok, ex, eos) for ex in dev]
-    steps.say(f"      {len(train)} training + {len(dev)} DEV items "
-              f"({sum(len(e.input_ids) for e in train + dev)} tokens), {threads} thread(s)")  # fmt: skip
+        kb = packaged_knowledge()
+        qa_train_items, qa_dev_items = (Q.qa_split(kb, s.qa_per_passage, s.qa_train_items, s.qa_dev_items)
+                                        if s.qa_per_passage else ([], []))  # fmt: skip
+        qa_train = Q.build_qa_examples(renderer, kb=kb, items=qa_train_items)
+        qa_dev = Q.build_qa_examples(renderer, kb=kb, items=qa_dev_items)
+    steps.say(f"      {len(train)} diagnosis + {len(qa_train)} QA training items, {len(dev)} + {len(qa_dev)} DEV "
+              f"({sum(len(e.input_ids) for e in train + dev + qa_train + qa_dev)} tokens), {threads} thread(s)")  # fmt: skip
 
     model = _load_parent(parent)
     parent_parameters = sum(p.numel() for p in model.parameters())
@@ -381,13 +411,14 @@ def train_adapter(work: Path, recipe: Recipe, s: TrainSettings, parent: Path, pa
     n_bottom = n_layers - s.top_layers
 
     with steps(f"frozen layers 0-{n_bottom - 1}, once per item"):
-        bar = tqdm(total=len(train) + len(dev), unit="item", disable=not show_progress, leave=False)
+        bar = tqdm(total=len(train) + len(qa_train) + len(dev), unit="item", disable=not show_progress, leave=False)
         t0 = time.perf_counter()
         train_cache = []
-        for ex in train:
+        for ex in train + qa_train:
             train_cache.append(bottom_states(model, ex, n_bottom)[0])
             bar.update(1)
         cache_seconds = time.perf_counter() - t0
+        train_all = train + qa_train  # indices past len(train) are QA items
         dev_cache = []
         for ex in dev:
             dev_cache.append(bottom_states(model, ex, n_bottom, with_kv=True))
@@ -412,18 +443,33 @@ def train_adapter(work: Path, recipe: Recipe, s: TrainSettings, parent: Path, pa
             text, nll = dev_answer(model, tok, ex, state, kv, trie, n_bottom, eos)
             answers.append(text)
             nlls.append(nll)
-        return {**dev_scores(answers, dev, nlls), "seconds": round(time.perf_counter() - t, 1)}
+        scores = {**dev_scores(answers, dev, nlls), "seconds": round(time.perf_counter() - t, 1)}
+        if qa_dev:
+            t = time.perf_counter()
+            texts = [qa_dev_answer(model, tok, ex, eos) for ex in tqdm(qa_dev, unit="item", leave=False,
+                     desc=f"QA DEV {label}", disable=not show_progress)]  # fmt: skip
+            scores["qa"] = {**Q.qa_dev_scores(texts, qa_dev_items, qa_dev, kb),
+                            "seconds": round(time.perf_counter() - t, 1), "answers": texts}  # fmt: skip
+            scores["seconds"] = round(scores["seconds"] + scores["qa"]["seconds"], 1)
+        return scores
 
-    with steps(f"the parent's DEV answers ({len(dev)} items, under the grammar)"):
+    def say_scores(label: str, scores: dict, write=steps.say) -> None:
+        qa = scores.get("qa")
+        more = (f"; QA DEV score {qa['qa_score']:.3f} (recall {qa['key_fact_recall']}, refusal "
+                f"{qa['refusal_accuracy']}, invented {qa['invented_names']})") if qa else ""  # fmt: skip
+        write(f"      {label}: DEV macro-F1 {scores['macro_f1']:.3f}, accuracy {scores['accuracy']:.3f}, "
+              f"target NLL {scores['target_nll']:.3f}{more}")  # fmt: skip
+
+    with steps(f"the parent's DEV answers ({len(dev)} items under the grammar, {len(qa_dev)} QA items)"):
         peft_model.eval()
         parent_scores = evaluate("parent")
-    steps.say(f"      parent: DEV macro-F1 {parent_scores['macro_f1']:.3f}, accuracy {parent_scores['accuracy']:.3f}")
+    say_scores("parent", parent_scores)
 
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(s.seed)
     history: list[dict] = []
     checkpoints: list[dict] = []
-    best: tuple[tuple[float, float], int, list] | None = None
+    weights_at: dict[int, list] = {}
     when = set(s.checkpoint_steps())
     train_seconds = eval_seconds = 0.0
     with steps(f"training LoRA r={s.rank} on layers {n_bottom}-{n_layers - 1}: {s.steps} steps, "
@@ -431,21 +477,20 @@ def train_adapter(work: Path, recipe: Recipe, s: TrainSettings, parent: Path, pa
         bar = tqdm(total=s.steps, unit="step", disable=not show_progress, leave=False)
         step = 0
         for epoch in range(s.epochs):
-            order = torch.randperm(len(train), generator=generator).tolist()
-            for start in range(0, len(order), s.accum):
+            for batch in epoch_batches(len(train), len(qa_train), s.accum, generator):
                 t = time.perf_counter()
                 peft_model.train()
-                batch = order[start : start + s.accum]
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, s)
-                nll, _ = batch_nll(model, [train[k] for k in batch], [train_cache[k] for k in batch], n_bottom)
+                nll, _ = batch_nll(model, [train_all[k] for k in batch], [train_cache[k] for k in batch], n_bottom)
                 loss = nll.mean()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 train_seconds += time.perf_counter() - t
-                history.append({"step": step + 1, "epoch": epoch, "loss": loss.item()})
+                history.append({"step": step + 1, "epoch": epoch, "loss": loss.item(),
+                                "qa": bool(batch[0] >= len(train))})  # fmt: skip
                 step += 1
                 bar.update(1)
                 recent = history[-20:]
@@ -455,15 +500,12 @@ def train_adapter(work: Path, recipe: Recipe, s: TrainSettings, parent: Path, pa
                     scores = evaluate(f"step {step}")
                     eval_seconds += scores["seconds"]
                     checkpoints.append({"step": step, "epoch": round(step / s.steps_per_epoch, 2), **scores})
-                    key = (scores["macro_f1"], -scores["target_nll"])
-                    if best is None or key > best[0]:
-                        best = (key, step, [p.detach().clone() for p in params])
+                    weights_at[step] = [p.detach().clone() for p in params]
                     if show_progress:
-                        bar.write(f"      step {step}: DEV macro-F1 {scores['macro_f1']:.3f}, accuracy "
-                                  f"{scores['accuracy']:.3f}, target NLL {scores['target_nll']:.3f}")  # fmt: skip
+                        say_scores(f"step {step}", scores, bar.write)
         bar.close()
-    assert best is not None
-    _, chosen_step, weights = best
+    chosen_step = choose_checkpoint(checkpoints)
+    weights = weights_at[chosen_step]
     with torch.no_grad():
         for p, w in zip(params, weights):
             p.copy_(w)
@@ -518,7 +560,18 @@ def train_adapter(work: Path, recipe: Recipe, s: TrainSettings, parent: Path, pa
             "dev": D.describe(dev),
             "tokens": sum(len(e.input_ids) for e in train),
             "target_tokens": sum(len(e.input_ids) - e.n_prompt for e in train),
-            "sha256": D.data_sha256(train + dev),
+            "sha256": D.data_sha256(train + dev + qa_train + qa_dev),
+            "qa": {
+                "source": "airan.factory.variants.qa_data.qa_split (TRAIN wording pool of airan.evaluation.qa; "
+                          "never the evaluation set)",
+                "per_passage": s.qa_per_passage,
+                "knowledge_sha256": Q.knowledge_sha256(kb),
+                "train": Q.describe_qa(qa_train),
+                "dev": Q.describe_qa(qa_dev),
+                "dev_questions": [i.question for i in qa_dev_items],
+                "tokens": sum(len(e.input_ids) for e in qa_train),
+                "sha256": D.data_sha256(qa_train + qa_dev),
+            },
             "detector": {"sha256": sha256_file(_detector_file()), "train_items": D.first_train_index(detector)},
         },
         "training": {**dataclasses.asdict(s), "steps": s.steps, "optimizer": "AdamW",
@@ -530,7 +583,9 @@ def train_adapter(work: Path, recipe: Recipe, s: TrainSettings, parent: Path, pa
                      "seconds_per_item": {"cache": round(cache_seconds / n_train, 4),
                                           "train": round(train_seconds / (n_train * s.epochs), 4)}},
         "selection": {
-            "metric": "DEV macro-F1 of the cause, greedy under the answer grammar (ties: lower target NLL)",
+            "metric": "DEV macro-F1 of the cause, greedy under the answer grammar; among checkpoints within "
+                      f"{F1_TOLERANCE} of the best macro-F1, the best QA DEV score (ties: higher macro-F1, "
+                      "lower target NLL)",
             "chosen_step": chosen_step,
             "chosen": chosen,
             "parent": parent_scores,
@@ -538,12 +593,49 @@ def train_adapter(work: Path, recipe: Recipe, s: TrainSettings, parent: Path, pa
         },
         "heldout": {"target_nll": {"parent": parent_scores["target_nll"], "adapter": chosen["target_nll"]},
                     "macro_f1": {"parent": parent_scores["macro_f1"], "adapter": chosen["macro_f1"]},
+                    "qa_score": {"parent": parent_scores.get("qa", {}).get("qa_score"),
+                                 "adapter": chosen.get("qa", {}).get("qa_score")},
                     "perplexity": {"parent": round(math.exp(parent_scores["target_nll"]), 4),
                                    "variant": round(math.exp(chosen["target_nll"]), 4)}},
         "build_seconds": round(time.perf_counter() - started, 1),
         "step_seconds": steps.seconds,
         "versions": _versions(),
     }  # fmt: skip
+
+
+def epoch_batches(n_diagnosis: int, n_qa: int, accum: int, generator) -> list[list[int]]:
+    """One epoch's batches of indices into diagnosis + QA items: each kind shuffled and cut into batches
+    of `accum` apart (a padded batch of similar prompt lengths), then the batches shuffled together."""
+    import torch
+
+    batches = []
+    for offset, n in ((0, n_diagnosis), (n_diagnosis, n_qa)):
+        order = [offset + k for k in torch.randperm(n, generator=generator).tolist()]
+        batches += [order[i : i + accum] for i in range(0, n, accum)]
+    return [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def choose_checkpoint(checkpoints: Sequence[dict]) -> int:
+    """The step to keep: among checkpoints whose DEV macro-F1 is within F1_TOLERANCE of the best, the
+    best QA DEV score (when QA was trained), then the higher macro-F1, then the lower target NLL."""
+    if not checkpoints:
+        raise ValueError("no checkpoint was evaluated")
+    top = max(c["macro_f1"] for c in checkpoints)
+    near = [c for c in checkpoints if c["macro_f1"] >= top - F1_TOLERANCE - 1e-9]
+    best = max(near, key=lambda c: (c.get("qa", {}).get("qa_score", 0.0), c["macro_f1"], -c["target_nll"],
+                                    -c["step"]))  # fmt: skip
+    return int(best["step"])
+
+
+def qa_dev_answer(model, tok, ex: D.Example, eos: int, max_new_tokens: int = Q.DEV_MAX_NEW_TOKENS) -> str:
+    """The greedy free-text answer to a QA DEV item's served prompt (every layer, LoRA included)."""
+    import torch
+
+    with torch.no_grad():
+        prompt = torch.tensor([list(ex.input_ids[: ex.n_prompt])])
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos, pad_token_id=eos)  # fmt: skip
+    return tok.decode([t for t in out[0, ex.n_prompt :].tolist() if t != eos], skip_special_tokens=True).strip()
 
 
 def _detector_file() -> Path:

@@ -100,11 +100,16 @@ RECIPES: dict[str, Recipe] = {
             # 500 steps of 8 items; lr with warmup then cosine to 10%; the best DEV checkpoint is kept.
             {"rank": 16, "alpha": 32, "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
              "up_proj", "down_proj"), "top_layers": 12, "epochs": 2, "accum": 8, "lr": 5e-4, "warmup_steps": 25,
-             "checkpoints": 4, "near_rt_share": 0.4},
+             "checkpoints": 4, "near_rt_share": 0.4, "qa_per_passage": 2, "qa_train_items": 480, "qa_dev_items": 20},
             summary="LoRA r=16 on the top 12 of 30 layers, trained on the served compact diagnosis prompt "
             "(evidence, the detector's answer) of simulator cases (TRAIN seeds the detector never saw; "
-            "40% near-RT brief answers), the checkpoint with the best DEV macro-F1 kept",
-            calib_items=2000,
+            "40% near-RT brief answers) and on free-text questions answered from retrieved knowledge "
+            "passages (or declined when they do not cover it); the checkpoint kept is the best on DEV QA "
+            "among those near the best DEV macro-F1",
+            # 1200 diagnosis items (not 2000) leave room for 480 QA pairs of ~430-token prompts in ~45 min:
+            # measured 2026-11-30 (2 threads, idle box) 0.72 s per QA item-epoch, 0.30 s to cache one,
+            # a 48-token greedy QA DEV answer ~3.4 s; diagnosis rates as above
+            calib_items=1200,
             heldout_items=140,
         ),
         Recipe(
