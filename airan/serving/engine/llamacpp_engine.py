@@ -155,6 +155,7 @@ class LlamaCppEngine:
                 yield GenerationChunk(
                     text_delta=text[len(sent_text):], completion_tokens=len(ids), prompt_tokens=len(prompt_token_ids),
                     finished=finished, finish_reason=reason if finished else None,
+                    token_ids=tuple(ids[sent_tokens:]),
                 )  # fmt: skip
                 sent_text, sent_tokens = text, len(ids)
         finally:

@@ -57,6 +57,9 @@ class GenerationChunk:
     # (prefill) and first to last token (decode); admission learns each replica's speed from them
     prefill_ms: float | None = None
     decode_ms: float | None = None
+    # the tokens this chunk adds (its text may lag them: a character split across tokens waits for
+    # the rest); a stream whose replica dies goes on elsewhere from these (airan/serving/gateway.py)
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,7 @@ class VllmEngine:
                     engine_queue_ms=queue_ms,
                     prefill_ms=prefill_ms,
                     decode_ms=decode_ms,
+                    token_ids=tuple(completion.token_ids),
                 )
         except (asyncio.CancelledError, GeneratorExit):
             raise  # AsyncLLM.generate aborts the request itself on cancel
