@@ -257,7 +257,8 @@ class ReliabilityConfig(_Strict):
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 50051
-    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0 = no metrics endpoint
+    # Prometheus /metrics on this port (on by default); 0 = no metrics endpoint
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9090
     grace_s: Annotated[float, Field(ge=0)] = 5.0
     default_model: str | None = None
     # largest request the server reads, in bytes: a bigger one is refused with RESOURCE_EXHAUSTED before
@@ -280,11 +281,66 @@ class ServerConfig(_Strict):
         return self
 
 
+# What a caller may be named by: a token's subject, or a client certificate's CN or SAN (a DNS
+# name, a SPIFFE URI): printable ASCII without spaces, as long as a DNS name may be
+IDENTITY_PATTERN = r"^[\x21-\x7e]{1,253}$"
+# RPC groups (ask, view, operate; airan/core/authz.py resolves them) or single RPCs a scope may list
+RpcScopeName = Literal["ask", "view", "operate", "Ask", "AskStream", "GetTopology", "ListReplicas", "DrainSite",
+                       "ReportRanLoad"]  # fmt: skip
+
+
+class ControllerScope(_Strict):
+    """What one caller (a RAN controller, an operator tool) may do (airan/core/authz.py applies it)."""
+
+    # the caller's identity: its token's subject, or its client certificate's CN or a SAN
+    id: Annotated[str, Field(pattern=IDENTITY_PATTERN)]
+    # ask = Ask + AskStream; view = GetTopology + ListReplicas; operate = DrainSite + ReportRanLoad
+    rpcs: Annotated[list[RpcScopeName], Field(min_length=1)] = ["ask", "view"]
+    # sites it may name (AskRequest.site_ids, DrainSite, ReportRanLoad, ListReplicas); "*" = every site
+    sites: Annotated[list[str], Field(min_length=1)] = ["*"]
+    # other controller ids it may put in AskRequest.controller_id ("*" = any); its own id always
+    act_for: list[Annotated[str, Field(pattern=IDENTITY_PATTERN)]] = Field(default_factory=list)
+    # token bucket over all its RPCs: `rate_per_s` sustained, `burst` at once; null = no limit
+    rate_per_s: Annotated[float, Field(gt=0)] | None = 20.0
+    burst: Annotated[int, Field(ge=1)] = 40
+
+
+AuthModeName = Literal["mtls", "token", "none"]
+
+
+class AuthConfig(_Strict):
+    """Who is calling, and what it may do (README "Security").
+
+    mtls: the client certificate (checked against server.tls_client_ca_file) names the caller;
+    token: an HMAC-signed bearer token (JWT, HS256) in the `authorization` metadata names it;
+    none: no one is identified and every call is allowed (in-process tests; a warning at start).
+    Either way an identity is refused unless `controllers` lists it.
+    """
+
+    mode: AuthModeName = "none"
+    # token: the HMAC key; null = <cache dir>/auth/token.key, created (0600) on first use, which the
+    # local `airan` commands and Python client also read to sign their own `local-operator` token
+    token_key_file: Path | None = None
+    controllers: list[ControllerScope] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_controllers(self) -> AuthConfig:
+        ids = [c.id for c in self.controllers]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"auth.controllers: duplicate id(s) {', '.join(dupes)}: list each caller once")
+        return self
+
+
 class ClusterConfig(_Strict):
     # local: start one Ray node per site on this machine; connect: join `address`
     mode: Literal["local", "connect"] = "local"
     address: str | None = None
     namespace: str = "airan"
+    # connect mode: replica actors are detached and named in `namespace`, so a control plane that
+    # stops (or dies) leaves them serving and the next one adopts them instead of reloading every
+    # engine; false: they stop with the control plane. Local mode always stops them with its Ray nodes.
+    detach_replicas: bool = True
 
     @model_validator(mode="after")
     def _connect_needs_address(self) -> ClusterConfig:
@@ -325,6 +381,7 @@ class AiranConfig(_Strict):
     radio: RadioConfig = RadioConfig()
     reliability: ReliabilityConfig = ReliabilityConfig()
     server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
     cluster: ClusterConfig = ClusterConfig()
     # model name -> measured facts; in a file, either inline or the name of a catalog file beside it
     catalog: dict[str, CatalogEntry] = Field(default_factory=dict)
@@ -359,6 +416,14 @@ class AiranConfig(_Strict):
                     raise ValueError(f"adapter '{a}' has parent '{self.model(a).parent}', not the replica's model '{r.model}'")
         if self.server.default_model and self.server.default_model not in model_names:
             raise ValueError(f"server.default_model '{self.server.default_model}' is not in models")
+        for c in self.auth.controllers:
+            unknown = [s for s in c.sites if s != "*" and s not in site_ids]
+            if unknown:
+                raise ValueError(f"auth.controllers '{c.id}': unknown site(s) {', '.join(unknown)} "
+                                 f"(sites: {', '.join(site_ids)}, or \"*\" for all)")  # fmt: skip
+        if self.auth.mode == "mtls" and self.server.tls_client_ca_file is None:
+            raise ValueError("auth.mode 'mtls' needs server.tls_cert_file, server.tls_key_file and "
+                             "server.tls_client_ca_file (the CA that signs the callers' certificates)")  # fmt: skip
         return self
 
     @model_validator(mode="after")

@@ -20,7 +20,8 @@ def tiny_stack_config(n_sites: int = 2, adapter_dir=None, **overrides) -> AiranC
         "replicas": [{"site": s["id"], "model": "tiny-llama"} for s in sites],
         "engine": {"kv_cache_gb": 0.25, "max_num_seqs": 8},
         "limits": {"max_tokens_limit": 256},
-        "server": {"host": "127.0.0.1", "port": 0, "grace_s": 1},
+        # no /metrics port: stacks in one session may overlap (tests/test_metrics.py serves its own)
+        "server": {"host": "127.0.0.1", "port": 0, "grace_s": 1, "metrics_port": 0},
     }
     if adapter_dir is not None:
         raw["models"].append(

@@ -12,7 +12,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from airan.serving import metrics
 from airan.serving.api.interceptors import server_interceptors
+from airan.serving.auth import server_credentials
 from airan.serving.api.servicers import ControlServicer, NetOpsServicer
 from airan.serving.cluster.headroom import HeadroomController, servable_variants
 from airan.serving.cluster.replicas import RayReplicaPool
@@ -44,7 +46,7 @@ def build_grpc_server(
     cfg = gateway.config.server
     options = [*GRPC_OPTIONS, ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
                ("grpc.max_send_message_length", cfg.max_send_message_bytes)]  # fmt: skip
-    server = grpc.aio.server(interceptors=server_interceptors(), options=options)
+    server = grpc.aio.server(interceptors=server_interceptors(gateway.config.auth), options=options)
     netops_pb2_grpc.add_NetOpsServiceServicer_to_server(NetOpsServicer(gateway), server)
     control_pb2_grpc.add_ControlServiceServicer_to_server(ControlServicer(gateway, node_of_site), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -62,6 +64,8 @@ class ControlPlane:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.startup_s: dict[str, float] = {}
+        self.metrics: metrics.MetricsEndpoint | None = None  # /metrics, server.metrics_port
+        self.sampler: metrics.GatewaySampler | None = None
         self.headroom: HeadroomController | None = None  # router.policy radio_first
 
     @property
@@ -108,23 +112,20 @@ class ControlPlane:
         cfg = self.config.server
         self.server = build_grpc_server(self.gateway, node_of_site, self.health)
         bind = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert_file:
-            client_ca = cfg.tls_client_ca_file.read_bytes() if cfg.tls_client_ca_file else None
-            credentials = grpc.ssl_server_credentials(
-                [(cfg.tls_key_file.read_bytes(), cfg.tls_cert_file.read_bytes())],
-                root_certificates=client_ca,
-                require_client_auth=client_ca is not None,  # mTLS when a client CA is given
-            )
-            self.port = self.server.add_secure_port(bind, credentials)
-        else:
-            self.port = self.server.add_insecure_port(bind)
+        credentials = server_credentials(cfg)  # mTLS when a client CA is given
+        self.port = self.server.add_secure_port(bind, credentials) if credentials \
+            else self.server.add_insecure_port(bind)  # fmt: skip
         if self.port == 0:
             raise RuntimeError(f"cannot bind gRPC port {cfg.host}:{cfg.port} (in use?)")
+        if self.config.auth.mode == "none":
+            log.warning("auth.mode none: every caller that reaches %s may call every RPC, DrainSite included", bind)
         await self.server.start()
         if cfg.metrics_port:
-            from prometheus_client import start_http_server
-
-            start_http_server(cfg.metrics_port, addr=cfg.host)
+            self.metrics = metrics.MetricsEndpoint(cfg.host, cfg.metrics_port)
+            gateway = self.gateway
+            self.sampler = metrics.GatewaySampler(gateway.replica_views, gateway.sites.states,
+                                                  self.config.router.stats_interval_s)  # fmt: skip
+            self.sampler.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("airan serving on %s", self.address)
@@ -135,6 +136,11 @@ class ControlPlane:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server is not None:
             await self.server.stop(self.config.server.grace_s)
+        if self.sampler is not None:
+            await self.sampler.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         if self.headroom is not None:
             await self.headroom.stop()
         if self.pool is not None:

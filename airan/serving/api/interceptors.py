@@ -12,7 +12,13 @@
 3. `ErrorInterceptor`: the one mapping from exceptions to gRPC statuses
    (`status_for`); an unexpected exception becomes INTERNAL carrying the request
    id, is logged with it, and the server keeps serving.
-4. `MalformedRequestInterceptor` (airan/serving/api/malformed.py): a request whose
+4. `AuthInterceptor` (auth.mode mtls or token): the caller's identity (its
+   certificate or token, airan/serving/auth.py) and its scope and rate
+   (airan/core/authz.py): UNAUTHENTICATED, PERMISSION_DENIED or
+   RESOURCE_EXHAUSTED (with `retry-after-ms` in the trailing metadata) before
+   the servicer runs; an AskRequest without controller_id gets the identity.
+   grpc.health.v1 is open to every caller that passed TLS (probes carry no token).
+5. `MalformedRequestInterceptor` (airan/serving/api/malformed.py): a request whose
    bytes do not parse reaches the chain as INVALID_ARGUMENT instead of grpc's UNKNOWN.
 
 The id is minted here rather than in the gateway because every RPC needs one
@@ -20,7 +26,7 @@ The id is minted here rather than in the gateway because every RPC needs one
 INTERNAL message and the metadata name it), and only the gRPC layer sees every
 call. The gateway mints nothing: it answers under the id it is given.
 
-To add an interceptor (auth next): subclass `CallInterceptor`, implement
+To add an interceptor: subclass `CallInterceptor`, implement
 `scope` (an async context manager around the servicer call), and add it to
 `server_interceptors()`. One that refuses calls goes after `ErrorInterceptor`
 and raises `AiranError`, so its refusals are mapped, counted and carry the id
@@ -31,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -41,14 +48,18 @@ from typing import Any
 
 import grpc
 
+from airan.config import AuthConfig
+from airan.core.authz import Authorizer, Refusal
 from airan.errors import AiranError, ErrorKind
 from airan.serving import metrics
+from airan.serving.auth import Authenticator
 from airan.serving.api.convert import valid_request_id
-from airan.serving.api.malformed import MalformedRequestInterceptor
+from airan.serving.api.malformed import MalformedRequestInterceptor, Unparsed
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_METADATA = "x-request-id"
+RETRY_AFTER_METADATA = "retry-after-ms"  # on RESOURCE_EXHAUSTED for a caller over its rate
 
 # The one mapping from domain errors to gRPC statuses (tests check every kind is here).
 STATUS_OF_KIND: dict[ErrorKind, grpc.StatusCode] = {
@@ -72,6 +83,8 @@ class Call:
     method: str  # "airan.v1.NetOpsService/Ask"
     request_id: str
     priority: str = ""  # set by the NetOps servicer: queries are also counted per priority
+    controller: str = ""  # the authenticated caller ("" under auth.mode none)
+    reason: str = ""  # why the call was refused (metrics), set where its error is mapped
 
 
 _CALL: ContextVar[Call] = ContextVar("airan_grpc_call")
@@ -179,9 +192,8 @@ class MetricsInterceptor(CallInterceptor):
             raise
         finally:
             call = _CALL.get(None)
-            metrics.observe_rpc(
-                method, code or "CANCELLED", time.perf_counter() - started, call.priority if call else ""
-            )
+            metrics.observe_rpc(method, code or "CANCELLED", time.perf_counter() - started,
+                                call.priority if call else "", call.reason if call else "")  # fmt: skip
 
 
 class ErrorInterceptor(CallInterceptor):
@@ -195,6 +207,8 @@ class ErrorInterceptor(CallInterceptor):
             call = _CALL.get(None)
             request_id = call.request_id if call else "?"
             code, message = status_for(e, request_id)
+            if call is not None and isinstance(e, AiranError):
+                call.reason = e.reason
             if isinstance(e, AiranError):
                 log.info("request %s: %s -> %s: %s", request_id, method, code.name, message)
             else:  # a bug, not the caller's fault: log it under the id, answer INTERNAL, keep serving
@@ -221,6 +235,61 @@ def _code_name(code: Any) -> str | None:
         return str(code)
 
 
-def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
-    """The chain every RPC passes, outermost first (see the module docstring to add one)."""
-    return [RequestIdInterceptor(), MetricsInterceptor(), ErrorInterceptor(), MalformedRequestInterceptor()]
+def sites_named(rpc: str, request: Any) -> list[str]:
+    """The sites a request names (a scope's `sites` applies to them); none for one that did not parse."""
+    if isinstance(request, Unparsed):
+        return []
+    if rpc in ("Ask", "AskStream"):
+        return list(request.site_ids)
+    if rpc == "DrainSite":
+        return [request.site_id]
+    if rpc == "ReportRanLoad":
+        return [load.site_id for load in request.loads]
+    if rpc == "ListReplicas":
+        return [request.site_id] if request.site_id else []
+    return []
+
+
+OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
+ASK_RPCS = frozenset({"Ask", "AskStream"})
+
+
+class AuthInterceptor(CallInterceptor):
+    def __init__(self, authenticator: Authenticator, authorizer: Authorizer) -> None:
+        self.authenticator = authenticator
+        self.authorizer = authorizer
+
+    @asynccontextmanager
+    async def scope(self, method, request, context):
+        service, _, rpc = method.rpartition("/")
+        if service in OPEN_SERVICES:
+            yield
+            return
+        identity, why = self.authenticator.identify(context)
+        asks = rpc in ASK_RPCS and not isinstance(request, Unparsed)
+        controller_id = request.controller_id if asks else ""
+        refusal = (
+            self.authorizer.check(identity, rpc, sites_named(rpc, request), controller_id)
+            if identity else Refusal(ErrorKind.UNAUTHENTICATED, why, "unauthenticated")
+        )  # fmt: skip
+        call = _CALL.get(None)
+        if refusal is not None:
+            if refusal.retry_after_s and call is not None:
+                context.set_trailing_metadata(((REQUEST_ID_METADATA, call.request_id),
+                                               (RETRY_AFTER_METADATA, str(math.ceil(refusal.retry_after_s * 1000)))))  # fmt: skip
+            raise AiranError(refusal.kind, refusal.message, refusal.reason)
+        if call is not None:
+            call.controller = identity
+        if asks and not controller_id:
+            request.controller_id = identity  # the caller asks as itself
+        yield
+
+
+def server_interceptors(auth: AuthConfig | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """The chain every RPC passes, outermost first (see the module docstring to add one); with
+    auth.mode mtls or token, callers are identified and held to their scopes before the request
+    is checked further."""
+    chain: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor(), MetricsInterceptor(), ErrorInterceptor()]
+    if auth is not None and auth.mode != "none":
+        chain.append(AuthInterceptor(Authenticator(auth), Authorizer.from_config(auth)))
+    return [*chain, MalformedRequestInterceptor()]
