@@ -43,6 +43,29 @@ def test_ensure_builds_only_what_the_cache_lacks_and_refuses_what_it_cannot_buil
         ensure_served_models(missing, say=said.append)
 
 
+def test_a_merged_model_whose_adapter_changed_is_stale(tmp_path, monkeypatch):
+    """A cache left from an older adapter must not be served: ensure merges again when the adapter's
+    weights differ from those the cached merge recorded."""
+    import dataclasses
+
+    from airan.factory.ensure import stale_merge
+    from airan.factory.tiny import ensure_tiny_model, write_random_lora
+    from airan.factory.variants import RECIPES, build_variant
+
+    tiny = ensure_tiny_model()
+    monkeypatch.setenv("AIRAN_CACHE", str(tmp_path / "cache"))
+    adapter = write_random_lora(tiny, tmp_path / "adapter", seed=1)
+    name = "tiny-stale-merged"
+    monkeypatch.setitem(RECIPES, name, dataclasses.replace(RECIPES[TRAINED], name=name, params={"adapter": str(adapter)}))
+    assert stale_merge(name) is None  # not built: nothing stale (ensure builds it as missing)
+    build_variant(name, calib_items=2, heldout_items=1, parent_dir=tiny, parent_answers=False, show_progress=False)
+    assert stale_merge(name) is None and stale_merge("smollm2-w8a8") is None
+    write_random_lora(tiny, adapter, seed=2)  # retrained
+    assert "changed" in stale_merge(name)
+    build_variant(name, calib_items=2, heldout_items=1, parent_dir=tiny, parent_answers=False, show_progress=False)
+    assert stale_merge(name) is None  # merged again: the new adapter's digest recorded
+
+
 def test_committed_adapter_learnt_the_prompt_the_server_renders():
     # a stale adapter would merge fine and answer badly: retrain it (one command) before serving
     assert L.is_current(packaged_adapter_dir(ADAPTER)), f"retrain: airan model build {ADAPTER} --force --export airan/store/adapters"
