@@ -16,7 +16,7 @@ import asyncio
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from airan.config import AiranConfig
@@ -37,6 +37,7 @@ from airan.core.query import Query, validate_query
 from airan.core.routing import Priority, ReplicaView, Router, RoutingContext, RoutingRequest
 from airan.core.routing.router import RoutingDecision
 from airan.core.routing.table import ReplicaTable
+from airan.serving import metrics
 from airan.serving.sites import SiteRegistry
 
 
@@ -97,6 +98,35 @@ class Answer:
     allowed_ms: float = 0.0
     citations: tuple[Citation, ...] = ()  # free text: the shown passages the answer cites
     citations_dropped: int = 0  # cited ids that were not shown for this request
+    # times the stream moved on to another replica because the one answering died mid-answer
+    migrations: int = 0
+
+
+@dataclass
+class _Sent:
+    """What one answer has produced so far, across the replicas it ran on: a replica that dies
+    after text has left goes on elsewhere from exactly these tokens."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    delivered: bool = False  # text left for the caller: a failure must continue, not start over
+    resumable: bool = True  # every token came with its id (the engine says which tokens it sent)
+    first_token_at: float | None = None
+    queue_ms: float = 0.0
+    migrations: list[str] = field(default_factory=list)  # "replica at site died after n tokens"
+
+    def add(self, chunk: GenerationChunk, resumed_from: int) -> None:
+        self.token_ids.extend(chunk.token_ids)
+        if resumed_from + chunk.completion_tokens != len(self.token_ids):
+            self.resumable = False
+        if chunk.text_delta:
+            self.text.append(chunk.text_delta)
+
+    def start_over(self) -> None:
+        """Nothing reached the caller: the next replica answers from the beginning."""
+        self.token_ids.clear()
+        self.text.clear()
+        self.resumable, self.first_token_at, self.queue_ms = True, None, 0.0
 
 
 class _Refused(AiranError):
@@ -388,43 +418,99 @@ class Gateway:
         arrival: float,
         attempt: int = 1,
     ) -> AsyncIterator[Delta | Answer]:
-        """Run on the best replica; fail over to the next if one fails before its first token or
-        has no room in its queue."""
+        """Run on the best replica; fail over to the next if one fails before any text has left
+        or has no room in its queue. A replica that dies after text has left: the answer goes on at
+        another replica, which prefills the prompt plus the tokens already sent and decodes on from
+        there, so the caller gets no token twice and none lost (at most
+        `reliability.max_stream_resumes` times, never past the deadline). Constrained answers
+        (diagnoses) leave whole, so theirs start over instead."""
         failures: list[str] = []
         busy: list[str] = []
-        for replica in decision.ranked[: self.MAX_ATTEMPTS]:
-            started = False
+        sent = _Sent()
+        lost_ids: set[str] = set()
+        candidates = list(decision.ranked[: self.MAX_ATTEMPTS])
+        while candidates:
+            replica = candidates.pop(0)
             try:
-                async for event in self._on_replica(query, replica, prompt, params, arrival, attempt):
-                    started = True
+                async for event in self._on_replica(query, replica, prompt, params, arrival, attempt, sent):
                     if isinstance(event, Answer):
-                        event = replace(event, **self._placement(query, decision, replica, failures + busy, arrival))
+                        event = replace(event, **self._placement(query, decision, replica, failures + busy, arrival,
+                                                                 sent))  # fmt: skip
+                    else:
+                        sent.delivered = True
                     yield event
                 return
             except _ReplicaBusy as e:
                 busy.append(str(e))
             except (EngineDeadError, RequestFailedError, ReplicaUnavailableError) as e:
-                if isinstance(e, (EngineDeadError, ReplicaUnavailableError)):
+                lost = isinstance(e, (EngineDeadError, ReplicaUnavailableError))
+                if lost:
                     self.pool.mark_failed(replica.replica_id, str(e))
-                if started:
-                    raise AiranError(
-                        ErrorKind.UNAVAILABLE,
-                        f"replica {replica.replica_id} at {replica.site_id} failed mid-answer ({e}); "
-                        "retry the query",
-                    ) from e
-                failures.append(f"{replica.replica_id}: {e}")
+                    lost_ids.add(replica.replica_id)
+                constrained = params.grammar is not None or bool(params.json_schema)
+                if not sent.delivered or constrained:
+                    sent.start_over()
+                    failures.append(f"{replica.replica_id}: {e}")
+                    continue
+                where = f"replica {replica.replica_id} at {replica.site_id} failed mid-answer ({e}) after " \
+                        f"{len(sent.token_ids)} tokens"  # fmt: skip
+                if not lost:  # the request failed, not the replica: it would fail again elsewhere
+                    raise AiranError(ErrorKind.UNAVAILABLE, f"{where}; retry the query") from e
+                self._check_resumable(query, sent, where)
+                sent.migrations.append(f"{replica.replica_id} at {replica.site_id} died after "
+                                       f"{len(sent.token_ids)} tokens")  # fmt: skip
+                metrics.stream_migrated("replica_lost")
+                candidates = self._resume_candidates(query, prompt, sent, lost_ids, where)
         if busy and not failures:
             raise _Refused(ErrorKind.RESOURCE_EXHAUSTED,
                            f"no room at the chosen replicas ({'; '.join(busy)}): retry later")  # fmt: skip
         raise AiranError(ErrorKind.UNAVAILABLE, "every chosen replica failed: " + "; ".join(failures + busy))
 
+    def _check_resumable(self, query: Query, sent: _Sent, where: str) -> None:
+        """Raise if an answer cut off after text left cannot go on at another replica."""
+        if len(sent.migrations) >= self.config.reliability.max_stream_resumes:
+            raise AiranError(ErrorKind.UNAVAILABLE, f"{where}; it had moved {len(sent.migrations)} time(s) already "
+                             "(reliability.max_stream_resumes): retry the query")  # fmt: skip
+        if not sent.resumable:
+            raise AiranError(ErrorKind.UNAVAILABLE, f"{where}; its engine did not say which tokens it sent, so it "
+                             "cannot go on elsewhere: retry the query")  # fmt: skip
+        if len(sent.token_ids) >= query.max_tokens:
+            raise AiranError(ErrorKind.UNAVAILABLE, f"{where}, at its last token: retry the query")
+        if query.deadline is not None and self.clock() >= query.deadline:
+            raise AiranError(ErrorKind.DEADLINE_EXCEEDED, f"{where}; the deadline has passed")
+
+    def _resume_candidates(self, query: Query, prompt: RenderedPrompt, sent: _Sent, lost_ids: set[str],
+                           where: str) -> list[ReplicaView]:  # fmt: skip
+        """Replicas that may take the rest of an answer (routed afresh: prompt + what was sent, the
+        tokens left, the same deadline), best first."""
+        left = query.max_tokens - len(sent.token_ids)
+        request = RoutingRequest(
+            request_id=query.request_id, model=query.model, controller_id=query.controller_id,
+            site_ids=query.site_ids, priority=query.priority,
+            prompt_tokens=len(prompt.token_ids) + len(sent.token_ids), max_tokens=left, deadline=query.deadline,
+            expected_tokens=left,
+        )  # fmt: skip
+        table = self._routing_table()
+        ctx = RoutingContext(request, table.sites, self.sites.min_ai_headroom, now=self.clock())
+        decision = self.router.choose(ctx, table, limit=self.MAX_ATTEMPTS)
+        ranked = [r for r in decision.ranked if r.replica_id not in lost_ids]
+        if not ranked:
+            kind = ErrorKind[decision.rejection_kind] if decision.rejection else ErrorKind.UNAVAILABLE
+            raise AiranError(kind, f"{where}; no replica can take the rest of it "
+                             f"({decision.rejection or 'none left'}): retry the query")  # fmt: skip
+        return ranked
+
     def _placement(
-        self, query: Query, decision: RoutingDecision, replica: ReplicaView, passed_over: list[str], arrival: float
-    ) -> dict:
+        self, query: Query, decision: RoutingDecision, replica: ReplicaView, passed_over: list[str], arrival: float,
+        sent: _Sent | None = None,
+    ) -> dict:  # fmt: skip
         """Where the answer came from and why, for the response."""
         note = decision.placement_note
         if passed_over:
             note = f"served by {replica.replica_id} at {replica.site_id} after {'; '.join(passed_over)}"
+        if sent is not None and sent.migrations:
+            note = f"went on at {replica.replica_id} at {replica.site_id} after {'; '.join(sent.migrations)}" \
+                   + (f" (earlier: {'; '.join(passed_over)})" if passed_over else "")  # fmt: skip
         predicted = decision.predicted_s.get(replica.replica_id)
         return dict(
             requested_site_id=query.site_ids[0] if query.site_ids else "",
@@ -441,18 +527,22 @@ class Gateway:
         params: GenerationParams,
         arrival: float,
         attempt: int,
+        sent: _Sent,
     ) -> AsyncIterator[Delta | Answer]:
         rid = replica.replica_id
         client = self.pool.client(rid)
         # a retry is a new engine request; the id the caller sees stays the same
         engine_request_id = query.request_id if attempt == 1 else f"{query.request_id}#{attempt}"
+        if sent.migrations:
+            engine_request_id += f"~{len(sent.migrations)}"
+        prompt_tokens, max_tokens = len(prompt.token_ids) + len(sent.token_ids), query.max_tokens - len(sent.token_ids)
         queue, rates = self._queue(rid), self._speed_of(rid)
         table = self._routing_table()
         network_s = 2.0 * float(table.latency_s(query.controller_id)[table.index[rid]]) if rid in table.index else 0.0
         ticket = Ticket(
             engine_request_id, query.priority, query.deadline,
-            rates.service_s(len(prompt.token_ids), query.max_tokens, min(len(queue.running) + 1, queue.slots)),
-            network_s, len(prompt.token_ids), query.max_tokens,
+            rates.service_s(prompt_tokens, max_tokens, min(len(queue.running) + 1, queue.slots)),
+            network_s, prompt_tokens, max_tokens,
         )  # fmt: skip
         offer = queue.offer(ticket, self.clock())
         for shed in offer.shed:
@@ -464,23 +554,29 @@ class Gateway:
             if offer.queued:
                 await self._wait_for_slot(queue, ticket, arrival)
             async for event in self._generate(query, replica, client, engine_request_id, prompt, params,
-                                              arrival, attempt):  # fmt: skip
+                                              arrival, attempt, sent):  # fmt: skip
                 yield event
         finally:
             self._leave(queue, ticket)
 
     async def _generate(
         self, query: Query, replica: ReplicaView, client: ReplicaClient, engine_request_id: str,
-        prompt: RenderedPrompt, params: GenerationParams, arrival: float, attempt: int,
+        prompt: RenderedPrompt, params: GenerationParams, arrival: float, attempt: int, sent: _Sent,
     ) -> AsyncIterator[Delta | Answer]:  # fmt: skip
         dispatched = self.clock()
         first_token_at = None
         engine_queue_ms = 0.0
-        text: list[str] = []
         last: GenerationChunk | None = None
         self.in_flight[replica.replica_id] += 1
         batch_at_start = self.in_flight[replica.replica_id]
-        chunks = aiter(client.generate(prompt.token_ids, params, engine_request_id))
+        # going on from a replica that died: the tokens already sent are part of the prompt now
+        resumed_from = len(sent.token_ids)
+        if resumed_from:
+            prompt_ids = list(prompt.token_ids) + sent.token_ids
+            params = replace(params, max_tokens=params.max_tokens - resumed_from)
+        else:
+            prompt_ids = prompt.token_ids
+        chunks = aiter(client.generate(prompt_ids, params, engine_request_id))
         try:
             while True:
                 # the deadline bounds the replica's work, not the caller's time at `yield`
@@ -493,12 +589,15 @@ class Gateway:
                 if first_token_at is None:
                     first_token_at = self.clock()
                     engine_queue_ms = chunk.engine_queue_ms or 0.0
+                    if sent.first_token_at is None:
+                        sent.first_token_at = first_token_at
+                        sent.queue_ms = 1000 * (dispatched - arrival) + engine_queue_ms
                 last = chunk
+                sent.add(chunk, resumed_from)
                 if chunk.text_delta:
-                    text.append(chunk.text_delta)
                     yield Delta(chunk.text_delta)
         except TimeoutError:
-            tokens = last.completion_tokens if last else 0
+            tokens = len(sent.token_ids)
             raise AiranError(
                 ErrorKind.DEADLINE_EXCEEDED,
                 f"deadline passed {1000 * (self.clock() - arrival):.0f} ms after arrival while "
@@ -522,18 +621,19 @@ class Gateway:
         self._learn(replica, last.prompt_tokens, prefill_s, last.completion_tokens, decode_s, batch)
         answer = Answer(
             request_id=query.request_id,
-            text="".join(text),
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
+            text="".join(sent.text),
+            prompt_tokens=len(prompt.token_ids),
+            completion_tokens=resumed_from + last.completion_tokens,
             replica_id=replica.replica_id,
             site_id=replica.site_id,
             model=query.model,
             finish_reason=last.finish_reason or "stop",
-            queue_ms=1000 * (dispatched - arrival) + engine_queue_ms,
-            ttft_ms=1000 * (first - arrival),
+            queue_ms=sent.queue_ms,
+            ttft_ms=1000 * ((sent.first_token_at or done) - arrival),
             total_ms=1000 * (done - arrival),
             prompt=prompt,
             attempts=attempt,
+            migrations=len(sent.migrations),
         )
         yield answer
 
