@@ -38,6 +38,7 @@ from airan.core.routing import Priority, ReplicaView, Router, RoutingContext, Ro
 from airan.core.routing.router import RoutingDecision
 from airan.core.routing.table import ReplicaTable
 from airan.serving import metrics
+from airan.serving import metrics
 from airan.serving.sites import SiteRegistry
 
 
@@ -549,6 +550,7 @@ class Gateway:
             self._shed(shed, rid, query.priority)
         if not offer.accepted:
             raise _ReplicaBusy(offer.refusal)
+        metrics.admitted(query.priority.value, replica.site_id)
         self._queue_changed(rid)
         try:
             if offer.queued:

@@ -165,6 +165,7 @@ def placement_to_proto(a: Answer) -> netops_pb2.Placement:
         note=a.routing_note,
         predicted_ms=a.predicted_ms,
         allowed_ms=a.allowed_ms,
+        migrations=a.migrations,
     )
 
 
