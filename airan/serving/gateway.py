@@ -38,7 +38,6 @@ from airan.core.routing import Priority, ReplicaView, Router, RoutingContext, Ro
 from airan.core.routing.router import RoutingDecision
 from airan.core.routing.table import ReplicaTable
 from airan.serving import metrics
-from airan.serving import metrics
 from airan.serving.sites import SiteRegistry
 
 
