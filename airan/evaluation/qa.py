@@ -206,6 +206,7 @@ class QAAnswer:
     citations_dropped: int = 0
     retrieved: tuple[str, ...] = ()  # not known from the response; kept for in-process runs
     error: str = ""
+    completion_tokens: int = 0  # the answer's length in tokens, as the response counts it
 
 
 @dataclass

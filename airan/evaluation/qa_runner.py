@@ -71,7 +71,7 @@ async def ask_qa(address: str, items: Sequence[QAItem], method: QAMethod, *, con
                 r = await client.ask(qa_request(item, method.retrieval, method.model, max_tokens), timeout_s=timeout_s)
                 answer = QAAnswer(item.item_id, r.text, 1000 * (time.perf_counter() - t0),
                                   tuple(c.passage_id for c in r.citations), r.citations_dropped,
-                                  tuple(r.prompt.passage_ids))  # fmt: skip
+                                  tuple(r.prompt.passage_ids), completion_tokens=r.completion_tokens)  # fmt: skip
             except Exception as e:  # noqa: BLE001 - every failure is scored, none dropped
                 code = getattr(e, "code", lambda: None)()
                 detail = getattr(e, "details", lambda: str(e))() or ""
