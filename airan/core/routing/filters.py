@@ -28,6 +28,9 @@ class Filter(Protocol):
 class ReadyFilter:
     name = "ready"
 
+    def static_key(self, ctx):  # reads only the table: the router folds it into a cached mask
+        return ()
+
     def mask(self, ctx, table, eligible, state):
         return eligible & table.ready
 
@@ -37,6 +40,9 @@ class ReadyFilter:
 
 class ModelFilter:
     name = "model"
+
+    def static_key(self, ctx):
+        return ctx.request.model
 
     def mask(self, ctx, table, eligible, state):
         return eligible & table.serves(ctx.request.model)
@@ -49,6 +55,9 @@ class SiteActiveFilter:
     """The radio comes first: drained sites and sites in a radio surge take no AI work."""
 
     name = "site_active"
+
+    def static_key(self, ctx):
+        return ctx.min_ai_headroom
 
     def mask(self, ctx, table, eligible, state):
         return eligible & table.site_accepts(ctx.min_ai_headroom)
@@ -79,17 +88,22 @@ class DeadlineFilter:
             return eligible
         state.budget_s = deadline - ctx.now
         state.before_deadline = eligible
-        state.predicted_s = admission.predict_s(ctx, table)
-        return eligible & (state.predicted_s <= state.budget_s / self.margin)
+        # the replicas ruled out already are predicted at inf: they cannot fit, and the smallest
+        # prediction is the best eligible one's without a masked copy
+        predicted = admission.predict_into(ctx, table, table.scratch_predicted, eligible)
+        state.predicted_s = predicted
+        state.best_predicted_s = float(predicted.min())
+        return np.less_equal(predicted, state.budget_s / self.margin, out=table.scratch_fits)
 
     def explain(self, ctx, table, state):
         allowed_ms = 1000 * state.budget_s
         candidates = np.flatnonzero(state.before_deadline)
+        predicted = admission.predict_s(ctx, table)  # afresh: the decision's own is in scratch columns
         idle = admission.idle_predict_s(ctx, table)[candidates]
         fastest_idle = admission.breakdown(ctx, table, int(candidates[np.argmin(idle)]), idle=True)
         if idle.min() * self.margin <= state.budget_s:
             state.rejection_kind = "RESOURCE_EXHAUSTED"
-            best = int(candidates[np.argmin(state.predicted_s[candidates])])
+            best = int(candidates[np.argmin(predicted[candidates])])
             return (f"no replica can answer within the {allowed_ms:.0f} ms left: the fastest now is "
                     f"{admission.breakdown(ctx, table, best).describe()}; idle, {fastest_idle.replica_id} would "
                     f"take {fastest_idle.total_ms:.0f} ms: retry later, allow more time, or ask with "
@@ -117,9 +131,10 @@ class PreferredSiteFilter:
         state.preferred_site_fits = len(fits_here) > 0
         if not state.preferred_site_fits:
             return eligible
-        here = np.zeros(len(table), dtype=bool)
-        here[fits_here] = True
-        return here
+        state.rows = fits_here  # the router scores only these
+        if state.predicted_s is not None:  # the best prediction among the few left, for the scorers
+            state.best_predicted_s = float(state.predicted_s[fits_here].min())
+        return table.mask_of(fits_here)
 
     def explain(self, ctx, table, state):  # never empties the set
         return ""

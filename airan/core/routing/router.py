@@ -60,7 +60,14 @@ class Router:
         self.rng = rng or random.Random()
         self.tie_tolerance = tie_tolerance
         self._weight_sum = sum(w for _, w in self.scorers) or 1.0
-        self._ones: dict[int, np.ndarray] = {}  # all-eligible masks by table size (read only)
+        # the leading filters that read only the table (readiness, model, sites) are folded into one
+        # mask the table caches per request model and headroom threshold
+        n_static = 0
+        while n_static < len(self.filters) and hasattr(self.filters[n_static], "static_key"):
+            n_static += 1
+        self._static_filters = self.filters[:n_static]
+        self._dynamic_filters = self.filters[n_static:]
+        self._static_names = tuple(f.name for f in self._static_filters)
 
     @classmethod
     def from_config(cls, config: RouterConfig, rng: random.Random | None = None) -> Router:
@@ -89,43 +96,104 @@ class Router:
         if not len(table):
             return RoutingDecision([], rejection="no replicas are deployed")
         state = DecisionState()
-        eligible = self._ones.get(len(table))
-        if eligible is None:
-            eligible = self._ones[len(table)] = np.ones(len(table), dtype=bool)
-            eligible.flags.writeable = False  # shared by every decision: filters return new masks
-        masks = []
-        for f in self.filters:
+        eligible = self._static_mask(ctx, table)
+        masks = [eligible]
+        for f in self._dynamic_filters:
             eligible = f.mask(ctx, table, eligible, state)
             masks.append(eligible)
         if not eligible.any():  # the first filter that left nothing says why
-            f = next(f for f, m in zip(self.filters, masks) if not m.any())
-            reason = f.explain(ctx, table, state)
-            return RoutingDecision([], rejection=reason, rejection_kind=state.rejection_kind,
-                                   budget_s=state.budget_s)  # fmt: skip
-        total = None
+            return self._rejection(ctx, table, state, masks)
+        if state.rows is not None:  # a filter narrowed the choice to a few rows: score only those
+            return self._choose_among(ctx, table, state, state.rows, limit)
+        total = table.scratch_total
+        first = True
         for scorer, weight in self.scorers:
             score = scorer.score(ctx, table, eligible, state)
-            if total is None:
-                total = score * weight
+            if first:
+                np.multiply(score, weight, out=total)
+                first = False
+            elif weight == 1.0:
+                total += score
             else:
-                total += score if weight == 1.0 else score * weight
-        if total is None:
-            total = np.zeros(len(table))
-        masked = np.where(eligible, total, -np.inf)
-        picked = self._rank_all(masked) if limit is None else self._rank_top(masked, limit)
+                total += score * weight
+        if first:
+            total.fill(0.0)
+        scores: dict[int, float] = {}
+        if limit is None:
+            np.putmask(total, np.invert(eligible, out=table.scratch_excluded), -np.inf)
+            picked = self._rank_all(total, scores)
+        else:
+            picked = self._rank_top(total, eligible, limit, scores)
+        return self._decision(ctx, table, state, picked, scores)
+
+    def _decision(self, ctx: RoutingContext, table: ReplicaTable, state: DecisionState,
+                  picked: list[list[int]], scores: dict[int, float]) -> RoutingDecision:  # fmt: skip
         flat = [i for tier in picked for i in tier]
         predicted = state.predicted_s
+        ids = table.ids
         return RoutingDecision(
             [[table.views[i] for i in tier] for tier in picked],
-            scores={table.ids[i]: float(total[i]) / self._weight_sum for i in flat},
-            predicted_s={} if predicted is None else {table.ids[i]: float(predicted[i]) for i in flat},
+            scores={ids[i]: s / self._weight_sum for i, s in scores.items()},
+            predicted_s={} if predicted is None else {ids[i]: float(predicted[i]) for i in flat},
             budget_s=state.budget_s,
-            explain_placement=lambda: self._placement_note(ctx, table, state, flat[0]),
+            explain_placement=lambda: self._placement_note(ctx, table, flat[0]),
         )
 
-    def _rank_all(self, masked: np.ndarray) -> list[list[int]]:
-        """Tiers of equal score, best first; random order inside a tier breaks ties."""
+    def _choose_among(self, ctx: RoutingContext, table: ReplicaTable, state: DecisionState, rows: np.ndarray,
+                      limit: int | None) -> RoutingDecision:  # fmt: skip
+        """Score and rank only `rows` (the eligible ones, e.g. the named site's replicas that fit)."""
+        total = np.zeros(len(rows))
+        for scorer, weight in self.scorers:
+            rows_score = getattr(scorer, "score_rows", None)
+            score = rows_score(ctx, table, rows, state) if rows_score is not None \
+                else scorer.score(ctx, table, table.mask_of(rows), state)[rows]  # fmt: skip
+            total += score * weight
+        local: dict[int, float] = {}
+        picked = [[int(rows[j]) for j in tier] for tier in self._rank_all(total, local)]
+        if limit is not None:  # cut to `limit` replicas, the last tier included in part
+            cut, left = [], limit
+            for tier in picked:
+                if left <= 0:
+                    break
+                cut.append(tier[:left])
+                left -= len(cut[-1])
+            picked = cut
+        scores = {int(rows[j]): v for j, v in local.items()}
+        kept = {i for tier in picked for i in tier}
+        return self._decision(ctx, table, state, picked, {i: v for i, v in scores.items() if i in kept})
+
+    def _static_mask(self, ctx: RoutingContext, table: ReplicaTable) -> np.ndarray:
+        """The folded mask of the leading table-only filters (cached by the table)."""
+        key = [self._static_names]
+        for f in self._static_filters:
+            key.append(f.static_key(ctx))
+        return table.static_mask(tuple(key), self._fold_static, ctx)[0]
+
+    def _fold_static(self, ctx: RoutingContext, table: ReplicaTable) -> np.ndarray:
+        mask = np.ones(len(table), dtype=bool)
+        for f in self._static_filters:
+            mask = f.mask(ctx, table, mask, None)
+        return mask
+
+    def _rejection(self, ctx: RoutingContext, table: ReplicaTable, state: DecisionState,
+                   masks: list[np.ndarray]) -> RoutingDecision:  # fmt: skip
+        """No replica is left: the first filter that emptied the set explains why (off the hot path:
+        the folded table-only filters are run one by one again to find which)."""
+        if not masks[0].any():
+            mask = np.ones(len(table), dtype=bool)
+            for f in self._static_filters:
+                mask = f.mask(ctx, table, mask, state)
+                if not mask.any():
+                    break
+        else:
+            f = next(f for f, m in zip(self._dynamic_filters, masks[1:]) if not m.any())
+        reason = f.explain(ctx, table, state)
+        return RoutingDecision([], rejection=reason, rejection_kind=state.rejection_kind, budget_s=state.budget_s)
+
+    def _rank_all(self, masked: np.ndarray, scores: dict[int, float]) -> list[list[int]]:
+        """Tiers of equal score, best first; random order inside a tier breaks ties. Fills `scores`."""
         order = [int(i) for i in np.argsort(-masked, kind="stable") if masked[i] > -np.inf]
+        scores.update((i, float(masked[i])) for i in order)
         tiers: list[list[int]] = []
         tier_score = None
         for i in order:
@@ -137,19 +205,36 @@ class Router:
             self.rng.shuffle(tier)
         return tiers
 
-    def _rank_top(self, masked: np.ndarray, limit: int) -> list[list[int]]:
-        """The best `limit` replicas as tiers, without sorting the rest (`masked` is used up)."""
+    # ineligible replicas met at the top of the scores before they are masked all at once
+    MAX_SKIPS = 8
+
+    def _rank_top(self, masked: np.ndarray, eligible: np.ndarray, limit: int,
+                  scores: dict[int, float]) -> list[list[int]]:  # fmt: skip
+        """The best `limit` eligible replicas as tiers, without sorting the rest (`masked` is used up).
+        Ineligible ones are skipped as they come up (usually none or a few), not masked first: masking
+        every score costs more than the picks. Fills `scores` for the ranked ones."""
         tiers: list[list[int]] = []
         left = limit
+        skips = 0
         while left > 0:
             best = int(masked.argmax())
-            score = masked[best]
+            score = float(masked[best])
             if score == -np.inf:
                 break
+            if not eligible[best]:
+                skips += 1
+                if skips == self.MAX_SKIPS:  # many: mask them all at once
+                    np.putmask(masked, ~eligible, -np.inf)
+                else:
+                    masked[best] = -np.inf
+                continue
             # ties are looked for in the first tier only: below it, equal scores keep index order
             near = masked >= score - self.tie_tolerance if not tiers else None
+            if near is not None and np.count_nonzero(near) > 1:
+                near &= eligible
             if near is None or np.count_nonzero(near) == 1:  # the usual case: no index list
                 tier = [best]
+                scores[best] = score
                 masked[best] = -np.inf
             else:
                 ties = np.flatnonzero(near)
@@ -158,17 +243,22 @@ class Router:
                 else:
                     tier = [int(i) for i in ties]
                     self.rng.shuffle(tier)
+                scores.update((i, float(masked[i])) for i in tier)
                 masked[ties] = -np.inf
             tiers.append(tier)
             left -= len(tier)
         return tiers
 
-    @staticmethod
-    def _placement_note(ctx: RoutingContext, table: ReplicaTable, state: DecisionState, best: int) -> str:
-        """Why a request that names a site is served elsewhere ("" when it is served there)."""
+    def _placement_note(self, ctx: RoutingContext, table: ReplicaTable, best: int) -> str:
+        """Why a request that names a site is served elsewhere ("" when it is served there); the
+        filters run again (the decision's own figures were in scratch columns)."""
         req = ctx.request
         if not req.site_ids or table.views[best].site_id == req.site_ids[0]:
             return ""
+        state = DecisionState()
+        eligible = np.ones(len(table), dtype=bool)
+        for f in self.filters:
+            eligible = f.mask(ctx, table, eligible, state)
         asked = req.site_ids[0]
         here = table.site_of == table.site_index(asked)
         chosen = f"served at {table.views[best].site_id}"
@@ -177,7 +267,7 @@ class Router:
             return f"{chosen}: {asked} has no ready replica of {req.model}"
         if not (usable & table.site_accepts(ctx.min_ai_headroom)).any():
             return f"{chosen}: {asked} is drained or its radio leaves too little AI headroom"
-        predicted = state.predicted_s if state.predicted_s is not None else admission.predict_s(ctx, table)
+        predicted = admission.predict_s(ctx, table)
         local = int(np.flatnonzero(usable)[np.argmin(predicted[usable])])
         there = admission.breakdown(ctx, table, local).total_ms
         elsewhere = admission.breakdown(ctx, table, best).total_ms

@@ -33,6 +33,9 @@ class LeastLoadedScorer:
     def score(self, ctx, table, eligible, state):
         return table.load_score(self.saturation)
 
+    def score_rows(self, ctx, table, rows, state):
+        return table.load_score(self.saturation)[rows]
+
 
 class KvCacheScorer:
     """Prefer replicas with free KV cache (less preemption risk)."""
@@ -66,6 +69,16 @@ class SiteLocalityScorer:
         out[table.rows_of_site(request.site_ids[0])] = 1.0
         return out
 
+    def score_rows(self, ctx, table, rows, state):
+        request = ctx.request
+        out = table.locality_base(request.controller_id, self.latency_scale_ms)[rows]
+        site_of = table.site_of[rows]
+        for site_id in request.site_ids[:0:-1]:
+            out[site_of == table.site_index(site_id)] = 0.8
+        if request.site_ids:
+            out[site_of == table.site_index(request.site_ids[0])] = 1.0
+        return out
+
 
 class PredictedLatencyScorer:
     """Prefer the replica predicted to answer first (airan/core/admission.py's model):
@@ -77,9 +90,19 @@ class PredictedLatencyScorer:
     FLOOR_S = 0.1
 
     def score(self, ctx, table, eligible, state):
-        predicted = state.predicted_s if state.predicted_s is not None else admission.predict_s(ctx, table)
-        best = np.where(eligible, predicted, np.inf).min()
-        return (best + self.FLOOR_S) / (predicted + self.FLOOR_S)
+        predicted, best = state.predicted_s, state.best_predicted_s
+        if predicted is None:  # no deadline filter ran (a request without a deadline, or not configured)
+            predicted = admission.predict_into(ctx, table, table.scratch_predicted, eligible)
+            best = float(predicted.min())
+        elif best is None:
+            best = float(np.where(eligible, predicted, np.inf).min())
+        out = np.add(predicted, self.FLOOR_S, out=table.scratch_score)
+        return np.divide(best + self.FLOOR_S, out, out=out)  # 0 where a replica was ruled out (inf)
+
+    def score_rows(self, ctx, table, rows, state):
+        if state.predicted_s is None or state.best_predicted_s is None:
+            return self.score(ctx, table, table.mask_of(rows), state)[rows]
+        return (state.best_predicted_s + self.FLOOR_S) / (state.predicted_s[rows] + self.FLOOR_S)
 
 
 SCORERS: dict[str, type] = {

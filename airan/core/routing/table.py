@@ -4,8 +4,14 @@ Filters and scorers read columns, so one decision over thousands of replicas is
 a few vector operations. The table is kept current OUT of the decision: the
 owner rebuilds it when the replica set or the sites change and writes single
 cells when one replica's load or admission figures change (`set_load`,
-`set_admission`). Per-model masks and per-controller latency columns are
-computed once and cached until the next rebuild.
+`set_admission`). Per-model masks, per-controller latency columns and the
+folded masks of filters that read only the table (`static_mask`) are computed
+once and cached until the replicas' readiness or the sites change.
+
+A decision writes its temporaries into the table's scratch columns instead of
+allocating new arrays (at 4,000 replicas a numpy call costs about as much as the
+arithmetic it does): what a decision returns is copied out of them, and
+anything read later (`RoutingDecision.placement_note`) is computed again.
 """
 from __future__ import annotations
 
@@ -45,6 +51,15 @@ class ReplicaTable:
         self.start_at = np.zeros((N_CLASSES, n))  # monotonic time a new request of each class would start
         self._serves: dict[str, np.ndarray] = {}
         self._load_scores: dict[int, np.ndarray] = {}
+        # scratch columns one decision at a time writes into (the router is not reentrant)
+        self.zeros = np.zeros(n)
+        self.inf = np.full(n, np.inf)
+        self.scratch_predicted = np.empty(n)
+        self.scratch_tmp = np.empty(n)
+        self.scratch_score = np.empty(n)
+        self.scratch_total = np.empty(n)
+        self.scratch_fits = np.empty(n, dtype=bool)
+        self.scratch_excluded = np.empty(n, dtype=bool)
         self.set_sites(sites)
 
     def __len__(self) -> int:
@@ -63,9 +78,37 @@ class ReplicaTable:
         self._latency: dict[str, np.ndarray] = {}
         self._round_trip: dict[str, np.ndarray] = {}
         self._locality: dict[tuple[str, float], np.ndarray] = {}
+        self._static: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # folded static filters
+        self._round_trip_penalised: dict[tuple[str, int], np.ndarray] = {}
+
+    def static_mask(self, key: tuple, build, ctx) -> tuple[np.ndarray, np.ndarray]:
+        """(mask, penalty) of filters that read only the table's readiness, models and sites:
+        `build(ctx, table)` once per key, then cached until those change. The penalty is 0 where the
+        mask holds and inf elsewhere, so adding it to a prediction rules the excluded replicas out
+        without a mask."""
+        cached = self._static.get(key)
+        if cached is None:
+            mask = np.asarray(build(ctx, self), dtype=bool)
+            mask.flags.writeable = False
+            penalty = np.where(mask, 0.0, np.inf)
+            penalty.flags.writeable = False
+            cached = self._static[key] = (mask, penalty)
+        return cached
+
+    def penalty_of(self, mask: np.ndarray) -> tuple[np.ndarray, bool]:
+        """(0 where `mask` holds and inf elsewhere, whether it is a static mask's cached one)."""
+        for cached_mask, penalty in self._static.values():
+            if cached_mask is mask:
+                return penalty, True
+        return np.where(mask, 0.0, np.inf), False
 
     def site_index(self, site_id: str) -> int:
         return self._site_pos.get(site_id, -1)
+
+    def mask_of(self, rows: np.ndarray) -> np.ndarray:
+        mask = np.zeros(len(self), dtype=bool)
+        mask[rows] = True
+        return mask
 
     def rows_of_site(self, site_id: str) -> np.ndarray:
         """Indices of the replicas at a site (empty for a site with none)."""
@@ -88,6 +131,14 @@ class ReplicaTable:
                 ms = lat.get(controller_id, max(lat.values(), default=0.0))
                 per_site[i] = ms / 1000.0
             col = self._latency[controller_id] = per_site[self.site_of]
+        return col
+
+    def round_trip_penalised(self, controller_id: str, penalty: np.ndarray) -> np.ndarray:
+        """`round_trip_s` plus a static mask's penalty (cached with the mask): one column to add."""
+        key = (controller_id, id(penalty))
+        col = self._round_trip_penalised.get(key)
+        if col is None:
+            col = self._round_trip_penalised[key] = self.round_trip_s(controller_id) + penalty
         return col
 
     def round_trip_s(self, controller_id: str) -> np.ndarray:
@@ -135,8 +186,9 @@ class ReplicaTable:
 
     def set_ready(self, replica_id: str, ready: bool) -> None:
         i = self.index.get(replica_id)
-        if i is not None:
+        if i is not None and self.ready[i] != ready:
             self.ready[i] = ready
+            self._static, self._round_trip_penalised = {}, {}
 
     def set_admission(
         self,
@@ -157,11 +209,16 @@ class ReplicaTable:
 class DecisionState:
     """What one routing decision has worked out so far; filters and scorers share it."""
 
-    __slots__ = ("predicted_s", "before_deadline", "budget_s", "rejection_kind", "preferred_site_fits")
+    __slots__ = ("predicted_s", "best_predicted_s", "before_deadline", "budget_s", "rejection_kind",
+                 "preferred_site_fits", "rows")
 
     def __init__(self) -> None:
-        self.predicted_s: np.ndarray | None = None  # seconds per replica (the deadline filter fills it)
+        # seconds per replica (the deadline filter fills it; inf where a replica was already excluded)
+        self.predicted_s: np.ndarray | None = None
+        self.best_predicted_s: float | None = None  # the smallest prediction among the eligible, once known
         self.before_deadline: np.ndarray | None = None  # the candidates the deadline filter judged
         self.budget_s: float | None = None  # seconds left until the deadline at the decision
         self.rejection_kind: str = "UNAVAILABLE"  # an airan.errors.ErrorKind name
         self.preferred_site_fits: bool | None = None  # None: no deadline or no named site
+        # the only eligible replicas, when a filter narrowed the choice to a few (scored alone)
+        self.rows: np.ndarray | None = None
