@@ -303,3 +303,17 @@ async def test_token_stock_client_with_metadata(token_server):
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await stub.GetTopology(control_pb2.GetTopologyRequest())
         assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_idempotency_keys_are_scoped_per_controller(token_server):
+    """Another caller's key never returns this caller's answer; a caller's own retry does."""
+    token_server.replica.answers = ["first", "second"]
+    async with AsyncAiranClient(token_server.target, token=issue_token(KEY, "xapp-ts", 60)) as xapp, \
+            AsyncAiranClient(token_server.target, token=issue_token(KEY, "noc-ops", 60)) as ops:  # fmt: skip
+        mine = await xapp.ask(ask(request_id="shared-key"))
+        theirs = await ops.ask(ask(request_id="shared-key"))
+        retried = await xapp.ask(ask(request_id="shared-key"))
+    assert mine.text.strip() == "first" and theirs.text.strip() == "second"
+    assert retried == mine and token_server.replica.calls == 2
+    assert token_server.gateway.remembers("shared-key", "xapp-ts") and token_server.gateway.remembers("shared-key", "noc-ops")
+    assert not token_server.gateway.remembers("shared-key")

@@ -139,18 +139,24 @@ class _ReplicaBusy(Exception):
 
 
 class _IdempotencyCache:
-    """Answers by request_id, so a controller's retry gets the same answer once."""
+    """Answers by (controller_id, request_id), so a controller's retry gets the same answer once and
+    no other caller can read it by guessing its key (the controller is the authenticated caller
+    under auth mode mtls or token, airan/serving/api/interceptors.py)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.completed: OrderedDict[str, Answer] = OrderedDict()
-        self.in_flight: dict[str, asyncio.Future] = {}
+        self.completed: OrderedDict[tuple[str, str], Answer] = OrderedDict()
+        self.in_flight: dict[tuple[str, str], asyncio.Future] = {}
 
-    def store(self, answer: Answer) -> None:
+    def store(self, answer: Answer, controller_id: str) -> None:
         if self.size:
-            self.completed[answer.request_id] = answer
+            self.completed[(controller_id, answer.request_id)] = answer
             while len(self.completed) > self.size:
                 self.completed.popitem(last=False)
+
+    def key_in_flight(self, request_id: str) -> bool:
+        """Whether any caller's call with this key runs now (it is also the engine's request id)."""
+        return any(key == request_id for _, key in self.in_flight)
 
 
 class Gateway:
@@ -207,16 +213,17 @@ class Gateway:
         """Replica id -> node id, for operators' views (empty string until placed)."""
         return dict(self.pool.node_ids())
 
-    def remembers(self, idempotency_key: str) -> bool:
-        """Whether an answer for this client key is kept or being computed (a retry would share it)."""
-        return idempotency_key in self._cache.completed or idempotency_key in self._cache.in_flight
+    def remembers(self, idempotency_key: str, controller_id: str = "") -> bool:
+        """Whether an answer for this controller's key is kept or being computed (a retry would share it)."""
+        scoped = (controller_id, idempotency_key)
+        return scoped in self._cache.completed or scoped in self._cache.in_flight
 
     # -- entry points ----------------------------------------------------------
     async def ask(self, query: Query, arrival: float | None = None, *, request_id: str = "") -> Answer:
         """Unary: the whole answer; a retried idempotency key shares the first call's answer."""
         key = query.request_id
-        if key and key in self._cache.in_flight:
-            return await asyncio.shield(self._cache.in_flight[key])
+        if key and (query.controller_id, key) in self._cache.in_flight:
+            return await asyncio.shield(self._cache.in_flight[(query.controller_id, key)])
         answer = None
         async for event in self.stream(query, arrival, request_id=request_id):
             if isinstance(event, Answer):
@@ -237,17 +244,18 @@ class Gateway:
             raise ValueError(f"request_id '{request_id}' differs from the client's key '{key}'")
         if not (key or request_id):
             raise ValueError("every call needs an id: pass request_id= (gRPC calls get one from the interceptor)")
-        if key and key in self._cache.completed:
-            yield self._cache.completed[key]
+        scoped = (query.controller_id, key)
+        if key and scoped in self._cache.completed:
+            yield self._cache.completed[scoped]
             return
-        if key and key in self._cache.in_flight:
+        if key and self._cache.key_in_flight(key):  # this caller's, or another's (engine ids are unique)
             raise AiranError(
                 ErrorKind.ALREADY_EXISTS,
                 f"request_id '{key}' is already being answered; wait for it or use a new request_id",
             )
         if not key:  # a one-off call: nothing to remember
             # its id (a caller's x-request-id, or minted) is also the engine's request id: one call at a time
-            if request_id in self._one_off_in_flight or request_id in self._cache.in_flight:
+            if request_id in self._one_off_in_flight or self._cache.key_in_flight(request_id):
                 raise AiranError(ErrorKind.ALREADY_EXISTS, f"request id '{request_id}' names a call still in "
                                  "flight: give each call its own x-request-id")  # fmt: skip
             self._one_off_in_flight.add(request_id)
@@ -262,11 +270,11 @@ class Gateway:
                              f"request_id '{key}' names a call still in flight (its x-request-id): use a new request_id")  # fmt: skip
         # claim the key so a concurrent retry waits for this answer instead of recomputing it
         future = asyncio.get_running_loop().create_future()
-        self._cache.in_flight[key] = future
+        self._cache.in_flight[scoped] = future
         try:
             async for event in self._run(query, arrival):
                 if isinstance(event, Answer):
-                    self._cache.store(event)
+                    self._cache.store(event, query.controller_id)
                     future.set_result(event)
                 yield event
         except BaseException as e:
@@ -279,7 +287,7 @@ class Gateway:
             if not future.done():  # the consumer stopped reading before the end
                 future.set_exception(AiranError(ErrorKind.CANCELLED, "request cancelled"))
                 future.exception()
-            self._cache.in_flight.pop(key, None)
+            self._cache.in_flight.pop(scoped, None)
 
     # -- the pipeline ------------------------------------------------------------
     async def _run(self, query: Query, arrival: float | None) -> AsyncIterator[Delta | Answer]:
