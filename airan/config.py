@@ -349,6 +349,21 @@ class ClusterConfig(_Strict):
         return self
 
 
+class StateConfig(_Strict):
+    """What survives a control-plane restart (airan/serving/state.py): drains, the radio's reports with
+    their times, answers to idempotent requests and the ids of requests in flight.
+
+    sqlite: one SQLite file (WAL), written on every change and read at startup (the chart puts it on
+    a volume); memory: forgotten with the process (LocalStack's default: its Ray nodes die with it).
+    """
+
+    backend: Literal["sqlite", "memory"] = "sqlite"
+    # the SQLite file; null = <cache dir>/state/<cluster.namespace>.sqlite
+    path: Path | None = None
+    # radio reports kept per site (the forecast reads the last window and earlier days' profile)
+    max_ran_reports_per_site: Annotated[int, Field(ge=1)] = 4096
+
+
 class CatalogEntry(_Strict):
     """Measured facts of one servable model variant on one machine kind (what placement reads).
 
@@ -383,6 +398,7 @@ class AiranConfig(_Strict):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
     cluster: ClusterConfig = ClusterConfig()
+    state: StateConfig = StateConfig()
     # model name -> measured facts; in a file, either inline or the name of a catalog file beside it
     catalog: dict[str, CatalogEntry] = Field(default_factory=dict)
 

@@ -34,6 +34,8 @@ from airan.config import (
     ScorerSpec,
     ServerConfig,
     SiteConfig,
+    StateConfig,
+    ClusterConfig,
     load_config,
     site_resource,
 )
@@ -183,7 +185,7 @@ def test_default_values_render_the_core_objects(default_objs):
     kinds = sorted(o["kind"] for o in default_objs)
     assert kinds == sorted(
         ["RayCluster", "Deployment", "Service", "ConfigMap", "NetworkPolicy", "NetworkPolicy",
-         "PodDisruptionBudget", "ServiceAccount"]
+         "PodDisruptionBudget", "ServiceAccount", "PersistentVolumeClaim"]
     )
     # ServiceMonitor is opt-in: its CRD is not in every cluster
     assert not [o for o in default_objs if o["kind"] == "ServiceMonitor"]
@@ -309,6 +311,32 @@ def test_metrics_port_zero_drops_metrics_everywhere(helm):
     assert "metrics" not in {p["name"] for p in container(objs)["ports"]}
     assert "metrics" not in {p["name"] for p in one(objs, "Service")["spec"]["ports"]}
     assert "metrics_port: 0" in airan_config(objs)
+
+
+def test_state_lives_on_a_claim_by_default_or_on_an_empty_dir(helm, default_objs, chart_values):
+    """The control plane's state file (drains, radio reports, idempotent answers) is on a volume."""
+    state = {k: v for k, v in chart_values["state"].items() if k != "volume"}
+    assert state == StateConfig().model_dump(mode="json", exclude={"path"})
+    assert chart_values["cluster"]["detach_replicas"] is ClusterConfig().detach_replicas is True
+    config = yaml.safe_load(airan_config(default_objs))
+    assert config["state"] == {"backend": "sqlite", "path": "/var/lib/airan/state/state.sqlite",
+                               "max_ran_reports_per_site": 4096}  # fmt: skip
+    assert config["cluster"]["detach_replicas"] is True
+    mounts = {m["name"]: m["mountPath"] for m in container(default_objs)["volumeMounts"]}
+    assert mounts["state"] == "/var/lib/airan/state"
+    claim = one(default_objs, "PersistentVolumeClaim", f"{RELEASE}-state")
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    volumes = {v["name"]: v for v in one(default_objs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"]["claimName"] == f"{RELEASE}-state"
+
+    empty = render(helm, "--set", "state.volume.kind=emptyDir")
+    assert not [o for o in empty if o["kind"] == "PersistentVolumeClaim"]
+    volumes = {v["name"]: v for v in one(empty, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["state"] == {"name": "state", "emptyDir": {}}
+    given = render(helm, "--set", "state.volume.existingClaim=my-claim")
+    assert not [o for o in given if o["kind"] == "PersistentVolumeClaim"]
+    volumes = {v["name"]: v for v in one(given, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"]["claimName"] == "my-claim"
 
 
 def test_pod_disruption_budget(helm, default_objs):
@@ -722,6 +750,8 @@ def test_schema_mirrors_airan_config_model(schema):
     # host and TLS paths are the chart's to set; everything else comes from values
     chart_owned = {"host", "tls_cert_file", "tls_key_file", "tls_client_ca_file"}
     assert set(props["server"]["properties"]) == set(ServerConfig.model_fields) - chart_owned
+    # the state file's path is the chart's (on its volume); the volume is the chart's own key
+    assert set(props["state"]["properties"]) == set(StateConfig.model_fields) - {"path"} | {"volume"}
     # the same enums and patterns as the typed config
     literal = lambda model, field: list(get_args(model.model_fields[field].annotation))
     model_props = props["models"]["items"]["properties"]
@@ -730,6 +760,7 @@ def test_schema_mirrors_airan_config_model(schema):
     assert props["router"]["properties"]["scorers"]["items"]["properties"]["type"]["enum"] == literal(ScorerSpec, "type")
     assert props["sites"]["items"]["properties"]["id"]["pattern"] == SITE_ID_PATTERN
     assert props["replicas"]["items"]["properties"]["site"]["pattern"] == SITE_ID_PATTERN
+    assert props["state"]["properties"]["backend"]["enum"] == literal(StateConfig, "backend")
 
 
 def test_values_defaults_are_airan_defaults(chart_values):

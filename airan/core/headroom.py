@@ -93,10 +93,12 @@ class HeadroomForecaster:
         self._sites = {s: _SiteHistory(params) for s in site_ids}
         self._keep_bins = int(math.ceil((params.profile_days + 1) * DAY_S / params.profile_bin_s))
 
-    def observe(self, site_id: str, share: float, at: float | None = None) -> None:
+    def observe(self, site_id: str, share: float, at: float | None = None, received_at: float | None = None) -> None:
         """One report of the radio's share; `at` is when the radio measured it (default: the clock).
 
         Reports may come out of order (several pushes in flight): each is kept at its own time.
+        `received_at` (default: the clock) is when it arrived; a report replayed after a restart keeps
+        its own, so a radio that went quiet meanwhile is still stale.
         """
         if not (math.isfinite(share) and 0.0 <= share <= 1.0):
             raise ValueError(f"share must be within [0, 1], got {share}")
@@ -113,7 +115,7 @@ class HeadroomForecaster:
         else:
             h.times.append(at)
             h.shares.append(share)
-        h.received_at = max(h.received_at, now)
+        h.received_at = max(h.received_at, now if received_at is None else float(received_at))
         b = int(at // self.params.profile_bin_s)
         if b not in h.profile:
             h.profile[b] = deque(maxlen=self.params.profile_samples_per_bin)

@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from pydantic import TypeAdapter, ValidationError
+
 from airan.config import AiranConfig
 from airan.serving.engine.protocol import (
     EngineDeadError,
@@ -39,6 +41,7 @@ from airan.core.routing.router import RoutingDecision
 from airan.core.routing.table import ReplicaTable
 from airan.serving import metrics
 from airan.serving.sites import SiteRegistry
+from airan.serving.state import InFlightRecord, StoredAnswer, StateStore
 
 
 class ReplicaClient(Protocol):
@@ -100,6 +103,25 @@ class Answer:
     citations_dropped: int = 0  # cited ids that were not shown for this request
     # times the stream moved on to another replica because the one answering died mid-answer
     migrations: int = 0
+
+
+_ANSWER_JSON = TypeAdapter(Answer)
+
+
+def encode_answer(answer: Answer) -> str:
+    """An answer as the state store keeps it: JSON, without the prompt's token ids (no response
+    carries them; they are most of its size)."""
+    if answer.prompt is not None:
+        answer = replace(answer, prompt=replace(answer.prompt, token_ids=[]))
+    return _ANSWER_JSON.dump_json(answer).decode()
+
+
+def decode_answer(payload: str) -> Answer:
+    """The answer `encode_answer` wrote; ValueError when this version cannot read it."""
+    try:
+        return _ANSWER_JSON.validate_json(payload)
+    except ValidationError as e:
+        raise ValueError(f"stored answer not readable: {e.error_count()} error(s)") from e
 
 
 @dataclass
@@ -172,8 +194,12 @@ class Gateway:
         router: Router | None = None,
         clock: Callable[[], float] = time.monotonic,
         detector: Detector | None = None,
+        store: StateStore | None = None,
     ) -> None:
         self.config = config
+        # idempotent answers and in-flight ids are written here, so a restarted control plane answers
+        # a retry and knows which calls a crash cut off
+        self.store = store
         self.detector = detector  # evidence the model sees; None: the prompt carries the KPI evidence only
         self.pool = pool
         self.sites = sites
@@ -260,7 +286,7 @@ class Gateway:
                                  "flight: give each call its own x-request-id")  # fmt: skip
             self._one_off_in_flight.add(request_id)
             try:
-                async for event in self._run(replace(query, request_id=request_id), arrival):
+                async for event in self._tracked(replace(query, request_id=request_id), arrival):
                     yield event
             finally:
                 self._one_off_in_flight.discard(request_id)
@@ -272,9 +298,9 @@ class Gateway:
         future = asyncio.get_running_loop().create_future()
         self._cache.in_flight[scoped] = future
         try:
-            async for event in self._run(query, arrival):
+            async for event in self._tracked(query, arrival, idempotent=True):
                 if isinstance(event, Answer):
-                    self._cache.store(event, query.controller_id)
+                    self._remember(query, event)
                     future.set_result(event)
                 yield event
         except BaseException as e:
@@ -288,6 +314,40 @@ class Gateway:
                 future.set_exception(AiranError(ErrorKind.CANCELLED, "request cancelled"))
                 future.exception()
             self._cache.in_flight.pop(scoped, None)
+
+    # -- what outlives the process (the state store) -------------------------------
+    def _remember(self, query: Query, answer: Answer) -> None:
+        self._cache.store(answer, query.controller_id)
+        if self.store is not None and self._cache.size:
+            self.store.put_answer(StoredAnswer(query.controller_id, query.request_id, encode_answer(answer), time.time()))
+
+    def restore_answers(self, stored: list[StoredAnswer]) -> int:
+        """Answers a previous control plane gave to idempotent requests (oldest first); a retry gets
+        them again. Returns how many could be read (one this version cannot read is recomputed)."""
+        restored = 0
+        for record in stored[-self._cache.size:] if self._cache.size else ():
+            try:
+                answer = decode_answer(record.payload)
+            except ValueError:
+                continue
+            self._cache.store(answer, record.controller_id)
+            restored += 1
+        return restored
+
+    async def _tracked(self, query: Query, arrival: float | None, idempotent: bool = False,
+                       ) -> AsyncIterator[Delta | Answer]:  # fmt: skip
+        """`_run`, with the call's id in the state store while it runs: what a crash leaves there
+        was cut off, and the next control plane says so."""
+        if self.store is None:
+            async for event in self._run(query, arrival):
+                yield event
+            return
+        self.store.begin(InFlightRecord(query.request_id, query.controller_id, idempotent, time.time()))
+        try:
+            async for event in self._run(query, arrival):
+                yield event
+        finally:
+            self.store.end(query.request_id)
 
     # -- the pipeline ------------------------------------------------------------
     async def _run(self, query: Query, arrival: float | None) -> AsyncIterator[Delta | Answer]:
@@ -549,7 +609,7 @@ class Gateway:
         network_s = 2.0 * float(table.latency_s(query.controller_id)[table.index[rid]]) if rid in table.index else 0.0
         ticket = Ticket(
             engine_request_id, query.priority, query.deadline,
-            rates.service_s(prompt_tokens, max_tokens, min(len(queue.running) + 1, queue.slots)),
+            rates.service_s(prompt_tokens, max_tokens, min(len(queue.running) + 1, queue.slots), self._share_of(rid)),
             network_s, prompt_tokens, max_tokens,
         )  # fmt: skip
         offer = queue.offer(ticket, self.clock())
@@ -627,7 +687,8 @@ class Gateway:
         prefill_s = last.prefill_ms / 1000 if last.prefill_ms is not None \
             else max(0.0, first - dispatched - engine_queue_ms / 1000)  # fmt: skip
         decode_s = last.decode_ms / 1000 if last.decode_ms is not None else done - first
-        self._learn(replica, last.prompt_tokens, prefill_s, last.completion_tokens, decode_s, batch)
+        self._learn(replica, last.prompt_tokens, prefill_s, last.completion_tokens, decode_s, batch,
+                    self._share_of(replica.replica_id))  # fmt: skip
         answer = Answer(
             request_id=query.request_id,
             text="".join(sent.text),
@@ -676,11 +737,17 @@ class Gateway:
         shared = self._model_rates.get(self._model_of.get(replica_id, ""))
         return shared if shared is not None and shared.decode_samples else own
 
+    def _share_of(self, replica_id: str) -> float:
+        """The share of its full CPU a replica's radio-first cap leaves it now (1: uncapped)."""
+        table = self._table
+        i = table.index.get(replica_id) if table is not None else None
+        return 1.0 if i is None else table.views[i].cpu_share
+
     def _learn(self, replica: ReplicaView, prompt_tokens: int, prefill_s: float, completion_tokens: int,
-               decode_s: float, batch: float) -> None:  # fmt: skip
-        self._rates_of(replica.replica_id).observe(prompt_tokens, prefill_s, completion_tokens, decode_s, batch)
+               decode_s: float, batch: float, share: float = 1.0) -> None:  # fmt: skip
+        self._rates_of(replica.replica_id).observe(prompt_tokens, prefill_s, completion_tokens, decode_s, batch, share)
         shared = self._model_rates.setdefault(replica.model, self._new_rates())
-        shared.observe(prompt_tokens, prefill_s, completion_tokens, decode_s, batch)
+        shared.observe(prompt_tokens, prefill_s, completion_tokens, decode_s, batch, share)
         for rid, model in self._model_of.items():  # replicas that predict with the shared figures
             if model == replica.model and rid != replica.replica_id and not self._rates_of(rid).decode_samples:
                 self._queue_changed(rid)
@@ -704,15 +771,16 @@ class Gateway:
         if self._table is None or replica_id not in self._table.index:
             return
         queue, rates = self._queue(replica_id), self._speed_of(replica_id)
-        queue.reprice(rates)
+        share = self._share_of(replica_id)  # radio first: a capped replica runs that much slower
+        queue.reprice(rates, share)
         running = len(queue.running)
         self._table.set_admission(
             replica_id,
-            rates.prefill_s_per_token,
-            rates.decode_s_per_token(min(running + 1, queue.slots)),
-            rates.decode_s_per_token(1),
+            rates.prefill_s(share),
+            rates.decode_s_per_token(min(running + 1, queue.slots), share),
+            rates.decode_s_per_token(1, share),
             # a running request past its predicted end still holds its slot for at least a token
-            queue.start_times(self.clock(), rates.decode_s_per_token(max(running, 1))),
+            queue.start_times(self.clock(), rates.decode_s_per_token(max(running, 1), share)),
         )
         self._table.set_load(replica_id, len(queue))
 

@@ -27,6 +27,7 @@ from airan.core.policies import build_router
 from airan.store.registry import PACKAGED_DETECTOR, materialize, packaged_detector
 from airan.core.prompting import PromptRenderer
 from airan.serving.sites import SiteRegistry
+from airan.serving.state import Recovery, StateStore, last_report_per_site, open_state_store
 from airan.v1 import control_pb2, control_pb2_grpc, netops_pb2, netops_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class ControlPlane:
         self.metrics: metrics.MetricsEndpoint | None = None  # /metrics, server.metrics_port
         self.sampler: metrics.GatewaySampler | None = None
         self.headroom: HeadroomController | None = None  # router.policy radio_first
+        self.store: StateStore | None = None  # what the next control plane reads (config.state)
+        self.recovery: Recovery | None = None  # what this one took over from the previous one
 
     @property
     def address(self) -> str:
@@ -89,18 +92,38 @@ class ControlPlane:
         self.cluster.start()  # Ray installs signal handlers: main thread only
         self.startup_s["ray"] = time.monotonic() - t0
 
+        # what the previous control plane left: read before anything serves
+        self.store = open_state_store(self.config)
+        saved = self.store.load()
+        sites = site_registry(self.config, self.store)
+        skipped = sites.restore(saved)
+
         t0 = time.monotonic()
-        self.pool = RayReplicaPool(self.config, model_paths)
-        await self.pool.start()
+        radio_first = self.config.router.policy == "radio_first"
+        variants = servable_variants(self.config, materialize) if radio_first else {}
+        self.pool = RayReplicaPool(self.config, model_paths, variants)
+        await self.pool.start()  # adopts the replicas a previous control plane left running
         self.startup_s["replicas"] = time.monotonic() - t0
 
-        sites = site_registry(self.config)
         self.gateway = Gateway(self.config, self.pool, sites, renderers, router=build_router(self.config.router),
-                               detector=load_detector())  # fmt: skip
-        if self.config.router.policy == "radio_first":
+                               detector=load_detector(), store=self.store)  # fmt: skip
+        answers = self.gateway.restore_answers(saved.answers)
+        # calls a crash cut off: their engine requests may still run on adopted replicas
+        await self.pool.abort_everywhere([r.request_id for r in saved.in_flight])
+        self.store.clear_in_flight()
+        self.recovery = Recovery(
+            drains=len(saved.drains), drained=tuple(s for s, d in saved.drains.items() if d.drained),
+            ran_reports=len(saved.ran_reports), last_reports=last_report_per_site(saved.ran_reports),
+            answers=answers, lost=tuple(saved.in_flight), skipped_sites=tuple(skipped),
+        )  # fmt: skip
+        for line in [*self.recovery.lines(), *self.pool.adoption]:
+            log.info("recovery: %s", line)
+        if self.recovery.lost:
+            log.warning("recovery: %s", self.recovery.lost_line())
+        if radio_first:
             gateway = self.gateway
             self.headroom = HeadroomController(
-                self.config, sites, self.pool, servable_variants(self.config, materialize),
+                self.config, sites, self.pool, variants,
                 busy=lambda rid: next((v.in_flight for v in gateway.replica_views() if v.replica_id == rid), 0),
             )
             await self.headroom.step()  # caps and admitted concurrency in force before the first query
@@ -144,7 +167,11 @@ class ControlPlane:
         if self.headroom is not None:
             await self.headroom.stop()
         if self.pool is not None:
-            await self.pool.stop()
+            # connect mode: detached replicas keep serving for the next control plane to adopt
+            await self.pool.stop(keep_replicas=self.config.cluster.mode == "connect")
+        if self.store is not None:
+            self.store.close()
+            self.store = None
         self.cluster.shutdown()
 
     async def __aenter__(self) -> ControlPlane:
@@ -158,7 +185,7 @@ class ControlPlane:
         await self.stop()
 
 
-def site_registry(config: AiranConfig) -> SiteRegistry:
+def site_registry(config: AiranConfig, store: StateStore | None = None) -> SiteRegistry:
     """The sites; under router.policy radio_first with the radio's load forecast (report times are
     unix seconds, so the forecaster's clock is the wall clock)."""
     r = config.radio
@@ -167,7 +194,7 @@ def site_registry(config: AiranConfig) -> SiteRegistry:
         params = ForecastParams(quantile=r.forecast_quantile, horizon_s=r.forecast_horizon_s,
                                 window_s=r.forecast_window_s, stale_after_s=r.stale_after_s)  # fmt: skip
         forecaster = HeadroomForecaster([s.id for s in config.sites], params, clock=time.time)
-    return SiteRegistry(config.sites, r.min_ai_headroom, forecaster, r.headroom_margin)
+    return SiteRegistry(config.sites, r.min_ai_headroom, forecaster, r.headroom_margin, store)
 
 
 def load_detector() -> Detector | None:

@@ -28,6 +28,9 @@ from airan.serving.engine.protocol import (
 from airan.core.routing import ReplicaState, ReplicaView
 
 log = logging.getLogger(__name__)
+# replica actors are named ACTOR_PREFIX + replica id in the cluster's namespace; a control plane
+# that starts adopts the live ones it finds there (RayReplicaPool._adopt)
+ACTOR_PREFIX = "airan-replica:"
 
 
 # cap and accounting calls run on their own thread: an engine that is starting (or a throttled one)
@@ -40,9 +43,17 @@ class ReplicaActor:
     """
 
     def __init__(self, replica_id: str, site_id: str, engine: EngineSpec, cpu_ids: list[int] | None = None,
-                 cap_cpu: bool = False, initial_cap: float | None = None) -> None:  # fmt: skip
+                 cap_cpu: bool = False, initial_cap: float | None = None, slot: str = "",
+                 model: str = "") -> None:  # fmt: skip
         self.replica_id = replica_id
         self.site_id = site_id
+        # what a control plane that adopts it checks: the configured replica it fills, the model it
+        # serves (a variant's name after a swap), the engine it was built with, and how often it loaded
+        self.slot = slot or replica_id
+        self.model = model
+        self.spec = engine
+        self.engine_loads = 0
+        self.created_at = time.time()
         # radio first: join the CPU cap before the engine starts, so every process it forks (and the
         # engine's own start-up) is held to it
         self.cap = CpuCap(replica_id, cpu_ids) if cap_cpu else None
@@ -52,9 +63,17 @@ class ReplicaActor:
         self.engine: EngineClient = build_engine(engine)
 
     async def start(self) -> dict:
+        self.engine_loads += 1
         await self.engine.start()
+        return await self.identity()
+
+    @ray.method(concurrency_group="control")
+    async def identity(self) -> dict:
         cap = self.cap.state().mechanism if self.cap is not None else ""
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "cap_mechanism": cap}
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "cap_mechanism": cap,
+                "replica_id": self.replica_id, "site_id": self.site_id, "slot": self.slot, "model": self.model,
+                "engine": self.spec, "engine_loads": self.engine_loads, "created_at": self.created_at,
+                "actor_id": ray.get_runtime_context().get_actor_id()}  # fmt: skip
 
     @ray.method(concurrency_group="control")
     async def set_cpu_cap(self, cpus: float | None) -> str:
@@ -97,6 +116,27 @@ def _unwrap(e: Exception) -> Exception:
     if isinstance(e, RayActorError):
         return ReplicaUnavailableError(f"replica actor is gone: {e}")
     return e
+
+
+def plan_adoption(
+    found: list[tuple[str, dict | None, str]], mismatch: Callable[[dict], str]
+) -> tuple[dict[str, tuple[str, dict]], list[tuple[str, str]]]:
+    """Of the replica actors found (name, identity, why it cannot serve or ""), which to adopt
+    (slot -> (name, identity)) and which to stop ((name, why)). `mismatch(identity)` says why an
+    actor does not hold what its slot should ("" when it does). Of two that fill one slot (a swap
+    the previous control plane did not finish) the newer, which it was moving to, is kept."""
+    keep: dict[str, tuple[str, dict]] = {}
+    stop: list[tuple[str, str]] = []
+    for name, info, problem in sorted(found, key=lambda f: f[1].get("created_at", 0.0) if f[1] else 0.0):
+        problem = problem or mismatch(info)
+        if problem:
+            stop.append((name, problem))
+            continue
+        if info["slot"] in keep:
+            older, _ = keep[info["slot"]]
+            stop.append((older, f"superseded by {info['replica_id']} for {info['slot']}"))
+        keep[info["slot"]] = (name, info)
+    return keep, stop
 
 
 class RayReplicaClient:
@@ -142,14 +182,21 @@ class _Replica:
     cpus: list[int] | None = None  # the cores its engine threads are bound to (local mode)
     pid: int = 0
     cap_mechanism: str = ""  # how its CPU use is capped ("" = not capped)
+    slot: str = ""  # the configured replica it fills (site-model-ordinal); a swap's successor keeps it
+    adopted: bool = False  # left running by a previous control plane and taken over, not started here
 
 
 class RayReplicaPool:
     """Starts the configured replicas on their sites and keeps their load fresh."""
 
-    def __init__(self, config: AiranConfig, model_paths: dict[str, os.PathLike]) -> None:
+    def __init__(self, config: AiranConfig, model_paths: dict[str, os.PathLike],
+                 variant_paths: dict[str, os.PathLike] | None = None) -> None:  # fmt: skip
         self.config = config
         self.model_paths = model_paths
+        # catalog variants a replica may serve after a swap (radio first): an adopted one is checked against them
+        self.variant_paths = variant_paths or {}
+        self.detached = config.cluster.detach_replicas
+        self.adoption: list[str] = []  # what start() did with the replica actors it found, one line each
         self._replicas: dict[str, _Replica] = {}
         self._poller: asyncio.Task | None = None
         self._streams: Counter[str] = Counter()
@@ -206,10 +253,13 @@ class RayReplicaPool:
                 cpus = next(cpu_plan)
                 engine = replica_engine(self.config.engine, model, self.model_paths[spec.model], adapters, cpus)
                 plans.append((f"{spec.site}-{spec.model}-{ordinal}", spec, cpus, engine))
+        adopted = await self._adopt(plans) if self.detached else set()
         if self.cap_cpu:
             await asyncio.to_thread(remove_empty_groups)  # groups left by actors that were killed
         starts = []
         for replica_id, spec, cpus, engine in plans:
+            if replica_id in adopted:
+                continue
             view = ReplicaView(
                 replica_id, spec.site, spec.model, ReplicaState.STARTING, adapters=frozenset(spec.adapters)
             )
@@ -218,10 +268,110 @@ class RayReplicaPool:
         await asyncio.gather(*starts)
         self._poller = asyncio.create_task(self._poll_loads(), name="airan-replica-load")
 
+    async def _adopt(self, plans: list[tuple[str, object, list[int] | None, EngineSpec]]) -> set[str]:
+        """Take over the replica actors a previous control plane left in this namespace: each that
+        answers, whose engine is up and healthy, and that holds what its configured replica should
+        (the same engine spec: model or a servable variant of it, settings, cores) serves on without
+        a reload; the others are stopped. Returns the configured replica ids (slots) adopted."""
+        names = [n for n in await asyncio.to_thread(ray.util.list_named_actors) if n.startswith(ACTOR_PREFIX)]
+        if not names:
+            return set()
+        found = await asyncio.gather(*(self._inspect(n) for n in names))
+        actors = {name: actor for name, actor, _, _ in found}
+        planned = {replica_id: (spec, cpus, engine) for replica_id, spec, cpus, engine in plans}
+        keep, stop = plan_adoption([(name, info, problem) for name, _, info, problem in found],
+                                   lambda info: self._mismatch(info, planned.get(info["slot"])))  # fmt: skip
+        for name, why in stop:
+            self.adoption.append(f"stopped {name.removeprefix(ACTOR_PREFIX)}: {why}")
+            log.warning("replica actor %s not adopted, stopping it: %s", name, why)
+            actor = actors[name]
+            if actor is None:
+                continue
+            try:
+                await asyncio.wait_for(actor.shutdown.remote(), 30)
+            except Exception as e:
+                log.debug("shutdown %s: %s", name, _unwrap(e))
+            ray.kill(actor)
+        for slot, (name, info) in keep.items():
+            actor = actors[name]
+            spec, cpus, _ = planned[slot]
+            served = info["model"]
+            view = ReplicaView(info["replica_id"], spec.site, spec.model, ReplicaState.READY,
+                               adapters=frozenset(spec.adapters), variant="" if served == spec.model else served)  # fmt: skip
+            self._replicas[view.replica_id] = _Replica(
+                view, actor, node_id=info["node_id"], cpus=cpus, pid=info["pid"], cap_mechanism=info["cap_mechanism"],
+                slot=slot, adopted=True,
+            )  # fmt: skip
+            serial = view.replica_id.rsplit("-s", 1)[-1]
+            if view.replica_id != slot and serial.isdigit():  # later swaps must not reuse its name
+                self._serial = max(self._serial, int(serial))
+            self.adoption.append(f"adopted {view.replica_id} ({served}, pid {info['pid']}, engine loaded "
+                                 f"{info['engine_loads']}x)")  # fmt: skip
+            log.info("adopted replica %s at %s (%s, pid %s): engine not reloaded", view.replica_id, spec.site,
+                     served, info["pid"])  # fmt: skip
+        return set(keep)
+
+    async def _inspect(self, name: str) -> tuple[str, object, dict | None, str]:
+        """(name, handle, identity, why it cannot be adopted or "")."""
+        try:
+            actor = ray.get_actor(name)
+        except ValueError as e:  # it died since it was listed
+            return name, None, None, f"gone: {e}"
+        try:
+            info = await asyncio.wait_for(actor.identity.remote(), timeout=10)
+        except Exception as e:
+            return name, actor, None, f"did not answer: {_unwrap(e)}"
+        if not info.get("engine_loads"):
+            return name, actor, info, "its engine never started"
+        try:
+            await asyncio.wait_for(actor.load.remote(), timeout=10)  # the engine's own health check
+        except Exception as e:
+            return name, actor, info, f"engine not healthy: {_unwrap(e)}"
+        return name, actor, info, ""
+
+    def _mismatch(self, info: dict, planned: tuple[object, list[int] | None, EngineSpec] | None) -> str:
+        """Why an actor does not hold what its configured replica should ("" when it does)."""
+        if planned is None:
+            return f"the config has no replica {info['slot']} any more"
+        spec, cpus, engine = planned
+        served = info["model"]
+        if served == spec.model:
+            expected = engine
+        elif served in self.variant_paths:
+            adapters = tuple((a, str(self.model_paths[a])) for a in spec.adapters)
+            expected = replica_engine(self.config.engine, self.config.model(served), self.variant_paths[served],
+                                      adapters, cpus)  # fmt: skip
+        else:
+            return f"serves {served}, which is neither {spec.model} nor a servable variant of it"
+        if info["engine"] != expected:
+            return f"its engine ({served}) was built with other settings than the config gives now"
+        return ""
+
+    async def abort_everywhere(self, request_ids: list[str]) -> None:
+        """Abort engine requests by id on every adopted replica (a crashed control plane's requests
+        its engine may still be generating; a diagnosis's second attempt ran as '<id>#2', a stream
+        resumed on another replica as '<id>~<n>')."""
+        resumes = [""] + [f"~{n}" for n in range(1, self.config.reliability.max_stream_resumes + 1)]
+        ids = [f"{rid}{attempt}{resume}" for rid in request_ids for attempt in ("", "#2") for resume in resumes]
+        if not ids:
+            return
+
+        async def one(r: _Replica) -> None:
+            for request_id in ids:
+                try:
+                    await asyncio.wait_for(r.actor.abort.remote(request_id), timeout=5)
+                except Exception as e:
+                    log.debug("abort %s on %s: %s", request_id, r.view.replica_id, _unwrap(e))
+
+        await asyncio.gather(*(one(r) for r in self._replicas.values() if r.adopted))
+
     def _launch(self, view: ReplicaView, cpus: list[int] | None, engine: EngineSpec,
-                initial_cap: float | None = None, beside: bool = False) -> _Replica:  # fmt: skip
+                initial_cap: float | None = None, beside: bool = False, slot: str = "") -> _Replica:  # fmt: skip
+        slot = slot or view.replica_id
         actor = ReplicaActor.options(
-            name=view.replica_id,
+            name=ACTOR_PREFIX + view.replica_id,
+            # detached: it outlives this control plane, and the next one adopts it (no engine reload)
+            lifetime="detached" if self.detached else None,
             # a replica started beside the one it replaces (make before break) takes no Ray CPUs: the
             # site's node has none left until the old one stops, and the CPU cap, not Ray's count,
             # bounds what the two use together
@@ -229,8 +379,9 @@ class RayReplicaPool:
             resources={site_resource(view.site_id): 1},
             runtime_env={"env_vars": engine.env},
             max_concurrency=1000,
-        ).remote(view.replica_id, view.site_id, engine, cpus, self.cap_cpu, initial_cap)
-        r = _Replica(view, actor, cpus=cpus)
+        ).remote(view.replica_id, view.site_id, engine, cpus, self.cap_cpu, initial_cap, slot,
+                 view.variant or view.model)  # fmt: skip
+        r = _Replica(view, actor, cpus=cpus, slot=slot)
         self._replicas[view.replica_id] = r
         return r
 
@@ -267,12 +418,14 @@ class RayReplicaPool:
             r.view = replace(r.view, running=load.running, waiting=load.waiting, kv_cache_usage=load.kv_cache_usage)
 
     # -- radio first: limits and variants ------------------------------------------------------
-    async def set_limits(self, replica_id: str, max_concurrency: int | None, cpu_cap: float | None) -> None:
-        """Admitted concurrency (read by routing) and the real CPU cap of one replica."""
+    async def set_limits(self, replica_id: str, max_concurrency: int | None, cpu_cap: float | None,
+                         cpu_share: float = 1.0) -> None:  # fmt: skip
+        """Admitted concurrency (read by routing) and the real CPU cap of one replica (`cpu_share`: the
+        share of its full speed that cap leaves it, which admission scales its measured rates by)."""
         r = self._replicas.get(replica_id)
         if r is None:
             return
-        r.view = replace(r.view, max_concurrency=max_concurrency, cpu_cap=cpu_cap)
+        r.view = replace(r.view, max_concurrency=max_concurrency, cpu_cap=cpu_cap, cpu_share=cpu_share)
         if self.cap_cpu and r.view.state in (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING):
             try:
                 r.cap_mechanism = await asyncio.wait_for(r.actor.set_cpu_cap.remote(cpu_cap), timeout=10)
@@ -317,7 +470,7 @@ class RayReplicaPool:
                        variant="" if variant == logical else variant, max_concurrency=0)  # fmt: skip
         # it starts under a cap too: the control loop splits the site's headroom among the old, the new
         cap = initial_cap if initial_cap is not None else old.view.cpu_cap
-        self._launch(view, old.cpus, engine, initial_cap=cap, beside=True)
+        self._launch(view, old.cpus, engine, initial_cap=cap, beside=True, slot=old.slot)
         await self._start_one(new_id)
         new = self._replicas[new_id]
         if new.view.state is not ReplicaState.READY:
@@ -325,7 +478,7 @@ class RayReplicaPool:
             ray.kill(new.actor)
             raise RuntimeError(f"swap {replica_id} -> {variant}: {new.error}")
         # the new one has the old one's limits until the next control step sets its own
-        await self.set_limits(new_id, old.view.max_concurrency, old.view.cpu_cap)
+        await self.set_limits(new_id, old.view.max_concurrency, old.view.cpu_cap, old.view.cpu_share)
         ready_s = time.monotonic() - t0
         old.view = replace(old.view, state=ReplicaState.DRAINING)
         await asyncio.sleep(0.5)  # a request routed to it just before has time to open its stream
@@ -351,10 +504,16 @@ class RayReplicaPool:
                  variant, ready_s, time.monotonic() - t0 - ready_s)
         return new_id
 
-    async def stop(self) -> None:
+    async def stop(self, keep_replicas: bool = False) -> None:
+        """Stop polling; stop every replica, or with `keep_replicas` leave them serving (detached)
+        for the next control plane to adopt."""
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
+        if keep_replicas and self.detached:
+            log.info("leaving %d replica(s) running for the next control plane: %s", len(self._replicas),
+                     ", ".join(self._replicas))  # fmt: skip
+            return
         await asyncio.gather(
             *(asyncio.wait_for(r.actor.shutdown.remote(), 30) for r in self._replicas.values()),
             return_exceptions=True,

@@ -94,4 +94,9 @@ cluster:
   mode: connect
   address: {{ include "airan.rayAddress" . | quote }}
   namespace: {{ .Values.cluster.namespace | quote }}
+  detach_replicas: {{ .Values.cluster.detach_replicas }}
+state:
+  backend: {{ .Values.state.backend | quote }}
+  path: {{ include "airan.state.file" . | quote }}
+  max_ran_reports_per_site: {{ .Values.state.max_ran_reports_per_site }}
 {{- end }}

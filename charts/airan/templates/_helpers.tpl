@@ -71,6 +71,13 @@ Call with (dict "root" $ "flavor" "cpu").
 {{/* TLS: where the Secret is mounted and the names of its keys (cert-manager's layout). */}}
 {{- define "airan.tls.dir" -}}/etc/airan/tls{{- end }}
 
+{{/* the control plane's state (airan `state`): the volume's mount, the SQLite file, the claim */}}
+{{- define "airan.state.dir" -}}/var/lib/airan/state{{- end }}
+{{- define "airan.state.file" -}}{{ include "airan.state.dir" . }}/state.sqlite{{- end }}
+{{- define "airan.state.claimName" -}}
+{{- default (printf "%s-state" (include "airan.fullname" .)) .Values.state.volume.existingClaim }}
+{{- end }}
+
 {{- define "airan.tls.serverName" -}}
 {{- default (printf "%s.%s.svc" (include "airan.controlPlaneName" .) .Release.Namespace) .Values.tls.serverName }}
 {{- end }}
