@@ -32,6 +32,10 @@ from airan.config import (
     ReplicaSpec,
     RouterConfig,
     ScorerSpec,
+    AuthConfig,
+    ControllerScope,
+    IDENTITY_PATTERN,
+    RpcScopeName,
     ServerConfig,
     SiteConfig,
     StateConfig,
@@ -185,7 +189,7 @@ def test_default_values_render_the_core_objects(default_objs):
     kinds = sorted(o["kind"] for o in default_objs)
     assert kinds == sorted(
         ["RayCluster", "Deployment", "Service", "ConfigMap", "NetworkPolicy", "NetworkPolicy",
-         "PodDisruptionBudget", "ServiceAccount", "PersistentVolumeClaim"]
+         "PodDisruptionBudget", "ServiceAccount", "Certificate", "Certificate", "Issuer", "Issuer", "PersistentVolumeClaim"]
     )
     # ServiceMonitor is opt-in: its CRD is not in every cluster
     assert not [o for o in default_objs if o["kind"] == "ServiceMonitor"]
@@ -278,9 +282,10 @@ def test_control_plane_deployment_and_service(default_objs, chart_values):
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"grpc": chart_values["server"]["port"], "metrics": chart_values["server"]["metrics_port"]}
 
-    # probes: the kubelet's native gRPC probe against grpc.health.v1 on the gRPC port
+    # probes: grpc.health.v1 on the gRPC port, over mutual TLS by default (an exec probe: the
+    # kubelet's gRPC probe speaks plaintext only; test_token_mode_... checks the plaintext one)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"] == {"port": 50051, "service": ""}, probe
+        assert c[probe]["exec"]["command"][-5:-1] == ["50051", f"{RELEASE}.{NAMESPACE}.svc", "mtls", ""], probe
     assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 300
 
     mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
@@ -556,7 +561,8 @@ def test_configmap_matches_values_and_raycluster(three_objs, three_values, tmp_p
     assert rc["metadata"]["name"] + "-head-svc" in cfg.cluster.address  # KubeRay's head Service name
     assert str(cfg.server.tls_cert_file) == "/etc/airan/tls/tls.crt"
     assert str(cfg.server.tls_key_file) == "/etc/airan/tls/tls.key"
-    assert cfg.server.tls_client_ca_file is None
+    assert str(cfg.server.tls_client_ca_file) == "/etc/airan/tls/ca.crt"  # mutual TLS by default
+    assert cfg.auth.mode == "mtls"
 
 
 def test_server_tls_files_must_be_paired():
@@ -597,8 +603,20 @@ BAD_VALUES = {
         {"sites": [{"id": "bs-01", "cpus": 1.5, "memory_gb": 8}]},
         ["/sites/0/cpus", "integer"]),
     "tls without secret": (
-        {"tls": {"enabled": True}},
+        {"tls": {"enabled": True, "certManager": {"enabled": False}}},
         ["/tls", "secretName"]),
+    "unknown rpc in a scope": (
+        {"auth": {"controllers": [{"id": "xapp-ts", "rpcs": ["Drain"]}]}},
+        ["/auth/controllers/0/rpcs/0"]),
+    "mtls without client certificates": (
+        {"tls": {"clientAuth": False}},
+        ["auth.mode mtls: needs tls.enabled and tls.clientAuth"]),
+    "token without its key": (
+        {"auth": {"mode": "token"}},
+        ["auth.mode token: needs auth.tokenSecretName"]),
+    "scope on an unknown site": (
+        {"auth": {"controllers": [{"id": "xapp-ts", "sites": ["bs-09"]}]}},
+        ['auth.controllers[0].sites: unknown site "bs-09"']),
     # cross-references: the chart's airan.validate template, naming what is known
     "unknown model variant": (
         {"replicas": [{"site": "bs-01", "model": "llama-70b"}]},
@@ -646,7 +664,7 @@ def test_tls_mounts_the_secret_and_probes_over_tls(three_objs, three_values):
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert "grpc" not in c[probe], "the kubelet's gRPC probe cannot speak TLS"
         cmd = c[probe]["exec"]["command"]
-        assert cmd[0] == "python" and cmd[-6:-1] == ["/etc/airan/tls", "50051", f"{RELEASE}.{NAMESPACE}.svc", "tls", ""]
+        assert cmd[0] == "python" and cmd[-6:-1] == ["/etc/airan/tls", "50051", f"{RELEASE}.{NAMESPACE}.svc", "mtls", ""]
 
 
 def test_client_auth_sets_the_client_ca(helm, tmp_path):
@@ -655,6 +673,66 @@ def test_client_auth_sets_the_client_ca(helm, tmp_path):
     f.write_text(airan_config(objs))
     assert str(load_config(f).server.tls_client_ca_file) == "/etc/airan/tls/ca.crt"
     assert container(objs)["livenessProbe"]["exec"]["command"][-3] == "mtls"
+
+
+def test_mtls_by_default_with_cert_manager_certificates(default_objs, tmp_path):
+    """Default values: mutual TLS from cert-manager under the release's own CA, and auth.mode mtls."""
+    certs = {o["metadata"]["name"]: o["spec"] for o in default_objs if o["kind"] == "Certificate"}
+    issuers = {o["metadata"]["name"]: o["spec"] for o in default_objs if o["kind"] == "Issuer"}
+    assert issuers == {f"{RELEASE}-selfsigned": {"selfSigned": {}}, f"{RELEASE}-ca": {"ca": {"secretName": f"{RELEASE}-ca"}}}
+    assert certs[f"{RELEASE}-ca"]["isCA"] is True
+    server = certs[f"{RELEASE}-grpc-tls"]
+    assert server["issuerRef"] == {"name": f"{RELEASE}-ca", "kind": "Issuer", "group": "cert-manager.io"}
+    assert f"{RELEASE}.{NAMESPACE}.svc" in server["dnsNames"] and server["commonName"] == f"{RELEASE}.{NAMESPACE}.svc"
+    assert {"server auth", "client auth"} <= set(server["usages"])  # the probes present it as a client
+    spec = one(default_objs, "Deployment")["spec"]["template"]["spec"]
+    assert next(v for v in spec["volumes"] if v["name"] == "tls")["secret"]["secretName"] == server["secretName"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container(default_objs)[probe]["exec"]["command"][-3] == "mtls", probe
+    (tmp_path / "config.yaml").write_text(airan_config(default_objs))
+    cfg = load_config(tmp_path / "config.yaml")
+    assert cfg.auth.mode == "mtls" and str(cfg.server.tls_client_ca_file) == "/etc/airan/tls/ca.crt"
+
+
+def test_each_controller_gets_a_client_certificate_and_its_scope(helm, tmp_path):
+    values = {"auth": {"controllers": [
+        {"id": "xapp-ts", "sites": ["bs-01"], "rate_per_s": 5, "burst": 10},
+        {"id": "spiffe://ran.example/ns/ran/sa/noc", "rpcs": ["ask", "view", "operate"], "rate_per_s": None}]}}
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    objs = render(helm, "-f", str(tmp_path / "values.yaml"))
+    certs = {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "Certificate"}
+    assert certs[f"{RELEASE}-client-xapp-ts"]["commonName"] == "xapp-ts"
+    assert certs[f"{RELEASE}-client-xapp-ts"]["secretName"] == f"{RELEASE}-client-xapp-ts"
+    assert certs[f"{RELEASE}-client-spiffe-ran-example-ns-ran-sa-noc"]["uris"] == ["spiffe://ran.example/ns/ran/sa/noc"]
+    clients = [c for name, c in certs.items() if "-client-" in name]
+    assert len(clients) == 2 and all(c["usages"][-1] == "client auth" and "server auth" not in c["usages"] for c in clients)
+    (tmp_path / "config.yaml").write_text(airan_config(objs))
+    cfg = load_config(tmp_path / "config.yaml")
+    assert [(c.id, c.sites, c.rate_per_s, c.burst) for c in cfg.auth.controllers] == [
+        ("xapp-ts", ["bs-01"], 5, 10), ("spiffe://ran.example/ns/ran/sa/noc", ["*"], None, 40)]
+
+
+def test_a_given_secret_or_issuer_replaces_the_charts_ca(helm, three_objs):
+    assert not [o for o in three_objs if o["kind"] in ("Certificate", "Issuer")]  # tls.secretName given
+    objs = render(helm, "--set", "tls.certManager.issuerRef.name=ran-ca", "--set", "tls.certManager.issuerRef.kind=ClusterIssuer")
+    assert not [o for o in objs if o["kind"] == "Issuer"]
+    server = one(objs, "Certificate", f"{RELEASE}-grpc-tls")["spec"]
+    assert server["issuerRef"] == {"name": "ran-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+
+
+def test_token_mode_mounts_the_key_and_plaintext_uses_the_native_probe(helm, tmp_path):
+    objs = render(helm, "--set", "tls.enabled=false", "--set", "auth.mode=token", "--set", "auth.tokenSecretName=airan-token")
+    spec = one(objs, "Deployment")["spec"]["template"]["spec"]
+    vol = next(v for v in spec["volumes"] if v["name"] == "auth")
+    assert vol["secret"]["secretName"] == "airan-token" and vol["secret"]["items"] == [{"key": "token.key", "path": "token.key"}]
+    assert {"name": "auth", "mountPath": "/etc/airan/auth", "readOnly": True} in container(objs)["volumeMounts"]
+    assert not [o for o in objs if o["kind"] == "Certificate"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container(objs)[probe]["grpc"] == {"port": 50051, "service": ""}, probe
+    (tmp_path / "config.yaml").write_text(airan_config(objs))
+    cfg = load_config(tmp_path / "config.yaml")
+    assert cfg.auth.mode == "token" and str(cfg.auth.token_key_file) == "/etc/airan/auth/token.key"
+    assert cfg.server.tls_cert_file is None
 
 
 def _tls_files(directory: Path, server_name: str) -> None:
@@ -694,7 +772,9 @@ def _tls_files(directory: Path, server_name: str) -> None:
 @pytest.mark.parametrize("client_auth", [False, True], ids=["tls", "mtls"])
 def test_tls_probe_checks_grpc_health_for_real(helm, tmp_path, client_auth):
     """Runs the chart's exec probe against a TLS gRPC server with grpc.health.v1."""
-    objs = render(helm, "-f", str(THREE_SITES), "--set", f"tls.clientAuth={str(client_auth).lower()}")
+    # server TLS alone identifies no caller: auth.mode none there
+    objs = render(helm, "-f", str(THREE_SITES), "--set", f"tls.clientAuth={str(client_auth).lower()}",
+                  *(() if client_auth else ("--set", "auth.mode=none")))
     cmd = container(objs)["readinessProbe"]["exec"]["command"]
     server_name = cmd[-4]
     _tls_files(tmp_path, server_name)
@@ -754,6 +834,17 @@ def test_schema_mirrors_airan_config_model(schema):
     assert set(props["state"]["properties"]) == set(StateConfig.model_fields) - {"path"} | {"volume"}
     # the same enums and patterns as the typed config
     literal = lambda model, field: list(get_args(model.model_fields[field].annotation))
+    # auth: the token key's path is the chart's (from the Secret tokenSecretName names)
+    auth = props["auth"]["properties"]
+    assert set(auth) == set(AuthConfig.model_fields) - {"token_key_file"} | {"tokenSecretName"}
+    assert auth["mode"]["enum"] == literal(AuthConfig, "mode")
+    scope = auth["controllers"]["items"]["properties"]
+    assert set(scope) == set(ControllerScope.model_fields)
+    assert scope["rpcs"]["items"]["enum"] == list(get_args(RpcScopeName))
+    assert scope["id"]["pattern"] == scope["act_for"]["items"]["pattern"] == IDENTITY_PATTERN
+    for name, field in ControllerScope.model_fields.items():
+        if name != "id":
+            assert scope[name]["default"] == field.get_default(call_default_factory=True), name
     model_props = props["models"]["items"]["properties"]
     assert model_props["source"]["enum"] == literal(ModelSpec, "source")
     assert model_props["dtype"]["enum"] == literal(ModelSpec, "dtype")

@@ -39,6 +39,19 @@ cross-reference checks of airan/config.py (AiranConfig._references_resolve).
 {{- if and .Values.serviceMonitor.enabled (eq (int .Values.server.metrics_port) 0) -}}
 {{- fail "serviceMonitor.enabled: needs server.metrics_port > 0 (0 turns the metrics endpoint off)" -}}
 {{- end -}}
+{{- if and (eq .Values.auth.mode "mtls") (not (and .Values.tls.enabled .Values.tls.clientAuth)) -}}
+{{- fail "auth.mode mtls: needs tls.enabled and tls.clientAuth (the client certificate names the caller); or set auth.mode token (with auth.tokenSecretName) or none" -}}
+{{- end -}}
+{{- if and (eq .Values.auth.mode "token") (not .Values.auth.tokenSecretName) -}}
+{{- fail "auth.mode token: needs auth.tokenSecretName, a Secret with the key token.key (at least 32 random bytes)" -}}
+{{- end -}}
+{{- range $i, $c := .Values.auth.controllers -}}
+{{- range $c.sites | default (list "*") -}}
+{{- if and (ne . "*") (not (has . $siteIds)) -}}
+{{- fail (printf "auth.controllers[%d].sites: unknown site %q; sites in values: %s (or \"*\")" $i . (join ", " $siteIds)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end }}
 
 {{/*
@@ -90,6 +103,12 @@ replicas:
 {{- end }}
 server:
 {{- toYaml $server | nindent 2 }}
+{{- $auth := pick .Values.auth "mode" "controllers" }}
+{{- if eq .Values.auth.mode "token" }}
+{{- $_ := set $auth "token_key_file" (printf "%s/token.key" (include "airan.auth.dir" .)) }}
+{{- end }}
+auth:
+{{- toYaml $auth | nindent 2 }}
 cluster:
   mode: connect
   address: {{ include "airan.rayAddress" . | quote }}

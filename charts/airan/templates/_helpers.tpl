@@ -71,6 +71,20 @@ Call with (dict "root" $ "flavor" "cpu").
 {{/* TLS: where the Secret is mounted and the names of its keys (cert-manager's layout). */}}
 {{- define "airan.tls.dir" -}}/etc/airan/tls{{- end }}
 
+{{/* The Secret the gRPC TLS files come from: tls.secretName, else the one the chart's Certificate writes. */}}
+{{- define "airan.tls.secretName" -}}
+{{- default (printf "%s-grpc-tls" (include "airan.fullname" .)) .Values.tls.secretName }}
+{{- end }}
+
+{{/* auth.mode token: where the token key Secret is mounted */}}
+{{- define "airan.auth.dir" -}}/etc/airan/auth{{- end }}
+
+{{/* A caller's client certificate and Secret name: <fullname>-client-<id as a DNS label> */}}
+{{- define "airan.clientCertName" -}}
+{{- $id := regexReplaceAll "[^a-z0-9-]+" (lower .id) "-" | trimAll "-" -}}
+{{- printf "%s-client-%s" (include "airan.fullname" .root) $id | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{/* the control plane's state (airan `state`): the volume's mount, the SQLite file, the claim */}}
 {{- define "airan.state.dir" -}}/var/lib/airan/state{{- end }}
 {{- define "airan.state.file" -}}{{ include "airan.state.dir" . }}/state.sqlite{{- end }}
