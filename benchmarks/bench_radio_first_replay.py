@@ -6,7 +6,9 @@ day is replayed), sizes each site's compute tighter than the simulator's default
 and flash crowds push the radio's share to 0.9, and then, for each policy in turn, starts a fresh
 local stack (Ray site nodes, one vLLM CPU replica per site), pushes the history, replays the day
 open loop at `--speed`, and samples every replica's process-tree CPU time (psutil) every
-`--sample-s`. Per policy it reports NEAR_RT goodput (met / sent), attainment among admitted, early
+`--sample-s`. A RAN-load row is pushed when the trace format says it becomes visible, at the end of
+its interval (the radio reports what it needed over the interval just past), so no policy sees the
+radio's load of an interval before it has happened; the forecast has to cover the next one. Per policy it reports NEAR_RT goodput (met / sent), attainment among admitted, early
 rejects and their time, NON_RT and BEST_EFFORT answers, and reservation violations: sampled
 site-intervals where the AI's measured CPU use exceeded the compute the trace's RAN share left
 (cpus x (1 - share)), beyond a measuring tolerance.
@@ -112,7 +114,7 @@ async def push_history(client, history) -> None:
 
     times = np.unique(history.ran_load["t_s"].to_numpy())
     shares = history.ran_share_array()
-    start = history.start.timestamp()
+    start = history.start.timestamp() + history.interval_s  # a row is reported at its interval's end
     site_ids = [str(s) for s in history.topology.site_ids]
     loads = []
     for row, t in enumerate(times):
@@ -200,7 +202,8 @@ async def run_policy(policy: str, trace, history, args, out_dir: Path) -> dict:
             await push_history(client, history)
         await asyncio.sleep(2 * args.control_s)  # the forecast's caps in force before the first query
         replayer = Replayer(trace, plane.address, ReplayOptions(
-            speed=args.speed, call_slack_s=3.0, grace_s=10.0, ran_load_time="trace", progress=False))  # fmt: skip
+            speed=args.speed, call_slack_s=3.0, grace_s=10.0, ran_load_time="trace", ran_load_at="end",
+            progress=False))  # fmt: skip
         samples: list[Sample] = []
         stop = asyncio.Event()
         sampling = asyncio.create_task(sampler(plane, args.sample_s, samples, stop))

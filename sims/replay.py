@@ -241,6 +241,10 @@ class ReplayOptions:
     # the time a RAN-load report carries: "wall" (when it is pushed) or "trace" (the trace's own
     # clock, its start + t_s: a forecast of the radio's load then sees the trace's time of day)
     ran_load_time: str = "wall"
+    # when a RAN-load row is pushed: "start" of its interval (the row's label), or "end", when the
+    # trace format says it becomes visible to a controller (the radio reports what it needed over
+    # the interval just past, so a controller acting on it must forecast the next one)
+    ran_load_at: str = "start"
     connect_timeout_s: float = 10.0
     ran_load_timeout_s: float = 5.0
     progress: bool = True
@@ -296,9 +300,13 @@ class Replayer:
         self._shares = trace.ran_share_array()
         self._site_ids = [str(s) for s in trace.topology.site_ids]
         self._trace_start_unix = trace.start.timestamp()
+        if options.ran_load_at not in ("start", "end"):
+            raise ValueError(f"ran_load_at must be 'start' or 'end', got {options.ran_load_at!r}")
+        # seconds after its label that a RAN-load row is pushed (and, on the trace clock, stamped)
+        self._load_delay_s = trace.interval_s if options.ran_load_at == "end" else 0.0
         self.schedule = build_schedule(
             np.array([q.t_s for q in trace.queries]),
-            self._load_times if options.push_ran_load else np.array([]),
+            self._load_times + self._load_delay_s if options.push_ran_load else np.array([]),
             options.speed,
         )
 
@@ -357,7 +365,8 @@ class Replayer:
         t_s = float(self._load_times[row])
         try:
             resp = await client.control.ReportRanLoad(
-                ran_load_request(self._site_ids, self._shares[row], self._stamp(t_s)), timeout=self.opt.ran_load_timeout_s
+                ran_load_request(self._site_ids, self._shares[row], self._stamp(t_s + self._load_delay_s)),
+                timeout=self.opt.ran_load_timeout_s,
             )
             self.pushes.append(Push(t_s, sent - t0, True, "OK", 1000 * (loop.time() - sent),
                                     list(resp.surged_site_ids)))

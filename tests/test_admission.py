@@ -125,6 +125,21 @@ def test_rates_divide_out_the_batch_a_request_decoded_in():
     assert m.service_s(prompt_tokens=100, tokens=10, batch=1) == pytest.approx(100 * 0.0005 + 10 * 0.1)
 
 
+def test_rates_are_learnt_at_full_speed_and_predicted_at_the_cpu_share_in_force():
+    """Radio first caps a replica's CPU: what it measured at a quarter of its CPU must not be what it
+    is predicted at once the headroom comes back (and the other way round)."""
+    m = RateModel(smoothing=1.0, prefill_tok_s=1000, decode_tok_s=10, batch_slowdown=0.0)
+    m.observe(200, 0.4, completion_tokens=11, decode_s=2.0, share=0.25)  # 2 ms and 200 ms per token at 1/4
+    assert m.prefill_s(1.0) == pytest.approx(0.0005) and m.decode_s_per_token(1, 1.0) == pytest.approx(0.05)
+    assert m.service_s(prompt_tokens=100, tokens=10, batch=1, share=0.5) == pytest.approx(100 * 0.001 + 10 * 0.1)
+    assert m.decode_s_per_token(1, share=0.0) == pytest.approx(0.05 / 0.01)  # capped to nothing: slow, finite
+    q = ReplicaQueue("r1", slots=1, bounds={p: 4 for p in Priority}, max_waiting=4)
+    t = Ticket("a", Priority.NEAR_RT, NOW + 5, service_s=9.0, prompt_tokens=100, tokens=10)
+    q.offer(t, NOW)
+    q.reprice(m, share=0.5)
+    assert t.service_s == pytest.approx(1.1)
+
+
 # -- per-replica queues -----------------------------------------------------------------
 def ticket(name, priority=Priority.BEST_EFFORT, deadline=None, service_s=1.0):
     return Ticket(name, priority, deadline, service_s)

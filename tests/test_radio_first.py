@@ -101,7 +101,7 @@ class FakePool:
                 rid = f"{spec.site}-{i}"
                 self._views[rid] = ReplicaView(rid, spec.site, spec.model)
         self.model_paths = {"m": "/models/m"}
-        self.limits, self.swapped = {}, []
+        self.limits, self.shares, self.swapped = {}, {}, []
 
     def views(self):
         return list(self._views.values())
@@ -109,11 +109,13 @@ class FakePool:
     def details(self):
         return []
 
-    async def set_limits(self, rid, max_concurrency, cpu_cap):
+    async def set_limits(self, rid, max_concurrency, cpu_cap, cpu_share=1.0):
         if rid not in self._views:  # swapped out meanwhile (the real pool ignores it too)
             return
         self.limits[rid] = (max_concurrency, round(cpu_cap, 3))
-        self._views[rid] = replace(self._views[rid], max_concurrency=max_concurrency, cpu_cap=cpu_cap)
+        self.shares[rid] = round(cpu_share, 3)
+        self._views[rid] = replace(self._views[rid], max_concurrency=max_concurrency, cpu_cap=cpu_cap,
+                                   cpu_share=cpu_share)  # fmt: skip
 
     async def swap(self, rid, variant, path, busy=None, initial_cap=None):
         old = self._views.pop(rid)
@@ -145,6 +147,7 @@ async def test_caps_and_concurrency_follow_the_forecast_headroom():
     # site a: 2 cpus x (1 - 0.25) = 1.5 CPUs over two replicas built for 1 CPU each: 0.75 each, 6 of 8
     assert pool.limits["a-0"] == (6, 0.75) and pool.limits["a-1"] == (6, 0.75)
     assert pool.limits["b-0"] == (8, 1.0)
+    assert pool.shares == {"a-0": 0.75, "a-1": 0.75, "b-0": 1.0}  # admission scales their rates by it
     assert not pool.swapped and not sites.get("a").surged
 
 
@@ -195,3 +198,17 @@ def test_report_times_feed_the_forecast():
     s = sites.get("a")
     assert s.forecast.basis == "trend" and s.forecast.share > 0.4
     assert s.headroom_cpus == pytest.approx(2 * (1 - s.forecast.share))
+
+
+def test_cap_groups_are_scoped_by_stack(tmp_path, monkeypatch):
+    """Two stacks on one host share the cgroup hierarchy: the same replica name must not collide."""
+    import os
+
+    from airan.serving.cluster import cpucap
+
+    monkeypatch.setattr(cpucap, "_mounts", lambda: [(str(tmp_path), "cgroup", "rw,cpu,cpuacct")])
+    a, b = cpucap.CpuCap("bs-01-m-0", [0], scope="node-a"), cpucap.CpuCap("bs-01-m-0", [0], scope="node-b")
+    assert a.join(os.getpid()).mechanism == "cgroup1" and b.join(os.getpid()).mechanism == "cgroup1"
+    assert a.dir == tmp_path / "airan" / "node-a" / f"bs-01-m-0-{os.getpid()}" and a.dir != b.dir
+    a.set(0.3)
+    assert (a.dir / "cpu.cfs_quota_us").read_text() == "30000" and (b.dir / "cpu.cfs_quota_us").read_text() == "-1"

@@ -77,8 +77,10 @@ def test_plots_write_files(tmp_path):
     assert isinstance(tables["radio_first"], pa.Table)
 
 
-async def test_replay_can_stamp_ran_load_with_the_trace_clock():
-    """A radio-first forecast needs the trace's time of day: reports carry trace start + t_s."""
+@pytest.mark.parametrize("at", ["start", "end"])
+async def test_replay_can_stamp_ran_load_with_the_trace_clock(at):
+    """A radio-first forecast needs the trace's time of day: reports carry trace start + t_s, or, pushed
+    when the trace format says a row becomes visible (the end of its interval), that end."""
     from concurrent import futures
     from pathlib import Path
 
@@ -103,10 +105,13 @@ async def test_replay_can_stamp_ran_load_with_the_trace_clock():
         trace = read_trace(Path(__file__).resolve().parents[1] / "sims" / "examples" / "city-3sites")
         trace.queries = []  # RAN load only
         rp = Replayer(trace, f"127.0.0.1:{port}", ReplayOptions(speed=600, ran_load_time="trace", progress=False,
-                                                                grace_s=1))  # fmt: skip
+                                                                grace_s=1, ran_load_at=at))  # fmt: skip
         await rp.run()
     finally:
         server.stop(grace=None)
     times = np.unique(trace.ran_load["t_s"].to_numpy())
-    assert sorted(stamps) == pytest.approx(list(trace.start.timestamp() + times))
+    delay = trace.interval_s if at == "end" else 0.0
+    assert sorted(stamps) == pytest.approx(list(trace.start.timestamp() + times + delay))
+    pushes = sorted(rp.pushes, key=lambda p: p.t_s)
+    assert pushes[-1].sent_s == pytest.approx((times[-1] + delay) / 600, abs=0.25)
     assert rp.t0 is not None

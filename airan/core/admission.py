@@ -109,6 +109,12 @@ class RateModel:
     which grows with the batch the engine runs: step(b) = alone * (1 + slowdown * (b - 1)).
     `alone` is learnt from each observation (its batch divided out); `slowdown` is configured.
     The priors hold until the first observation, which replaces them.
+
+    Rates are kept at the replica's full speed. Radio first caps a replica's CPU to a share of what
+    it is built for, and a CPU-bound engine then runs that much slower: each observation is scaled
+    up by the share in force while it ran, each prediction down by the share in force now. Without
+    that, a replica measured while its site's headroom was small kept predicting that slowness when
+    the headroom came back, was refused everything, and so was never measured again.
     """
 
     def __init__(self, smoothing: float, prefill_tok_s: float, decode_tok_s: float, batch_slowdown: float) -> None:
@@ -123,26 +129,38 @@ class RateModel:
         return new if samples == 0 else old + self.smoothing * (new - old)
 
     def observe(self, prompt_tokens: int, prefill_s: float, completion_tokens: int, decode_s: float,
-                batch: float = 1.0) -> None:  # fmt: skip
-        """One finished request: its prefill seconds, decode seconds (first to last token) and
-        the mean batch it decoded in."""
+                batch: float = 1.0, share: float = 1.0) -> None:  # fmt: skip
+        """One finished request: its prefill seconds, decode seconds (first to last token), the
+        mean batch it decoded in and the share of its full CPU the replica had meanwhile."""
+        share = _share(share)
         if prompt_tokens > 0 and prefill_s > 0:
-            self.prefill_s_per_token = self._smooth(self.prefill_s_per_token, prefill_s / prompt_tokens,
+            self.prefill_s_per_token = self._smooth(self.prefill_s_per_token, share * prefill_s / prompt_tokens,
                                                     self.prefill_samples)  # fmt: skip
             self.prefill_samples += 1
         if completion_tokens > 1 and decode_s > 0:
-            alone = decode_s / (completion_tokens - 1) / self._slowdown(batch)
+            alone = share * decode_s / (completion_tokens - 1) / self._slowdown(batch)
             self.decode_alone_s_per_token = self._smooth(self.decode_alone_s_per_token, alone, self.decode_samples)
             self.decode_samples += 1
 
     def _slowdown(self, batch: float) -> float:
         return 1.0 + self.batch_slowdown * max(0.0, batch - 1.0)
 
-    def decode_s_per_token(self, batch: float) -> float:
-        return self.decode_alone_s_per_token * self._slowdown(batch)
+    def prefill_s(self, share: float = 1.0) -> float:
+        """Seconds per prompt token at `share` of the replica's full CPU."""
+        return self.prefill_s_per_token / _share(share)
 
-    def service_s(self, prompt_tokens: int, tokens: int, batch: float) -> float:
-        return prompt_tokens * self.prefill_s_per_token + tokens * self.decode_s_per_token(batch)
+    def decode_s_per_token(self, batch: float, share: float = 1.0) -> float:
+        return self.decode_alone_s_per_token * self._slowdown(batch) / _share(share)
+
+    def service_s(self, prompt_tokens: int, tokens: int, batch: float, share: float = 1.0) -> float:
+        return prompt_tokens * self.prefill_s(share) + tokens * self.decode_s_per_token(batch, share)
+
+
+MIN_SHARE = 0.01  # a replica capped to nothing is predicted at a hundredth of its speed, not infinitely slow
+
+
+def _share(share: float) -> float:
+    return min(1.0, max(MIN_SHARE, share))
 
 
 # -- per-replica queues ------------------------------------------------------------------
@@ -257,11 +275,13 @@ class ReplicaQueue:
         ticket.started_at = now
         self.running.append(ticket)
 
-    def reprice(self, rates: RateModel) -> None:
-        """Predict every ticket's engine time again at the replica's current measured speed."""
+    def reprice(self, rates: RateModel, share: float = 1.0) -> None:
+        """Predict every ticket's engine time again at the replica's current measured speed and CPU
+        share (a running ticket as if all of it ran at the new speed; `start_times` still keeps it
+        at least a token from its end)."""
         batch = max(1, min(len(self.running), self.slots))
         for t in (*self.running, *self.waiting):
-            t.service_s = rates.service_s(t.prompt_tokens, t.tokens, batch)
+            t.service_s = rates.service_s(t.prompt_tokens, t.tokens, batch, share)
 
     def ahead_of(self, ticket: Ticket) -> int:
         return bisect.bisect_left(self._keys, ticket.key)

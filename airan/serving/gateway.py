@@ -222,6 +222,7 @@ class Gateway:
         self._waiters: dict[Ticket, asyncio.Future] = {}
         self._table: ReplicaTable | None = None
         self._table_key: list | None = None
+        self._views_version: object = None  # the pool's views_version the table was checked at
 
     # -- views ---------------------------------------------------------------
     def replica_views(self) -> list[ReplicaView]:
@@ -754,8 +755,11 @@ class Gateway:
 
     def _routing_table(self) -> ReplicaTable:
         """The router's columns, rebuilt only when the replica set or a site changed."""
-        views = self.pool.views()
-        if self._table is None or views != self._table_key:  # the pool replaces a view when it changes
+        version = getattr(self.pool, "views_version", None)  # O(1) where the pool counts its changes
+        unchanged = version is not None and self._table is not None and version == self._views_version
+        views = self._table_key if unchanged else self.pool.views()
+        self._views_version = version
+        if not unchanged and (self._table is None or views != self._table_key):  # a view is replaced on change
             self._table, self._table_key = ReplicaTable(views, self.sites.views()), views
             self._model_of = {v.replica_id: v.model for v in views}
             for v in views:

@@ -43,6 +43,7 @@ class ReplicaView:
     # headroom (None: no limit) and the CPUs its real use is capped to (None: not capped)
     max_concurrency: int | None = None
     cpu_cap: float | None = None
+    cpu_share: float = 1.0  # the share of its full speed that cap leaves it (admission scales its rates by it)
     variant: str = ""  # the catalog variant it serves under `model`'s name ("" = `model` itself)
 
     def serves(self, model: str) -> bool:

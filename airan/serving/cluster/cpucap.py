@@ -11,7 +11,10 @@ workers). Which mechanism depends on the host; `detect()` tries them in order:
    whole core when nothing else wants it, so measured use can exceed the cap (the report says so).
 
 A cgroup holds the process tree from the moment the actor joins it, so the actor joins before its
-engine starts and every process the engine forks inherits the cap. Use is measured by process CPU
+engine starts and every process the engine forks inherits the cap. Groups live under
+`airan/<scope>/<replica>-<pid>`, the scope naming the stack (the actor's Ray node): two stacks on
+one host (two control planes, a test beside a benchmark) share the cgroup hierarchy, and neither
+may take the other's groups for its own or clean them away. Use is measured by process CPU
 accounting (psutil: user + system seconds of the live process tree).
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +33,9 @@ log = logging.getLogger(__name__)
 PERIOD_US = 100_000
 MIN_QUOTA_US = 1_000  # the kernel's floor for a CFS quota
 GROUP_PARENT = "airan"
+# a group left empty this long belongs to no live replica of any stack (a live one joins its group
+# within a second of making it); another stack's groups are cleaned only then
+STALE_GROUP_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,9 @@ def _own_cgroup_v2_path() -> str | None:
 class CpuCap:
     """One replica's cap. `join(pid)` before the engine starts, `set(cpus)` as headroom moves."""
 
-    def __init__(self, name: str, cpu_ids: list[int] | None = None) -> None:
-        self.name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    def __init__(self, name: str, cpu_ids: list[int] | None = None, scope: str = "") -> None:
+        self.name = _safe(name)
+        self.scope = _safe(scope)  # the stack the replica belongs to ("": none named)
         self.cpu_ids = sorted(cpu_ids) if cpu_ids else sorted(os.sched_getaffinity(0))
         self.mechanism = "affinity"
         self.dir: Path | None = None
@@ -121,6 +129,10 @@ class CpuCap:
             parent.mkdir(exist_ok=True)
             (base / "cgroup.subtree_control").write_text("+cpu")
             (parent / "cgroup.subtree_control").write_text("+cpu")
+            if self.scope:
+                parent = parent / self.scope
+                parent.mkdir(exist_ok=True)
+                (parent / "cgroup.subtree_control").write_text("+cpu")
             group = parent / f"{self.name}-{pid}"
             group.mkdir(exist_ok=True)
             (group / "cpu.max").write_text(f"max {PERIOD_US}")
@@ -134,8 +146,8 @@ class CpuCap:
             if fstype != "cgroup" or "cpu" not in options.split(","):
                 continue
             root = Path(mount)
-            parent = root / GROUP_PARENT
-            parent.mkdir(exist_ok=True)
+            parent = root / GROUP_PARENT / self.scope if self.scope else root / GROUP_PARENT
+            parent.mkdir(parents=True, exist_ok=True)
             group = parent / f"{self.name}-{pid}"
             group.mkdir(exist_ok=True)
             (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
@@ -185,23 +197,51 @@ class CpuCap:
                 for p in process_tree(self.pid):
                     (self._return_to / "cgroup.procs").write_text(str(p.pid))
             self.dir.rmdir()
+            if self.scope:  # the stack's last replica takes its scope with it
+                self.dir.parent.rmdir()
         except OSError as e:
             log.debug("cpu cap release %s: %s", self.dir, e)
 
 
-def remove_empty_groups() -> int:
-    """Remove cap groups whose processes are gone (left by killed actors); returns how many."""
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def remove_empty_groups(scopes: set[str] | frozenset[str] = frozenset(), now: float | None = None) -> int:
+    """Remove cap groups whose processes are gone (left by killed actors): at once in `scopes` (this
+    stack's), elsewhere only once STALE_GROUP_S old (another stack's replica may be about to join a
+    group it has just made). Scopes left empty go too. Returns how many directories went."""
+    now = time.time() if now is None else now
+    mine = {_safe(s) for s in scopes}
     removed = 0
     for mount, fstype, options in _mounts():
         if fstype == "cgroup2" or (fstype == "cgroup" and "cpu" in options.split(",")):
             parent = Path(mount) / GROUP_PARENT
             if not parent.is_dir():
                 continue
-            for group in parent.iterdir():
-                try:
-                    if group.is_dir() and not (group / "cgroup.procs").read_text().strip():
-                        group.rmdir()
-                        removed += 1
-                except OSError:
-                    continue
+            for d in _subdirs(parent):  # scopes, and unscoped groups of the older layout
+                ours = d.name in mine
+                for group in _subdirs(d):
+                    removed += _remove_if_empty(group, ours, now)
+                if not _subdirs(d):
+                    removed += _remove_if_empty(d, ours, now)
     return removed
+
+
+def _subdirs(d: Path) -> list[Path]:
+    try:
+        return [c for c in d.iterdir() if c.is_dir()]
+    except OSError:
+        return []
+
+
+def _remove_if_empty(group: Path, ours: bool, now: float) -> int:
+    try:
+        if (group / "cgroup.procs").read_text().strip():
+            return 0
+        if ours or now - group.stat().st_mtime > STALE_GROUP_S:
+            group.rmdir()
+            return 1
+    except OSError:
+        pass
+    return 0

@@ -1,7 +1,10 @@
 """The radio-first control loop: forecast headroom -> caps, admitted concurrency, variants, surges.
 
 A thin shell over the pure cores (airan/core/headroom.py, airan/core/placement.py). Every
-`radio.control_interval_s` it re-forecasts each site, asks the planner whether the site's variant
+`radio.control_interval_s` it re-forecasts each site (a site whose reports stopped goes stale), and
+within `REACT_S` of a report that moves a site's forecast headroom it steps that site at once (the
+registry re-forecasts on each report): a cap that waited for the next tick would let the AI run on
+the old headroom while the radio's load rose. A step asks the planner whether the site's variant
 still fits, and then
 - caps each replica's real CPU use to its share of the forecast headroom (the actor's CpuCap) and
   sets its admitted concurrency in the view routing reads (`ReplicaView.max_concurrency`),
@@ -27,6 +30,8 @@ from airan.serving.sites import SiteRegistry
 log = logging.getLogger(__name__)
 # a surged site's replicas keep this much CPU so the answers already running there can finish
 DRAIN_CAP_CPUS = 0.02
+# how often the headroom each report leaves is looked at (a comparison per site; a step only where it moved)
+REACT_S = 0.02
 
 
 @dataclass
@@ -56,6 +61,9 @@ class HeadroomController:
         self.planner = VariantPlanner(self.config.catalog, PlanParams(r.swap_hysteresis, r.swap_hold_s, need), self.clock)
         self._swaps: dict[str, asyncio.Task] = {}
         self._task: asyncio.Task | None = None
+        self._react_task: asyncio.Task | None = None
+        self._applied: dict[str, tuple] = {}  # replica -> the limits last sent to the pool
+        self._seen_headroom: dict[str, tuple] = {}  # site -> (headroom, surged) last stepped on
         self.configured = {}
         for spec in self.config.replicas:
             if spec.count:
@@ -64,9 +72,10 @@ class HeadroomController:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="airan-headroom")
+        self._react_task = asyncio.create_task(self._react(), name="airan-headroom-react")
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._task, *self._swaps.values()) if t is not None]
+        tasks = [t for t in (self._task, self._react_task, *self._swaps.values()) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -79,6 +88,22 @@ class HeadroomController:
                 log.exception("headroom control step failed")
             await asyncio.sleep(self.config.radio.control_interval_s)
 
+    async def _react(self) -> None:
+        """Step a site as soon as a report has moved its forecast headroom (bounded: one comparison
+        per site every REACT_S)."""
+        while True:
+            for site in self.config.sites:
+                configured = self.configured.get(site.id)
+                if configured is None:
+                    continue
+                state = self.sites.get(site.id)
+                if self._seen_headroom.get(site.id) != (state.headroom_cpus, state.surged):
+                    try:
+                        await self._step_site(site.id, site.cpus, configured)
+                    except Exception:
+                        log.exception("headroom reaction at %s failed", site.id)
+            await asyncio.sleep(REACT_S)
+
     # -- one step ----------------------------------------------------------------------------
     async def step(self) -> None:
         self.sites.refresh_forecasts()
@@ -90,6 +115,7 @@ class HeadroomController:
 
     async def _step_site(self, site_id: str, cpus: float, configured: str) -> None:
         state = self.sites.get(site_id)
+        self._seen_headroom[site_id] = (state.headroom_cpus, state.surged)
         headroom = state.headroom_cpus if state.headroom_cpus is not None else cpus
         ready = [v for v in self.pool.views() if v.site_id == site_id and v.state is ReplicaState.READY]
         swapping = site_id in self._swaps and not self._swaps[site_id].done()
@@ -114,14 +140,22 @@ class HeadroomController:
                 and v.state in (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)]  # fmt: skip
         if not live:
             return
-        if surged:
-            await asyncio.gather(*(self.pool.set_limits(v.replica_id, 0, DRAIN_CAP_CPUS) for v in live))
-            return
         full = self._full_cpus(live, cpus)
-        shares = split_headroom(headroom, [v.replica_id for v in live], full, self.config.engine.max_num_seqs)
-        await asyncio.gather(*(
-            self.pool.set_limits(s.replica_id, s.max_concurrency, max(DRAIN_CAP_CPUS, s.cpus)) for s in shares
-        ))  # fmt: skip
+        if surged:
+            limits = {v.replica_id: (0, DRAIN_CAP_CPUS) for v in live}
+        else:
+            shares = split_headroom(headroom, [v.replica_id for v in live], full, self.config.engine.max_num_seqs)
+            limits = {s.replica_id: (s.max_concurrency, max(DRAIN_CAP_CPUS, s.cpus)) for s in shares}
+        await asyncio.gather(*(self._set_limits(rid, conc, cap, full) for rid, (conc, cap) in limits.items()))
+
+    async def _set_limits(self, replica_id: str, max_concurrency: int, cap: float, full_cpus: float) -> None:
+        """Send a replica's limits, only when they changed (a cap write is an actor call)."""
+        share = min(1.0, cap / full_cpus) if full_cpus > 0 else 1.0
+        limits = (max_concurrency, round(cap, 4), round(share, 4))
+        if self._applied.get(replica_id) == limits:
+            return
+        self._applied[replica_id] = limits
+        await self.pool.set_limits(replica_id, max_concurrency, cap, share)
 
     def _full_cpus(self, live: list[ReplicaView], site_cpus: float) -> float:
         """CPUs one replica is built to use: its bound cores, at most its even share of the site."""

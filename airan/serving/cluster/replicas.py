@@ -56,7 +56,9 @@ class ReplicaActor:
         self.created_at = time.time()
         # radio first: join the CPU cap before the engine starts, so every process it forks (and the
         # engine's own start-up) is held to it
-        self.cap = CpuCap(replica_id, cpu_ids) if cap_cpu else None
+        # its group is scoped by its Ray node, so two stacks on one host never share or clean each other's
+        self.cap = CpuCap(replica_id, cpu_ids, scope=ray.get_runtime_context().get_node_id()[:16]) if cap_cpu \
+            else None  # fmt: skip
         if self.cap is not None:
             self.cap.join(os.getpid())
             self.cap.set(initial_cap)
@@ -185,6 +187,15 @@ class _Replica:
     slot: str = ""  # the configured replica it fills (site-model-ordinal); a swap's successor keeps it
     adopted: bool = False  # left running by a previous control plane and taken over, not started here
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "view":  # views are replaced, never changed: count each replacement (`views_version`)
+            global _VIEW_CHANGES
+            _VIEW_CHANGES += 1
+        super().__setattr__(name, value)
+
+
+_VIEW_CHANGES = 0  # replica views replaced in this process (any pool)
+
 
 class RayReplicaPool:
     """Starts the configured replicas on their sites and keeps their load fresh."""
@@ -208,6 +219,12 @@ class RayReplicaPool:
     # -- ReplicaPool protocol -------------------------------------------------
     def views(self) -> list[ReplicaView]:
         return [r.view for r in self._replicas.values()]
+
+    @property
+    def views_version(self) -> tuple[int, int]:
+        """Changes whenever `views()` would (a view replaced, a replica added or removed): the gateway
+        rebuilds its routing table on it instead of comparing every view per request."""
+        return _VIEW_CHANGES, len(self._replicas)
 
     def client(self, replica_id: str) -> RayReplicaClient:
         return RayReplicaClient(self._replicas[replica_id].actor, self._streams, replica_id)
@@ -255,7 +272,9 @@ class RayReplicaPool:
                 plans.append((f"{spec.site}-{spec.model}-{ordinal}", spec, cpus, engine))
         adopted = await self._adopt(plans) if self.detached else set()
         if self.cap_cpu:
-            await asyncio.to_thread(remove_empty_groups)  # groups left by actors that were killed
+            # groups left by actors that were killed: this cluster's nodes' at once, others' once stale
+            nodes = {n["NodeID"][:16] for n in ray.nodes()}
+            await asyncio.to_thread(remove_empty_groups, nodes)
         starts = []
         for replica_id, spec, cpus, engine in plans:
             if replica_id in adopted:
