@@ -122,6 +122,36 @@ def ask(
         typer.echo("-- cites " + "; ".join(f"[{c.passage_id}] {c.title}" for c in final.citations), err=True)
 
 
+auth_app = typer.Typer(help="Bearer tokens that name callers when mTLS is off (README \"Security\").",
+                       no_args_is_help=True)
+app.add_typer(auth_app, name="auth")
+
+
+@auth_app.command("token")
+def auth_token(
+    controller: Annotated[str, typer.Option("--controller", help="the caller's id, as auth.controllers[] lists it")],
+    ttl_s: Annotated[float, typer.Option("--ttl-s", min=1, help="seconds the token stays valid")] = 86400.0,
+    config: ConfigOption = None,
+) -> None:
+    """Print a token naming CONTROLLER, signed with the server's key (auth.token_key_file, else the local
+    key a server in token mode makes); the caller sends it as `authorization: Bearer <token>`
+    (the airan client reads it from $AIRAN_TOKEN)."""
+    from airan.core.authz import default_key_file, issue_token, read_or_create_key
+
+    cfg = load_config_or_exit(config)
+    known = [c.id for c in cfg.auth.controllers]
+    if controller not in known:
+        typer.echo(f"'{controller}' is not in auth.controllers ({', '.join(known) or 'none'}): the server would "
+                   "refuse its calls (PERMISSION_DENIED); add it with its scope first", err=True)  # fmt: skip
+        raise typer.Exit(2)
+    try:
+        key = read_or_create_key(cfg.auth.token_key_file or default_key_file())
+    except (OSError, ValueError) as e:
+        typer.echo(f"cannot read the token key: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(issue_token(key, controller, ttl_s))
+
+
 @app.command()
 def demo(config: ConfigOption = None) -> None:
     """Start 3 simulated sites on local Ray, place replicas, ask a few questions, shut down."""

@@ -317,3 +317,51 @@ async def test_idempotency_keys_are_scoped_per_controller(token_server):
     assert retried == mine and token_server.replica.calls == 2
     assert token_server.gateway.remembers("shared-key", "xapp-ts") and token_server.gateway.remembers("shared-key", "noc-ops")
     assert not token_server.gateway.remembers("shared-key")
+
+
+async def test_local_default_token_mode_needs_no_setup_on_this_machine(tmp_path, monkeypatch, renderer):
+    """default.yaml's local mode: the server makes the key in the cache dir; this user's client signs a
+    local-operator token with it for 127.0.0.1, and sends nothing it could sign for another host."""
+    from airan.client import local_token
+    from airan.config import load_config
+
+    monkeypatch.setenv("AIRAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("AIRAN_TOKEN", raising=False)
+    auth = load_config().auth
+    assert auth.mode == "token" and auth.token_key_file is None
+    assert "local-operator" in {c.id for c in auth.controllers}
+    server, served = await _serve(CONFIG.model_copy(update={"auth": auth}), renderer)
+    try:
+        assert (tmp_path / "cache" / "auth" / "token.key").stat().st_mode & 0o777 == 0o600
+        async with AsyncAiranClient(served.target) as c:  # no credentials given
+            await c.drain_site("bs-02")
+            assert (await c.ask(ask(controller_id="xapp-ts"))).text  # local-operator may ask as any controller
+        assert served.gateway.sites.get("bs-02").drained
+        assert local_token("airan.example:50051") is None
+        async with AsyncAiranClient(served.target, token="") as c:
+            code, _, _ = await _code(c.topology())
+            assert code is grpc.StatusCode.UNAUTHENTICATED
+        monkeypatch.setenv("AIRAN_TOKEN", "from-the-environment")
+        assert local_token("airan.example:50051") == "from-the-environment"
+    finally:
+        await server.stop(0)
+
+
+def test_cli_issues_tokens_for_listed_controllers_only(tmp_path):
+    from typer.testing import CliRunner
+
+    from airan.cli import app
+    from airan.core.authz import verify_token
+
+    key_file = tmp_path / "token.key"
+    key_file.write_bytes(KEY)
+    config = tmp_path / "airan.yaml"
+    config.write_text(
+        "sites: [{id: bs-01}]\nmodels: [{name: m, source: tiny-random}]\n"
+        f"auth: {{mode: token, token_key_file: {key_file}, controllers: [{{id: xapp-ts}}]}}\n"
+    )
+    result = CliRunner().invoke(app, ["auth", "token", "--controller", "xapp-ts", "--ttl-s", "60", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert verify_token(KEY, result.stdout.strip()) == "xapp-ts"
+    result = CliRunner().invoke(app, ["auth", "token", "--controller", "stranger", "--config", str(config)])
+    assert result.exit_code == 2 and "not in auth.controllers (xapp-ts)" in result.output
