@@ -1,6 +1,10 @@
 """A burst on the default config: 10 NEAR_RT diagnoses with 1 s deadlines and 20 BEST_EFFORT ones, all
 sent at once and all naming bs-01 (the scenario issue 16 measured on main before admission).
 
+    # both sides in one run, in this tree: the router as it was before admission (its filters and
+    # scorers, no deadline filter, every request dispatched to the engine at once), then the default
+    flock /tmp/airan-heavy.lock .venv/bin/python benchmarks/bench_admission_burst.py --label same_tree \
+        --sides before after
     flock /tmp/airan-heavy.lock .venv/bin/python benchmarks/bench_admission_burst.py --label after
     # the same burst against the router before admission (a worktree of that commit, same venv):
     git worktree add /tmp/airan-before eaad6be && cp airan/v1/*_pb2*.py /tmp/airan-before/airan/v1/
@@ -138,10 +142,30 @@ def print_summary(label: str, rnd: int, fallback: bool, s: dict) -> None:
         print(f"  note      {s['example_note']}")
 
 
-async def main_async(label: str, rounds: int) -> dict:
+# "before" in this tree: the router before admission (its filters and scorers; 1,000 slots, so the
+# gateway queues nothing and every request goes to the engine at once, as the actor took up to 1,000
+# concurrent calls). What this tree cannot undo: vLLM's priority order and the detector fallback.
+BEFORE_ROUTER = {"filters": ["ready", "site_active", "model"],
+                 "scorers": [{"type": "least_loaded", "weight": 1.0}, {"type": "site_locality", "weight": 1.0}],
+                 "admission": {"slots": 1000}}  # fmt: skip
+
+
+def side_config(side: str):
     config = load_config()
-    out = dict(label=label, machine=f"{platform.processor() or '?'}; {os.cpu_count()} cores; "
-                                   f"load {os.getloadavg()[0]:.1f} at start", rounds=[])  # fmt: skip
+    if side == "before":
+        router = config.router.model_copy(update={
+            "filters": BEFORE_ROUTER["filters"],
+            "scorers": [type(config.router.scorers[0])(**s) for s in BEFORE_ROUTER["scorers"]],
+            "admission": config.router.admission.model_copy(update=BEFORE_ROUTER["admission"]),
+        })  # fmt: skip
+        config = config.model_copy(update={"router": router})
+    return config
+
+
+async def main_async(label: str, rounds: int, side: str = "after") -> dict:
+    config = side_config(side)
+    out = dict(label=label, side=side, machine=f"{platform.processor() or '?'}; {os.cpu_count()} cores; "
+                                              f"load {os.getloadavg()[0]:.1f} at start", rounds=[])  # fmt: skip
     async with LocalStack(config) as stack:
         async with grpc.aio.insecure_channel(stack.address) as channel:
             stub = netops_pb2_grpc.NetOpsServiceStub(channel)
@@ -151,7 +175,7 @@ async def main_async(label: str, rounds: int) -> dict:
                 fallback = rnd == 2
                 results, makespan = await burst(stub, fallback)
                 s = summarize(results, makespan)
-                print_summary(label, rnd, fallback, s)
+                print_summary(f"{label}: {side}", rnd, fallback, s)
                 out["rounds"].append(dict(fallback=fallback, summary=s, results=results))
     return out
 
@@ -160,8 +184,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--label", required=True, help="before | after (names the results file)")
     ap.add_argument("--rounds", type=int, default=2, help="bursts on one warm stack (the 2nd with detector_fallback)")
+    ap.add_argument("--sides", nargs="+", default=["after"], choices=["before", "after"],
+                    help="before: this tree's router configured as before admission; after: the default config; "
+                         "both: one fresh stack each, in this order, in one run")  # fmt: skip
     args = ap.parse_args()
-    out = asyncio.run(main_async(args.label, args.rounds))
+    sides = [asyncio.run(main_async(args.label, args.rounds, side)) for side in args.sides]
+    out = sides[0] if len(sides) == 1 else dict(label=args.label, sides=sides)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"admission_burst_{args.label}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
