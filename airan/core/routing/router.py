@@ -106,18 +106,25 @@ class Router:
         if state.rows is not None:  # a filter narrowed the choice to a few rows: score only those
             return self._choose_among(ctx, table, state, state.rows, limit)
         total = table.scratch_total
-        first = True
+        first = None  # the first score, kept until the second so the two make one addition
         for scorer, weight in self.scorers:
             score = scorer.score(ctx, table, eligible, state)
-            if first:
-                np.multiply(score, weight, out=total)
-                first = False
-            elif weight == 1.0:
-                total += score
+            if weight != 1.0:
+                score = np.multiply(score, weight, out=table.scratch_tmp)
+            if first is None:
+                first = score
+                if score is table.scratch_tmp:  # the next weighted score reuses that column
+                    np.copyto(total, score)
+                    first = total
+            elif first is not total:
+                np.add(first, score, out=total)
+                first = total
             else:
-                total += score * weight
-        if first:
+                total += score
+        if first is None:
             total.fill(0.0)
+        elif first is not total:
+            np.copyto(total, first)
         scores: dict[int, float] = {}
         if limit is None:
             np.putmask(total, np.invert(eligible, out=table.scratch_excluded), -np.inf)
