@@ -1,4 +1,5 @@
 """The policy comparison's statistics and plots on plain data (sims/report.py)."""
+import dataclasses
 import math
 
 import numpy as np
@@ -38,11 +39,14 @@ def test_goodput_attainment_rejects_and_throughput():
         _outcome(4, "NEAR_RT", "error"),  # admitted, then missed
         _outcome(5, "NON_RT", "served", met=True, tokens=30),
         _outcome(6, "BEST_EFFORT", "shed"),
+        # queued, then dropped when it could no longer start in time: admitted and missed
+        dataclasses.replace(_outcome(7, "NEAR_RT", "shed", latency_ms=400.0),
+                            detail="still waiting for a slot at r1 ... so it was dropped before its deadline"),
     ])
     row = policy_row("p", table, _usage([[0.1]], [[0.5]]), wall_s=10.0, tolerance_cpus=0.02)
-    assert (row.near_rt_sent, row.near_rt_met, row.near_rt_admitted, row.early_rejects) == (5, 1, 3, 2)
-    assert row.goodput == 0.2 and math.isclose(row.attainment_admitted, 1 / 3)
-    assert row.early_reject_share == 0.4 and 0.8 <= row.reject_ms_p50 <= 1.2
+    assert (row.near_rt_sent, row.near_rt_met, row.near_rt_admitted, row.early_rejects) == (6, 1, 4, 2)
+    assert math.isclose(row.goodput, 1 / 6) and math.isclose(row.attainment_admitted, 1 / 4)
+    assert math.isclose(row.early_reject_share, 2 / 6) and 0.8 <= row.reject_ms_p50 <= 1.2
     assert (row.non_rt_served, row.non_rt_met, row.best_effort_served) == (1, 1, 0)
     assert row.tokens == 5 + 5 + 30
 
