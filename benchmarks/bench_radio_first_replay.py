@@ -236,6 +236,34 @@ async def run_policy(policy: str, trace, history, args, out_dir: Path) -> dict:
 
 # -- report ----------------------------------------------------------------------------------------
 
+# what became of each NEAR_RT query, by the words of the answer or refusal (airan/core, airan/serving)
+NEAR_RT_FATES = (
+    ("refused: no replica could make it even idle", "even when idle"),
+    ("refused: none can make it now (busy)", "no replica can answer within"),
+    ("refused: admitted concurrency full", "forecast AI headroom admits"),
+    ("refused: site surged", "surged sites"),
+    ("refused: site below min AI headroom", "less AI headroom than"),
+    ("refused: deadline passed before the gateway saw it", "deadline already passed"),
+    ("queued, then dropped before its deadline", "dropped before its deadline"),
+    ("late: deadline passed while answering", "was answering"),
+)
+
+
+def near_rt_fates(table) -> dict[str, int]:
+    """NEAR_RT queries by what became of them: met, late, and each kind of refusal."""
+    out: dict[str, int] = {}
+    for r in table.to_pylist():
+        if r["priority"] != "NEAR_RT":
+            continue
+        if r["outcome"] == "served":
+            fate = "answered in time" if r["met_deadline"] else "answered late"
+        else:
+            fate = next((name for name, marker in NEAR_RT_FATES if marker in (r["detail"] or "")),
+                        f"other: {r['outcome']} {r['code']}")  # fmt: skip
+        out[fate] = out.get(fate, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def fmt_pct(x: float) -> str:
     return "-" if not math.isfinite(x) else f"{100 * x:.1f}%"
 
@@ -301,6 +329,8 @@ async def main_async(args) -> int:
     rows = [policy_row(p, r["table"], r["usage"], r["wall_s"], args.tolerance) for p, r in results.items()]
     lines = table_lines(rows)
     print("\n".join(lines))
+    for p, r in results.items():
+        print(f"{p} NEAR_RT: {near_rt_fates(r['table'])}")
     radio_events = results.get("radio_first", {}).get("events", [])
     plot_headroom_vs_use({p: r["usage"] for p, r in results.items()}, radio_events, out / "headroom_vs_use.png")
     plot_attainment_by_policy({p: r["table"] for p, r in results.items()}, out / "attainment_by_policy.png")
@@ -311,6 +341,7 @@ async def main_async(args) -> int:
         "rows": [{**dataclasses.asdict(r), "goodput": r.goodput, "attainment_admitted": r.attainment_admitted,
                   "early_reject_share": r.early_reject_share} for r in rows],
         "per_policy": {p: {"wall_s": r["wall_s"], "startup_s": r["startup_s"], "cap_mechanisms": r["cap_mechanisms"],
+                           "near_rt_fates": near_rt_fates(r["table"]),
                            "drains": sum(e["kind"] == "drain" for e in r["events"]),
                            "resumes": sum(e["kind"] == "resume" for e in r["events"]),
                            "swaps": len(r["swaps"])} for p, r in results.items()},
