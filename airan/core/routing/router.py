@@ -148,26 +148,32 @@ class Router:
 
     def _choose_among(self, ctx: RoutingContext, table: ReplicaTable, state: DecisionState, rows: np.ndarray,
                       limit: int | None) -> RoutingDecision:  # fmt: skip
-        """Score and rank only `rows` (the eligible ones, e.g. the named site's replicas that fit)."""
-        total = np.zeros(len(rows))
+        """Score and rank only `rows` (the eligible ones, e.g. the named site's replicas that fit), in
+        plain Python: for a handful of replicas a numpy call costs more than the arithmetic."""
+        idx = rows.tolist()
+        totals = [0.0] * len(idx)
         for scorer, weight in self.scorers:
             rows_score = getattr(scorer, "score_rows", None)
-            score = rows_score(ctx, table, rows, state) if rows_score is not None \
-                else scorer.score(ctx, table, table.mask_of(rows), state)[rows]  # fmt: skip
-            total += score * weight
-        local: dict[int, float] = {}
-        picked = [[int(rows[j]) for j in tier] for tier in self._rank_all(total, local)]
-        if limit is not None:  # cut to `limit` replicas, the last tier included in part
-            cut, left = [], limit
-            for tier in picked:
-                if left <= 0:
-                    break
-                cut.append(tier[:left])
-                left -= len(cut[-1])
-            picked = cut
-        scores = {int(rows[j]): v for j, v in local.items()}
-        kept = {i for tier in picked for i in tier}
-        return self._decision(ctx, table, state, picked, {i: v for i, v in scores.items() if i in kept})
+            values = rows_score(ctx, table, rows, state) if rows_score is not None \
+                else scorer.score(ctx, table, table.mask_of(rows), state)[rows].tolist()  # fmt: skip
+            totals = [t + weight * v for t, v in zip(totals, values)]
+        order = sorted(range(len(idx)), key=totals.__getitem__, reverse=True)
+        tiers: list[list[int]] = []
+        tier_score = None
+        for k in order:  # tiers of equal score, best first, shuffled inside
+            if tier_score is None or tier_score - totals[k] > self.tie_tolerance:
+                tiers.append([])
+                tier_score = totals[k]
+            tiers[-1].append(k)
+        picked, left = [], len(idx) if limit is None else limit
+        for tier in tiers:
+            if left <= 0:
+                break
+            self.rng.shuffle(tier)
+            picked.append([idx[k] for k in tier[:left]])
+            left -= len(picked[-1])
+        score_of = dict(zip(idx, totals))
+        return self._decision(ctx, table, state, picked, {i: score_of[i] for tier in picked for i in tier})
 
     def _static_mask(self, ctx: RoutingContext, table: ReplicaTable) -> np.ndarray:
         """The folded mask of the leading table-only filters (cached by the table)."""

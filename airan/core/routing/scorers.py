@@ -34,7 +34,8 @@ class LeastLoadedScorer:
         return table.load_score(self.saturation)
 
     def score_rows(self, ctx, table, rows, state):
-        return table.load_score(self.saturation)[rows]
+        """The scores of `rows` only, as floats (the router's path for a handful of replicas)."""
+        return table.load_score(self.saturation)[rows].tolist()
 
 
 class KvCacheScorer:
@@ -71,12 +72,12 @@ class SiteLocalityScorer:
 
     def score_rows(self, ctx, table, rows, state):
         request = ctx.request
-        out = table.locality_base(request.controller_id, self.latency_scale_ms)[rows]
-        site_of = table.site_of[rows]
-        for site_id in request.site_ids[:0:-1]:
-            out[site_of == table.site_index(site_id)] = 0.8
+        out = table.locality_base(request.controller_id, self.latency_scale_ms)[rows].tolist()
         if request.site_ids:
-            out[site_of == table.site_index(request.site_ids[0])] = 1.0
+            named = {table.site_index(s): 0.8 for s in request.site_ids[1:]}
+            named[table.site_index(request.site_ids[0])] = 1.0
+            for k, pos in enumerate(table.site_of[rows].tolist()):
+                out[k] = named.get(pos, out[k])
         return out
 
 
@@ -101,8 +102,9 @@ class PredictedLatencyScorer:
 
     def score_rows(self, ctx, table, rows, state):
         if state.predicted_s is None or state.best_predicted_s is None:
-            return self.score(ctx, table, table.mask_of(rows), state)[rows]
-        return (state.best_predicted_s + self.FLOOR_S) / (state.predicted_s[rows] + self.FLOOR_S)
+            return self.score(ctx, table, table.mask_of(rows), state)[rows].tolist()
+        top = state.best_predicted_s + self.FLOOR_S
+        return [top / (p + self.FLOOR_S) for p in state.predicted_s[rows].tolist()]
 
 
 SCORERS: dict[str, type] = {
