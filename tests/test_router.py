@@ -142,3 +142,23 @@ def test_lora_requests_go_only_to_replicas_holding_the_adapter():
     assert {r.replica_id for r in base.ranked} == {"a", "b"}
     none = router().choose_replicas(ctx(model="other-lora"), reps)
     assert "adapter" in none.rejection
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 20), st.sampled_from(["m", "other"]),
+                       st.sampled_from(list(ReplicaState))), min_size=1, max_size=30),
+    st.integers(1, 4),
+)
+def test_the_top_k_hot_path_ranks_what_ranking_everything_ranks(rows, k):
+    """choose(limit=k) (folded table-only filters, ineligible skipped at the top, ties found from the
+    runner-up) picks the same scores, in order, as ranking every replica (choose_replicas)."""
+    sites = {**SITES, "bs-04": SiteView("bs-04", drained=True)}
+    reps = [replica(f"r{i}", f"bs-0{s + 1}", model, state=state, waiting=w)
+            for i, (s, w, model, state) in enumerate(rows)]  # fmt: skip
+    c = ctx(["bs-02"], sites=sites)
+    full = router().choose_replicas(c, reps)
+    top = router().choose(c, ReplicaTable(reps, sites), limit=k)
+    expect = sorted(full.scores.values(), reverse=True)[:k]
+    assert [top.scores[r.replica_id] for r in top.ranked] == pytest.approx(expect)  # best first
+    assert (top.rejection is None) == bool(expect)
+    assert all(r.state is ReplicaState.READY and r.model == "m" and r.site_id != "bs-04" for r in top.ranked)

@@ -225,42 +225,48 @@ class Router:
                   scores: dict[int, float]) -> list[list[int]]:  # fmt: skip
         """The best `limit` eligible replicas as tiers, without sorting the rest (`masked` is used up).
         Ineligible ones are skipped as they come up (usually none or a few), not masked first: masking
-        every score costs more than the picks. Fills `scores` for the ranked ones."""
-        tiers: list[list[int]] = []
-        left = limit
+        every score costs more than the picks. Ties are looked for in the first tier only (below it,
+        equal scores keep index order), and only when the runner-up is within the tolerance, which
+        the next pick finds anyway. Fills `scores` for the ranked ones."""
+        picks = self._top_eligible(masked, eligible, limit + 1)
+        if not picks:
+            return []
+        best, score = picks[0]
+        if len(picks) == 1 or picks[1][1] < score - self.tie_tolerance:  # the usual case: no tie
+            scores.update(picks[:limit])
+            return [[i] for i, _ in picks[:limit]]
+        for i, v in picks:  # a tie at the top: put the picks back and take the whole tier
+            masked[i] = v
+        ties = np.flatnonzero((masked >= score - self.tie_tolerance) & eligible)
+        if len(ties) >= limit:  # a random few of a large tie, without shuffling all of it
+            tier = [int(ties[j]) for j in self.rng.sample(range(len(ties)), limit)]
+        else:
+            tier = [int(i) for i in ties]
+            self.rng.shuffle(tier)
+        scores.update((i, float(masked[i])) for i in tier)
+        masked[ties] = -np.inf
+        tiers = [tier]
+        rest = self._top_eligible(masked, eligible, limit - len(tier))
+        scores.update(rest)
+        return tiers + [[i] for i, _ in rest]
+
+    def _top_eligible(self, masked: np.ndarray, eligible: np.ndarray, n: int) -> list[tuple[int, float]]:
+        """Up to `n` (index, score) of the best eligible scores, best first, each set to -inf."""
+        out: list[tuple[int, float]] = []
         skips = 0
-        while left > 0:
-            best = int(masked.argmax())
-            score = float(masked[best])
-            if score == -np.inf:
+        while len(out) < n:
+            i = int(masked.argmax())
+            v = float(masked[i])
+            if v == -np.inf:
                 break
-            if not eligible[best]:
-                skips += 1
-                if skips == self.MAX_SKIPS:  # many: mask them all at once
-                    np.putmask(masked, ~eligible, -np.inf)
-                else:
-                    masked[best] = -np.inf
+            masked[i] = -np.inf
+            if eligible[i]:
+                out.append((i, v))
                 continue
-            # ties are looked for in the first tier only: below it, equal scores keep index order
-            near = masked >= score - self.tie_tolerance if not tiers else None
-            if near is not None and np.count_nonzero(near) > 1:
-                near &= eligible
-            if near is None or np.count_nonzero(near) == 1:  # the usual case: no index list
-                tier = [best]
-                scores[best] = score
-                masked[best] = -np.inf
-            else:
-                ties = np.flatnonzero(near)
-                if len(ties) > left:  # a random few of a large tie, without shuffling all of it
-                    tier = [int(ties[j]) for j in self.rng.sample(range(len(ties)), left)]
-                else:
-                    tier = [int(i) for i in ties]
-                    self.rng.shuffle(tier)
-                scores.update((i, float(masked[i])) for i in tier)
-                masked[ties] = -np.inf
-            tiers.append(tier)
-            left -= len(tier)
-        return tiers
+            skips += 1
+            if skips == self.MAX_SKIPS:  # many ineligible at the top: mask them all at once
+                np.putmask(masked, ~eligible, -np.inf)
+        return out
 
     def _placement_note(self, ctx: RoutingContext, table: ReplicaTable, best: int) -> str:
         """Why a request that names a site is served elsewhere ("" when it is served there); the
