@@ -213,3 +213,36 @@ def test_cap_groups_are_scoped_by_stack(tmp_path, monkeypatch):
     a.set(0.3)
     assert int((a.dir / "cpu.cfs_quota_us").read_text()) == round(0.3 * cpucap.PERIOD_US)
     assert (b.dir / "cpu.cfs_quota_us").read_text() == "-1"
+
+
+async def test_a_report_that_moves_the_headroom_caps_at_once_not_at_the_next_tick():
+    """The control loop ticks every radio.control_interval_s; a report that raises the radio's share
+    must not leave the AI on the old headroom until then. Limits that did not change are not re-sent."""
+    clock = Clock()
+    sites = _registry(clock)
+    pool = FakePool()
+    slow = CONFIG.model_copy(update={"radio": CONFIG.radio.model_copy(update={"control_interval_s": 60.0})})
+    ctl = HeadroomController(slow, sites, pool, {}, clock)
+    _report(sites, clock, 0.0, 0.0)
+    sent = []
+    set_limits = pool.set_limits
+
+    async def counting(rid, *args):
+        sent.append(rid)
+        await set_limits(rid, *args)
+
+    pool.set_limits = counting
+    ctl.start()
+    try:
+        await asyncio.sleep(0.2)  # the first tick
+        assert pool.limits["b-0"] == (8, 1.0)
+        n = len(sent)
+        await asyncio.sleep(0.2)
+        assert len(sent) == n  # nothing moved: nothing re-sent
+        _report(sites, clock, 0.0, 0.5, n=1)  # b's radio takes half its CPU
+        await asyncio.sleep(0.2)  # far less than the 60 s tick
+        cap = pool.limits["b-0"][1]
+        assert cap <= 0.5 + 1e-9 and pool.shares["b-0"] == pytest.approx(cap)
+        assert [r for r in sent[n:]] == ["b-0"]  # only the site whose headroom moved
+    finally:
+        await ctl.stop()
