@@ -233,6 +233,17 @@ async def test_free_text_answer_cites_only_passages_shown_for_it(gateway):
     assert ans.citations_dropped == 2 and ans.citations[0].title and ans.citations[0].score > 0
 
 
+async def test_free_text_names_neither_the_base_nor_the_prompt_holds_are_flagged_not_rewritten(gateway):
+    text = "RRU.PrbUsedDl counts used PRBs; compare RRU.PrbMadeUp, MyCustom.Kpi and HoMagicOffset [kpi:Made.UpKpi]"
+    gw, _ = gateway({"r1": ("bs-01", FakeReplica(answers=[text]))})
+    ans = await gw.ask(q("What does RRU.PrbUsedDl measure, next to MyCustom.Kpi?", max_tokens=64), request_id=call_id())
+    assert ans.text.strip() == text  # the caller reads what the model said, and which names nothing backs
+    assert ans.unverified_names == ("RRU.PrbMadeUp", "HoMagicOffset")  # a cited id or a name asked about is not one
+    from airan.serving.api.convert import answer_to_response
+
+    assert list(answer_to_response(ans).unverified_names) == ["RRU.PrbMadeUp", "HoMagicOffset"]
+
+
 async def test_a_request_id_being_streamed_is_not_computed_twice(gateway):
     replica = FakeReplica(delay=0.02)
     gw, _ = gateway({"r1": ("bs-01", replica)})

@@ -94,6 +94,24 @@ def test_the_written_dataset_is_what_the_build_trains_on_and_is_deterministic(tm
     assert first["train"]["labels"] == {label: 2 for label in LABELS}
 
 
+def test_the_written_dataset_holds_both_modes_as_the_build_records_them(tmp_path, tiny_dir, renderer, detector):
+    from airan.core.knowledge import packaged_knowledge
+    from airan.factory.variants import qa_data as Q
+
+    m = Q.write_dataset(tmp_path, tiny_dir, 7, 7, qa_per_passage=1, qa_train_items=5, qa_dev_items=2)
+    kb = packaged_knowledge()
+    qa_train, qa_dev = Q.qa_split(kb, 1, 5, 2)
+    train, dev = D.data_split(7, 7, detector)
+    built = (D.build_examples(renderer, train, D.priorities(7), detector)
+             + D.build_examples(renderer, dev, D.priorities(7), detector)
+             + Q.build_qa_examples(renderer, kb=kb, items=qa_train) + Q.build_qa_examples(renderer, kb=kb, items=qa_dev))
+    assert m["data_sha256"] == D.data_sha256(built)  # lora.train_adapter's data.sha256, same order
+    assert m["knowledge_sha256"] == Q.knowledge_sha256(kb) and m["qa_train"]["items"] == 5 and m["qa_dev"]["items"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "qa_train.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in rows] == [i.question for i in qa_train]
+    assert [r["target"] for r in rows] == [ex.target for ex in built[14:19]]
+
+
 def test_targets_parse_back_to_the_label_and_its_cells(examples):
     seen = set()
     for item, ex in examples:

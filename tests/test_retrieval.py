@@ -90,3 +90,12 @@ def test_citations_keep_only_shown_passages_and_count_the_rest():
     assert parse_citations("no citations here", shown) == ((), 0)
     assert parse_citations("[kpi:DRB.UEThpDl.]", shown)[0][0].passage_id == "kpi:DRB.UEThpDl"
     assert strip_citations(text) == "Throughput fell as shown; see."
+
+
+def test_unverified_names_are_those_neither_known_nor_given():
+    from airan.core.retrieval import unverified_names
+
+    text = "Use RRU.PrbUsedDl, Foo.BarBaz and NEW_THING [kpi:Not.Shown]"
+    assert unverified_names(text, {"RRU.PrbUsedDl"}) == ("Foo.BarBaz", "NEW_THING")
+    assert unverified_names(text, {"RRU.PrbUsedDl"}, "Is Foo.BarBaz ok?", "NEW_THING") == ()
+    assert unverified_names("plain words only, IoT and 5G", frozenset()) == ()

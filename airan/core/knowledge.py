@@ -90,7 +90,14 @@ class KnowledgeBase:
 
     def known_names(self) -> frozenset[str]:
         """Every KPI, cause, action, parameter, status, RPC and config key the base names: a name-like
-        token of an answer outside this set is invented (the QA scorer counts those)."""
+        token of an answer outside this set is invented (the QA scorer counts those). Computed once."""
+        cached = self.__dict__.get("_known_names")
+        if cached is None:
+            cached = self._names()
+            object.__setattr__(self, "_known_names", cached)  # frozen: the base never changes
+        return cached
+
+    def _names(self) -> frozenset[str]:
         names: set[str] = set()
         for p in self.passages:
             names.add(p.name)

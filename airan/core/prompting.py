@@ -25,7 +25,7 @@ from airan.core.diagnosis import (
     diagnosis_instructions, parse_compact, playbook_diagnosis,
 )  # fmt: skip
 from airan.core.evidence import NOTHING_MOVED, Evidence, compute_evidence
-from airan.core.knowledge import Passage, evidence_passage
+from airan.core.knowledge import Passage, evidence_passage, name_like_tokens
 from airan.core.retrieval import (
     FREE_TEXT_PROMPT_VERSION, PASSAGE_BUDGET_TOKENS, TOP_K, Citation, KnowledgeIndex, citations_of,
     free_text_messages, packaged_index, select_passages,
@@ -89,6 +89,8 @@ class RenderedPrompt:
     version: str = PROMPT_VERSION
     citable_kpis: tuple[str, ...] = ()  # compact diagnosis: KPIs named in the evidence lines shown
     passages: tuple[Citation, ...] = ()  # free text: the passages shown, which the answer may cite
+    # free text: names an answer may use (the knowledge base's and those the prompt shows); others are flagged
+    known_names: frozenset[str] = frozenset()
 
 
 # --- diagnosis: evidence, the detector's opinion and a compact answer -----------------------------
@@ -227,8 +229,10 @@ class PromptRenderer:
         while len(ids) > budget_tokens and chosen:  # the template's joins may cost a few tokens more
             chosen = chosen[:-1]
             ids = ids_for(chosen)
+        shown = free_text_messages(query.question, chosen, query.site_ids, query.cell_ids, query.recent_events)
+        known = self.index.kb.known_names() | frozenset(name_like_tokens(" ".join(m["content"] for m in shown)))
         return RenderedPrompt(ids, len(candidates), len(candidates) - len(chosen), FREE_TEXT_PROMPT_VERSION,
-                              passages=citations_of(chosen, hits))  # fmt: skip
+                              passages=citations_of(chosen, hits), known_names=known)  # fmt: skip
 
     def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

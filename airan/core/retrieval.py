@@ -18,13 +18,13 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
-from airan.core.knowledge import KnowledgeBase, Passage, packaged_knowledge
+from airan.core.knowledge import KnowledgeBase, Passage, name_like_tokens, packaged_knowledge
 
 FREE_TEXT_PROMPT_VERSION = "qa-v1"
 TOP_K = 4  # passages retrieved per question (the evidence passage comes on top)
@@ -215,6 +215,14 @@ def parse_citations(text: str, shown: Sequence[Citation]) -> tuple[tuple[Citatio
 def citations_of(passages: Sequence[Passage], hits: Sequence[Hit] = ()) -> tuple[Citation, ...]:
     score = {h.passage.id: h.score for h in hits}
     return tuple(Citation(p.id, p.title, round(score.get(p.id, 0.0), 4)) for p in passages)
+
+
+def unverified_names(text: str, known: Collection[str], *given: str) -> tuple[str, ...]:
+    """The KPI-, parameter- or identifier-like names of an answer (its citations aside) that are neither
+    `known` (the knowledge base's names) nor named in any `given` text (the question, the prompt): an
+    answer that uses one may have invented it. Order kept, once each."""
+    asked = {n for g in given for n in name_like_tokens(g)}
+    return tuple(n for n in name_like_tokens(strip_citations(text)) if n not in known and n not in asked)
 
 
 def strip_citations(text: str) -> str:

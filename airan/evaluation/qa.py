@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from airan.core.knowledge import KnowledgeBase, Passage, config_sections, fact_terms, name_like_tokens
-from airan.core.retrieval import cited_ids, strip_citations
+from airan.core.knowledge import KnowledgeBase, Passage, config_sections, fact_terms
+from airan.core.retrieval import cited_ids, strip_citations, unverified_names
 
 QA_SEED = 15
 # aspect -> wordings; {name} is the passage's name (a KPI, status or config key), {title} its title
@@ -229,8 +229,9 @@ class QAScores:
 
 
 def invented(text: str, question: str, known: frozenset[str]) -> list[str]:
-    asked = set(name_like_tokens(question))
-    return [n for n in name_like_tokens(strip_citations(text)) if n not in known and n not in asked]
+    """Names of the answer neither in the base nor in the question (what the server's guard flags as
+    `unverified_names` when given the same texts; it also accepts names of the prompt it showed)."""
+    return list(unverified_names(text, known, question))
 
 
 def score(items: Sequence[QAItem], answers: Sequence[QAAnswer], kb: KnowledgeBase) -> QAScores:

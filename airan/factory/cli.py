@@ -191,9 +191,10 @@ def build_dataset_command(
     train_items: Annotated[Optional[int], typer.Option(help="training items (default: the recipe's)", min=1)] = None,
     dev_items: Annotated[Optional[int], typer.Option(help="DEV items (default: the recipe's)", min=1)] = None,
 ) -> None:
-    """Write an adapter's training data (the served prompts and gold compact answers) as JSONL:
-    exactly what `airan model build RECIPE` trains on, deterministic, with a manifest."""
-    from airan.factory.variants import netops_data
+    """Write an adapter's training data (the served prompts and gold compact answers, and the free-text
+    QA pairs its recipe mixes in) as JSONL: exactly what `airan model build RECIPE` trains on,
+    deterministic, with a manifest."""
+    from airan.factory.variants import netops_data, qa_data
 
     spec = RECIPES.get(recipe)
     if spec is None or not spec.is_adapter:
@@ -205,7 +206,7 @@ def build_dataset_command(
     except ModelPrepareError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
-    manifest = netops_data.write_dataset(
+    manifest = qa_data.write_dataset(
         out, parent, train_items or spec.calib_items, dev_items or spec.heldout_items,
         near_rt_share=spec.params.get("near_rt_share", netops_data.NEAR_RT_SHARE), show_progress=True,
         qa_per_passage=spec.params.get("qa_per_passage", 0), qa_train_items=spec.params.get("qa_train_items", 0),

@@ -33,7 +33,7 @@ from airan.core.admission import RateModel, ReplicaQueue, Ticket, engine_priorit
 from airan.core.detector import Detector
 from airan.core.diagnosis import CompactAnswer, Diagnosis, InvalidDiagnosis, compact_text
 from airan.core.prompting import DiagnosisContext, RenderedPrompt, diagnosis_context
-from airan.core.retrieval import Citation, parse_citations
+from airan.core.retrieval import Citation, parse_citations, unverified_names
 from airan.errors import AiranError, ErrorKind
 from airan.core.query import Query, validate_query
 from airan.core.routing import Priority, ReplicaView, Router, RoutingContext, RoutingRequest
@@ -101,6 +101,8 @@ class Answer:
     allowed_ms: float = 0.0
     citations: tuple[Citation, ...] = ()  # free text: the shown passages the answer cites
     citations_dropped: int = 0  # cited ids that were not shown for this request
+    # free text: names in the text neither the knowledge base nor the prompt holds (flagged, not rewritten)
+    unverified_names: tuple[str, ...] = ()
     # times the stream moved on to another replica because the one answering died mid-answer
     migrations: int = 0
 
@@ -109,10 +111,10 @@ _ANSWER_JSON = TypeAdapter(Answer)
 
 
 def encode_answer(answer: Answer) -> str:
-    """An answer as the state store keeps it: JSON, without the prompt's token ids (no response
-    carries them; they are most of its size)."""
+    """An answer as the state store keeps it: JSON, without the prompt's token ids and known names (no
+    response carries them; they are most of its size)."""
     if answer.prompt is not None:
-        answer = replace(answer, prompt=replace(answer.prompt, token_ids=[]))
+        answer = replace(answer, prompt=replace(answer.prompt, token_ids=[], known_names=frozenset()))
     return _ANSWER_JSON.dump_json(answer).decode()
 
 
@@ -419,7 +421,8 @@ class Gateway:
             async for event in self._dispatch(query, decision, prompt, params, arrival):
                 if isinstance(event, Answer):
                     cited, dropped = parse_citations(event.text, prompt.passages)
-                    event = replace(event, citations=cited, citations_dropped=dropped)
+                    event = replace(event, citations=cited, citations_dropped=dropped,
+                                    unverified_names=unverified_names(event.text, prompt.known_names))  # fmt: skip
                 yield event
             return
 

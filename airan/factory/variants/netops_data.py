@@ -215,14 +215,14 @@ def describe(examples: Sequence[Example]) -> dict:
 
 
 def write_dataset(out, parent, n_train: int, n_dev: int, near_rt_share: float = NEAR_RT_SHARE,
-                  show_progress: bool = False, qa_per_passage: int = 0, qa_train_items: int = 0,
-                  qa_dev_items: int = 0) -> dict:  # fmt: skip
+                  show_progress: bool = False, more: Sequence[tuple[str, Sequence[Example], Sequence[dict]]] = (),
+                  more_facts: dict | None = None) -> dict:  # fmt: skip
     """Write the adapter's training and DEV examples as the build makes them (`train.jsonl`,
-    `dev.jsonl`: prompt text, target, label, cells, priority; with `qa_per_passage`, the free-text
-    QA pairs `qa_train.jsonl`, `qa_dev.jsonl`: prompt, target, question, aspect, passages shown) and
-    `manifest.json` (counts, digests, prompt, detector and knowledge versions); return it.
-    Deterministic: the items come from fixed simulator seeds, the priorities from their order, the
-    QA pairs from the knowledge base and fixed template seeds."""
+    `dev.jsonl`: prompt text, target, label, cells, priority) and `manifest.json` (counts, digests,
+    prompt and detector versions); return it. `more` are further splits (name, examples, JSON rows;
+    `qa_data.write_dataset` adds the free-text pairs), written after these and part of `data_sha256`,
+    `more_facts` further manifest entries.
+    Deterministic: the items come from fixed simulator seeds, the priorities from their order."""
     from pathlib import Path
 
     from airan.core.prompting import COMPACT_PROMPT_VERSION, PromptRenderer
@@ -250,27 +250,13 @@ def write_dataset(out, parent, n_train: int, n_dev: int, near_rt_share: float = 
         manifest[split] = {**describe(examples), "data_sha256": data_sha256(examples),
                            "file_sha256": sha256_file(out / f"{split}.jsonl")}  # fmt: skip
         every += examples
-    if qa_per_passage:
-        from airan.core.knowledge import packaged_knowledge
-        from airan.core.retrieval import FREE_TEXT_PROMPT_VERSION
-        from airan.factory.variants import qa_data as Q
-
-        kb = packaged_knowledge()
-        manifest |= {"free_text_prompt_version": FREE_TEXT_PROMPT_VERSION, "knowledge_sha256": Q.knowledge_sha256(kb),
-                     "qa_per_passage": qa_per_passage}  # fmt: skip
-        qa_train, qa_dev = Q.qa_split(kb, qa_per_passage, qa_train_items, qa_dev_items)
-        for split, items in (("qa_train", qa_train), ("qa_dev", qa_dev)):
-            examples = Q.build_qa_examples(renderer, kb=kb, items=items)
-            with (out / f"{split}.jsonl").open("w") as f:
-                for item, ex in zip(items, examples):
-                    f.write(json.dumps({
-                        "item_id": ex.item_id, "question": item.question, "aspect": item.aspect,
-                        "facts": list(item.facts), "shown": list(ex.citable),
-                        "prompt": renderer.tokenizer.decode(ex.input_ids[: ex.n_prompt]), "target": ex.target,
-                    }) + "\n")  # fmt: skip
-            manifest[split] = {**Q.describe_qa(examples), "data_sha256": data_sha256(examples),
-                               "file_sha256": sha256_file(out / f"{split}.jsonl")}  # fmt: skip
-            every += examples
+    manifest |= more_facts or {}
+    for split, examples, rows in more:
+        with (out / f"{split}.jsonl").open("w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        manifest[split] = {"items": len(examples), "data_sha256": data_sha256(examples),
+                           "file_sha256": sha256_file(out / f"{split}.jsonl")}  # fmt: skip
+        every += examples
     manifest["data_sha256"] = data_sha256(every)  # what the adapter's manifest records as data.sha256
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -139,6 +139,32 @@ def qa_dev_scores(answers: Sequence[str], items: Sequence[QAItem], examples: Seq
     }
 
 
+def write_dataset(out, parent, n_train: int, n_dev: int, near_rt_share: float = D.NEAR_RT_SHARE,
+                  show_progress: bool = False, qa_per_passage: int = 0, qa_train_items: int = 0,
+                  qa_dev_items: int = 0) -> dict:  # fmt: skip
+    """The adapter's whole dataset as the build makes it: the diagnosis splits (`netops_data.write_dataset`)
+    and, with `qa_per_passage`, the free-text pairs `qa_train.jsonl` and `qa_dev.jsonl` (question,
+    aspect, key facts, passages shown, prompt text, target); the manifest's `data_sha256` covers both,
+    as the adapter's manifest records it."""
+    from airan.core.prompting import PromptRenderer
+    from airan.core.retrieval import FREE_TEXT_PROMPT_VERSION
+
+    more, facts = [], {}
+    if qa_per_passage:
+        kb = packaged_knowledge()
+        renderer = PromptRenderer(parent)
+        facts = {"free_text_prompt_version": FREE_TEXT_PROMPT_VERSION, "knowledge_sha256": knowledge_sha256(kb),
+                 "qa_per_passage": qa_per_passage}  # fmt: skip
+        for split, items in zip(("qa_train", "qa_dev"), qa_split(kb, qa_per_passage, qa_train_items, qa_dev_items)):
+            examples = build_qa_examples(renderer, kb=kb, items=items)
+            rows = [{"item_id": ex.item_id, "question": item.question, "aspect": item.aspect, "facts": list(item.facts),
+                     "shown": list(ex.citable), "prompt": renderer.tokenizer.decode(ex.input_ids[: ex.n_prompt]),
+                     "target": ex.target} for item, ex in zip(items, examples)]  # fmt: skip
+            more.append((split, examples, rows))
+            facts[f"{split}_counts"] = describe_qa(examples)
+    return D.write_dataset(out, parent, n_train, n_dev, near_rt_share, show_progress, more=more, more_facts=facts)
+
+
 def describe_qa(examples: Sequence[D.Example]) -> dict:
     """Counts for a manifest: pairs, refusals, targets that cite, token sizes."""
     n = max(1, len(examples))

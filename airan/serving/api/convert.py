@@ -186,6 +186,7 @@ def _answer_fields(a: Answer) -> dict:
         timings=timings(a),
         citations=citations_to_proto(a),
         citations_dropped=a.citations_dropped,
+        unverified_names=list(a.unverified_names),
         placement=placement_to_proto(a),
         **_extras(a),
     )
