@@ -1,5 +1,6 @@
 """The QA evaluation set and its scorers, on plain data."""
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -80,6 +81,9 @@ def test_reference_answers_score_perfectly_and_mistakes_are_counted(kb, items):
     s = score([answerable, refused], bad, kb)
     assert s.key_fact_recall == 0.0 and s.refusal_accuracy == 0.0 and s.invented_names == 1
     assert s.examples_invented == ["HTH.TurboRate"] and s.citation_precision is not None and s.citation_precision < 1
+    assert s.invented_unflagged == 1  # the response did not flag it
+    flagged = [replace(bad[0], unverified_names=("HTH.TurboRate",)), bad[1]]
+    assert score([answerable, refused], flagged, kb).invented_unflagged == 0
     errored = score([refused], [QAAnswer(refused.item_id, "", 0.0, error="UNAVAILABLE: x")], kb)
     assert errored.errors == 1 and errored.refusal_accuracy == 0.0 and errored.latency_p50_ms == 0.0
 

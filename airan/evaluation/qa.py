@@ -207,6 +207,7 @@ class QAAnswer:
     retrieved: tuple[str, ...] = ()  # not known from the response; kept for in-process runs
     error: str = ""
     completion_tokens: int = 0  # the answer's length in tokens, as the response counts it
+    unverified_names: tuple[str, ...] = ()  # the names the server flagged as backed by nothing it knows
 
 
 @dataclass
@@ -220,6 +221,8 @@ class QAScores:
     citations_dropped: int  # cited ids the server dropped (not shown for the request)
     invented_names: int  # KPI- or parameter-like names neither in the base nor in the question, all answers
     answers_with_invented_names: float
+    # invented names the response did not flag in unverified_names (what a caller would take on trust)
+    invented_unflagged: int
     refusal_accuracy: float | None  # unanswerable items the answer declines
     false_refusals: float  # answerable items the answer declines
     errors: int
@@ -238,12 +241,13 @@ def score(items: Sequence[QAItem], answers: Sequence[QAAnswer], kb: KnowledgeBas
     by_id = {a.item_id: a for a in answers}
     known = kb.known_names()
     recall, cited_ok, cited_all, with_cites, false_ref, refusals = [], 0, 0, 0, 0, []
-    invented_total, with_invented, examples = 0, 0, []
+    invented_total, with_invented, examples, unflagged = 0, 0, [], 0
     for item in items:
         a = by_id[item.item_id]
         text = strip_citations(a.text)
         names = invented(a.text, item.question, known)
         invented_total += len(names)
+        unflagged += sum(n not in a.unverified_names for n in names)
         with_invented += bool(names)
         examples += names[: max(0, 10 - len(examples))]
         if not item.answerable:
@@ -267,6 +271,7 @@ def score(items: Sequence[QAItem], answers: Sequence[QAAnswer], kb: KnowledgeBas
         citations_dropped=sum(a.citations_dropped for a in answers),
         invented_names=invented_total,
         answers_with_invented_names=round(with_invented / len(items), 4) if items else 0.0,
+        invented_unflagged=unflagged,
         refusal_accuracy=round(float(np.mean(refusals)), 4) if refusals else None,
         false_refusals=round(false_ref / n_ans, 4) if n_ans else 0.0,
         errors=sum(bool(a.error) for a in answers),

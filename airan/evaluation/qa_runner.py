@@ -71,7 +71,8 @@ async def ask_qa(address: str, items: Sequence[QAItem], method: QAMethod, *, con
                 r = await client.ask(qa_request(item, method.retrieval, method.model, max_tokens), timeout_s=timeout_s)
                 answer = QAAnswer(item.item_id, r.text, 1000 * (time.perf_counter() - t0),
                                   tuple(c.passage_id for c in r.citations), r.citations_dropped,
-                                  tuple(r.prompt.passage_ids), completion_tokens=r.completion_tokens)  # fmt: skip
+                                  tuple(r.prompt.passage_ids), completion_tokens=r.completion_tokens,
+                                  unverified_names=tuple(r.unverified_names))  # fmt: skip
             except Exception as e:  # noqa: BLE001 - every failure is scored, none dropped
                 code = getattr(e, "code", lambda: None)()
                 detail = getattr(e, "details", lambda: str(e))() or ""
@@ -151,7 +152,7 @@ async def evaluate_qa(items: Sequence[QAItem], methods: Sequence[QAMethod], kb: 
 
 COLUMNS = (
     ("key-fact recall", "key_fact_recall"), ("citation precision", "citation_precision"),
-    ("cited", "citation_rate"), ("invented names", "invented_names"), ("refusal acc.", "refusal_accuracy"),
+    ("cited", "citation_rate"), ("invented names", "invented_names"), ("unflagged", "invented_unflagged"), ("refusal acc.", "refusal_accuracy"),
     ("false refusals", "false_refusals"), ("errors", "errors"), ("p50 ms", "latency_p50_ms"), ("p95 ms", "latency_p95_ms"),
 )  # fmt: skip
 
