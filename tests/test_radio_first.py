@@ -56,6 +56,11 @@ def test_a_share_of_admitted_concurrency_is_kept_for_near_rt():
     assert r.choose_replicas(_ctx(sites, Priority.BEST_EFFORT), two_of_four).ranked
     alone = [ReplicaView("a1", "a", "m", in_flight=0, max_concurrency=1)]  # one slot: no reserve
     assert r.choose_replicas(_ctx(sites, Priority.BEST_EFFORT), alone).ranked
+    taken = [ReplicaView("a1", "a", "m", in_flight=1, max_concurrency=1)]  # ... but NEAR_RT may join it
+    assert r.choose_replicas(_ctx(sites), taken).ranked
+    assert not r.choose_replicas(_ctx(sites, Priority.BEST_EFFORT), taken).tiers
+    none = [ReplicaView("a1", "a", "m", in_flight=0, max_concurrency=0)]  # draining: nothing at all
+    assert not r.choose_replicas(_ctx(sites), none).tiers
 
 
 def test_round_robin_takes_replicas_in_turn():

@@ -25,7 +25,10 @@ class HeadroomFilter:
 
     A share of each replica's admitted concurrency (`near_rt_reserve`, at least one slot where it
     admits two or more) is kept for NEAR_RT requests: the rest fill up first, so a near-RT question
-    still finds a slot on a replica busy with summaries and operator questions.
+    still finds a slot on a replica busy with summaries and operator questions. A replica whose
+    headroom admits a single request takes a NEAR_RT one beside it (its cap still bounds the CPU,
+    and the deadline filter judges whether the shared batch can answer in time): otherwise one
+    long BEST_EFFORT answer would shut near-RT questions out of it for seconds.
     """
 
     name = "headroom"
@@ -45,8 +48,9 @@ class HeadroomFilter:
         finite = np.where(np.isfinite(limit), limit, 0.0)
         reserve = np.where(finite >= 2, np.maximum(1.0, np.floor(finite * self.near_rt_reserve)), 0.0)
         others = limit - reserve  # inf stays inf
-        self._columns[table] = (sites, open_, limit, others)
-        return open_, limit, others
+        near_rt = np.where(finite == 1, 2.0, limit)
+        self._columns[table] = (sites, open_, near_rt, others)
+        return open_, near_rt, others
 
     def mask(self, ctx: RoutingContext, table: ReplicaTable, eligible: np.ndarray, state: DecisionState) -> np.ndarray:
         open_, near_rt_limit, others_limit = self._cols(table, ctx.sites)
