@@ -10,6 +10,7 @@ What each refusal returns, as a stock grpc client sees it:
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,10 +286,18 @@ async def test_token_names_the_controller_and_fills_controller_id(token_server):
     assert token_server.gateway.sites.get("bs-01").drained
 
 
-async def test_token_mode_leaves_health_open_for_probes(token_server):
+async def test_token_mode_leaves_health_and_reflection_open(token_server):
+    """Probes carry no token; `grpcurl list` needs none (the schema is the public protos)."""
     async with grpc.aio.insecure_channel(token_server.target) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    def services() -> list[str]:  # a blocking client: off the event loop that serves
+        with grpc.insecure_channel(token_server.target) as channel:
+            return ProtoReflectionDescriptorDatabase(channel).get_services()
+
+    assert "airan.v1.ControlService" in await asyncio.to_thread(services)
 
 
 async def test_token_stock_client_with_metadata(token_server):

@@ -17,7 +17,8 @@
    (airan/core/authz.py): UNAUTHENTICATED, PERMISSION_DENIED or
    RESOURCE_EXHAUSTED (with `retry-after-ms` in the trailing metadata) before
    the servicer runs; an AskRequest without controller_id gets the identity.
-   grpc.health.v1 is open to every caller that passed TLS (probes carry no token).
+   Health and reflection are open to every caller that passed TLS (probes carry
+   no token; `grpcurl list` works).
 5. `MalformedRequestInterceptor` (airan/serving/api/malformed.py): a request whose
    bytes do not parse reaches the chain as INVALID_ARGUMENT instead of grpc's UNKNOWN.
 
@@ -250,7 +251,9 @@ def sites_named(rpc: str, request: Any) -> list[str]:
     return []
 
 
-OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
+# open to every caller that passed TLS: probes carry no token, and the API's schema is public (the protos)
+OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                           "grpc.reflection.v1.ServerReflection"})
 ASK_RPCS = frozenset({"Ask", "AskStream"})
 
 
