@@ -9,7 +9,7 @@ import pytest_asyncio
 
 from airan.client import AsyncAiranClient, build_request, kpi
 from airan.core.knowledge import packaged_knowledge
-from airan.core.retrieval import cited_ids
+from airan.core.retrieval import cited_ids, unverified_names
 from airan.evaluation.qa import eval_set
 from airan.core.prompting import PromptRenderer
 from airan.evaluation.qa_runner import evaluate_qa, markdown_table, methods_for, served_qa_query, subset
@@ -46,6 +46,10 @@ async def test_a_kpi_question_is_answered_from_retrieved_passages_with_their_cit
         assert final.final and list(final.prompt.passage_ids) == shown
         text = "".join(ch.text_delta for ch in chunks)
         assert [x.passage_id for x in final.citations] == [i for i in cited_ids(text) if i in shown]
+        # flagged names are the answer's own and backed by nothing the server knows (the question aside)
+        known = packaged_knowledge().known_names()
+        for answer, flagged in ((r.text, r.unverified_names), (text, final.unverified_names)):
+            assert set(flagged) <= set(unverified_names(answer, known, QUESTION))
 
         bare = await c.ask(build_request(QUESTION, max_tokens=8, retrieval=False), timeout_s=120)
         assert list(bare.prompt.passage_ids) == [] and not bare.citations
