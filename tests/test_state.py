@@ -18,7 +18,7 @@ from airan.core.headroom import ForecastParams, HeadroomForecaster
 from airan.core.prompting import RenderedPrompt
 from airan.core.query import Query
 from airan.core.retrieval import Citation
-from airan.serving.gateway import Answer, Gateway, decode_answer, encode_answer
+from airan.serving.gateway import Answer, Gateway, decode_answer, encode_answer, shown_prompt
 from airan.serving.sites import SiteRegistry
 from airan.serving.state import (
     DrainRecord,
@@ -44,8 +44,7 @@ def make_store(request, tmp_path):
     def make(**bounds):
         if request.param == "memory":
             return memory
-        return SqliteStateStore(tmp_path / "state.sqlite", **{"max_reports_per_site": 3, "max_answers": 2,
-                                                               "prune_every": 1, **bounds})  # fmt: skip
+        return SqliteStateStore(tmp_path / "state.sqlite", **{"max_reports_per_site": 3, "max_answers": 2, **bounds})
 
     return make
 
@@ -98,7 +97,7 @@ def test_clear_in_flight_forgets_the_reported_ids(make_store):
 
 
 def test_opening_prunes_a_file_written_under_larger_bounds(tmp_path):
-    big = SqliteStateStore(tmp_path / "s.sqlite", max_reports_per_site=100, max_answers=100, prune_every=1000)
+    big = SqliteStateStore(tmp_path / "s.sqlite", max_reports_per_site=100, max_answers=100)
     for i in range(10):
         big.add_ran_report(RanReport("bs-01", 0.1, float(i), float(i)))
         big.put_answer(StoredAnswer("x", f"k{i}", "p", float(i)))
@@ -240,7 +239,8 @@ def test_an_answer_survives_the_json_round_trip_without_its_token_ids():
         citations=(Citation("p1", "T", 0.5),), answered_by="model", predicted_ms=5.0,
     )  # fmt: skip
     back = decode_answer(encode_answer(answer))
-    assert back == replace(answer, prompt=replace(answer.prompt, token_ids=[]))
+    assert back == replace(answer, prompt=shown_prompt(answer.prompt))
+    assert back.prompt.passages == answer.prompt.passages and back.prompt.token_ids == []
     with pytest.raises(ValueError, match="not readable"):
         decode_answer('{"request_id": 5}')
 
@@ -257,7 +257,7 @@ async def test_an_idempotent_answer_is_given_again_by_a_new_gateway(tmp_path, re
     gateway = _gateway(renderer, store, second_replica)
     assert gateway.restore_answers(store.load().answers) == 1
     again = await gateway.ask(Query("why?", request_id="key-1", controller_id="xapp-a", max_tokens=4))
-    assert again == replace(first, prompt=replace(first.prompt, token_ids=[]))
+    assert again == replace(first, prompt=shown_prompt(first.prompt))
     assert second_replica.calls == 0 and store.load().in_flight == []
 
 

@@ -111,11 +111,17 @@ _ANSWER_JSON = TypeAdapter(Answer)
 
 
 def encode_answer(answer: Answer) -> str:
-    """An answer as the state store keeps it: JSON, without the prompt's token ids and known names (no
-    response carries them; they are most of its size)."""
+    """An answer as the state store keeps it: JSON, with only the prompt facts a response shows
+    (version, context rows, passages), not its token ids or the names it knows (most of its size)."""
     if answer.prompt is not None:
-        answer = replace(answer, prompt=replace(answer.prompt, token_ids=[], known_names=frozenset()))
+        answer = replace(answer, prompt=shown_prompt(answer.prompt))
     return _ANSWER_JSON.dump_json(answer).decode()
+
+
+def shown_prompt(prompt: RenderedPrompt) -> RenderedPrompt:
+    """What of a rendered prompt a response carries (api/convert.py's PromptInfo)."""
+    return RenderedPrompt([], prompt.context_rows, prompt.context_rows_dropped, prompt.version,
+                          passages=prompt.passages)  # fmt: skip
 
 
 def decode_answer(payload: str) -> Answer:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections import OrderedDict, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -145,27 +146,32 @@ CREATE TABLE IF NOT EXISTS in_flight (
 """
 
 
+# the rows past a bound, found through the (site_id, seq) index and the answers' seq key
+_TRIM_REPORTS = ("DELETE FROM ran_reports WHERE site_id = ? AND seq <= COALESCE((SELECT seq FROM ran_reports "
+                 "WHERE site_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?), -1)")  # fmt: skip
+_TRIM_ANSWERS = "DELETE FROM answers WHERE seq <= COALESCE((SELECT seq FROM answers ORDER BY seq DESC LIMIT 1 OFFSET ?), -1)"
+
+
 class StateSchemaError(RuntimeError):
     """The state file was written by an incompatible airan version."""
 
 
 class SqliteStateStore:
-    """One SQLite file; each write is its own short transaction (autocommit), cheap enough to run on
-    the event loop (benchmarks/bench_state_store.py measures it). Bounded tables are pruned every
-    `prune_every` inserts, so the file stays within the bounds plus one batch; opening it prunes to the current bounds."""
+    """One SQLite file; each write is one short transaction that only appends to the write-ahead log
+    (an insert into a bounded table also drops, by index, the row it pushes past the bound), cheap
+    enough to run on the event loop (benchmarks/bench_state_store.py measures it). Checkpointing the
+    log into the file, which syncs it to disk, runs every `checkpoint_interval_s` on a thread of its
+    own with its own connection. Opening the file prunes it to the current bounds."""
 
     def __init__(self, path: str | Path, max_reports_per_site: int = 4096, max_answers: int = 1024,
-                 prune_every: int = 256) -> None:  # fmt: skip
+                 checkpoint_interval_s: float | None = 1.0) -> None:  # fmt: skip
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_reports_per_site = max_reports_per_site
         self.max_answers = max_answers
-        self.prune_every = max(1, prune_every)
-        self._inserts = 0
         self._lock = threading.Lock()  # one connection; writes may come from a worker thread
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = self._connect()
+        self._db.execute("PRAGMA wal_autocheckpoint=0")  # never on the write path: the checkpoint thread does it
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
@@ -176,7 +182,32 @@ class SqliteStateStore:
                 f"{self.path} holds airan state schema {row[0]}, this version reads {SCHEMA_VERSION}: "
                 "move the file away (its drains and idempotent answers are then forgotten) or run the matching airan"
             )
-        self._prune()
+        self._prune(self._db)
+        self._stop = threading.Event()
+        self._checkpoints: threading.Thread | None = None
+        if checkpoint_interval_s:
+            self._checkpoints = threading.Thread(target=self._checkpoint_loop, args=(checkpoint_interval_s,),
+                                                 name="airan-state-checkpoint", daemon=True)  # fmt: skip
+            self._checkpoints.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA journal_size_limit=16777216")  # the log is cut back to 16 MiB after a checkpoint
+        return db
+
+    def _checkpoint_loop(self, interval_s: float) -> None:
+        db = self._connect()
+        try:
+            while not self._stop.wait(interval_s):
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # never waits for, nor blocks, a writer
+        except sqlite3.Error as e:  # the file went away under us: writes will say so, loudly
+            import logging
+
+            logging.getLogger(__name__).error("state store checkpoints stopped: %s", e)
+        finally:
+            db.close()
 
     def load(self) -> SavedState:
         with self._lock:
@@ -198,23 +229,33 @@ class SqliteStateStore:
                              (record.site_id, int(record.drained), record.changed_at))  # fmt: skip
 
     def add_ran_report(self, report: RanReport) -> None:
-        with self._lock:
-            self._db.execute(
+        with self._lock, self._transaction() as db:
+            db.execute(
                 "INSERT INTO ran_reports (site_id, share, measured_at, received_at) VALUES (?, ?, ?, ?)",
                 (report.site_id, report.share, report.measured_at, report.received_at),
             )
-            self._count_insert()
+            db.execute(_TRIM_REPORTS, (report.site_id, report.site_id, self.max_reports_per_site))
 
     def put_answer(self, answer: StoredAnswer) -> None:
         if not self.max_answers:
             return
-        with self._lock:
+        with self._lock, self._transaction() as db:
             # a key stored again moves to the newest end (REPLACE gives it a new seq)
-            self._db.execute(
+            db.execute(
                 "INSERT OR REPLACE INTO answers (controller_id, request_id, payload, stored_at) VALUES (?, ?, ?, ?)",
                 (answer.controller_id, answer.request_id, answer.payload, answer.stored_at),
             )
-            self._count_insert()
+            db.execute(_TRIM_ANSWERS, (self.max_answers,))
+
+    @contextmanager
+    def _transaction(self):
+        self._db.execute("BEGIN")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def begin(self, record: InFlightRecord) -> None:
         with self._lock:
@@ -229,40 +270,28 @@ class SqliteStateStore:
         with self._lock:
             self._db.execute("DELETE FROM in_flight")
 
-    def _count_insert(self) -> None:
-        self._inserts += 1
-        if self._inserts % self.prune_every == 0:
-            self._prune()
-
-    def _prune(self) -> None:
+    def _prune(self, db: sqlite3.Connection) -> None:
         """Drop reports beyond the newest `max_reports_per_site` of each site and answers beyond the
-        newest `max_answers` (caller holds the lock)."""
-        db = self._db
-        db.execute("BEGIN")
+        newest `max_answers` (at open: a file written under larger bounds)."""
+        db.execute("BEGIN IMMEDIATE")
         try:
             for (site_id,) in db.execute("SELECT DISTINCT site_id FROM ran_reports").fetchall():
-                db.execute(
-                    "DELETE FROM ran_reports WHERE site_id = ? AND seq <= COALESCE((SELECT seq FROM ran_reports "
-                    "WHERE site_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?), -1)",
-                    (site_id, site_id, self.max_reports_per_site),
-                )
-            db.execute(
-                "DELETE FROM answers WHERE seq <= COALESCE((SELECT seq FROM answers ORDER BY seq DESC "
-                "LIMIT 1 OFFSET ?), -1)",
-                (self.max_answers,),
-            )
+                db.execute(_TRIM_REPORTS, (site_id, site_id, self.max_reports_per_site))
+            db.execute(_TRIM_ANSWERS, (self.max_answers,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
-    def compact(self) -> None:
-        """Prune now (startup does, so a file written under larger bounds shrinks to the current ones)."""
-        with self._lock:
-            self._prune()
-
     def close(self) -> None:
+        self._stop.set()
+        if self._checkpoints is not None:
+            self._checkpoints.join(timeout=10)
         with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:  # another connection still reads: the log stays, nothing is lost
+                pass
             self._db.close()
 
 
