@@ -34,9 +34,10 @@ from pathlib import Path
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from airan.client import AsyncAiranClient
 from airan.config import load_config
 from airan.stack import LocalStack
-from airan.v1 import netops_pb2, netops_pb2_grpc
+from airan.v1 import netops_pb2
 
 RESULTS = Path(__file__).resolve().parent / "results"
 T0 = 1_700_000_000.0
@@ -167,8 +168,10 @@ async def main_async(label: str, rounds: int, side: str = "after") -> dict:
     out = dict(label=label, side=side, machine=f"{platform.processor() or '?'}; {os.cpu_count()} cores; "
                                               f"load {os.getloadavg()[0]:.1f} at start", rounds=[])  # fmt: skip
     async with LocalStack(config) as stack:
-        async with grpc.aio.insecure_channel(stack.address) as channel:
-            stub = netops_pb2_grpc.NetOpsServiceStub(channel)
+        # AsyncAiranClient: default.yaml serves auth.mode token, and the client signs this user's
+        # local-operator token for 127.0.0.1
+        async with AsyncAiranClient(stack.address) as client:
+            stub = client.netops
             for site in ("bs-01", "bs-02", "bs-03"):  # warm-up, one at a time, one per replica
                 await one(stub, request(netops_pb2.NON_RT, None, False, site), "warm", None)
             for rnd in range(1, rounds + 1):
