@@ -48,10 +48,11 @@ class Bound:
     field: str
     limit: str  # what is allowed, for people ("<= 128 characters")
     setting: str = ""  # the config key that sets it; "" = fixed by the API
+    status: str = "INVALID_ARGUMENT"  # what a caller past the bound gets
 
     def row(self) -> str:
         where = f" (`{self.setting}`)" if self.setting else ""
-        return f"| `{self.field}` | {self.limit}{where} | INVALID_ARGUMENT |"
+        return f"| `{self.field}` | {self.limit}{where} | {self.status} |"
 
 
 def bounds(limits: LimitsConfig) -> list[Bound]:
@@ -73,7 +74,7 @@ def bounds(limits: LimitsConfig) -> list[Bound]:
         Bound("AskRequest.kpi_context[].name", f"1 to {KPI_NAME_MAX_CHARS} characters, no control characters"),
         Bound("AskRequest.kpi_context[].unit", ident(KPI_UNIT_MAX_CHARS)),
         Bound("AskRequest.kpi_context[].cell_id", ident(CELL_ID_MAX_CHARS)),
-        Bound("AskRequest.kpi_context[].value", "any double; NaN or infinite reads as not reported"),
+        Bound("AskRequest.kpi_context[].value", "any double; NaN or infinite reads as not reported", status="none"),
         Bound("AskRequest.kpi_context[].time", timestamp),
         Bound("AskRequest.priority", "a PriorityClass value (0-3)"),
         Bound("AskRequest.max_tokens", f"<= {limits.max_tokens_limit} (0 = the default)", "limits.max_tokens_limit"),
@@ -85,13 +86,15 @@ def bounds(limits: LimitsConfig) -> list[Bound]:
         Bound("AskRequest.recent_events", items(MAX_RECENT_EVENTS)),
         Bound("AskRequest.recent_events[]", chars(EVENT_MAX_CHARS)),
         Bound("ListReplicasRequest.site_id", ident(SITE_ID_MAX_CHARS) + "; unknown: NOT_FOUND"),
-        Bound("DrainSiteRequest.site_id", f"1 to {SITE_ID_MAX_CHARS} characters; unknown: NOT_FOUND"),
+        Bound("DrainSiteRequest.site_id", f"1 to {SITE_ID_MAX_CHARS} characters, no control characters; "
+              "unknown: NOT_FOUND"),  # fmt: skip
         Bound("ReportRanLoadRequest.loads", f"<= {MAX_RAN_LOADS} items; a batch is applied whole or not at all"),
-        Bound("ReportRanLoadRequest.loads[].site_id", f"1 to {SITE_ID_MAX_CHARS} characters; unknown: NOT_FOUND"),
+        Bound("ReportRanLoadRequest.loads[].site_id", f"1 to {SITE_ID_MAX_CHARS} characters, no control "
+              "characters; unknown: NOT_FOUND"),  # fmt: skip
         Bound("ReportRanLoadRequest.loads[].ran_compute_share", "0 to 1, finite"),
         Bound("ReportRanLoadRequest.loads[].time", timestamp),
-        Bound("metadata x-request-id", f"1 to {ID_MAX_CHARS} printable ASCII characters, no spaces; "
-              "otherwise ignored and a fresh id is used"),  # fmt: skip
+        Bound("metadata x-request-id", f"1 to {ID_MAX_CHARS} printable ASCII characters, no spaces",
+              status="none: ignored, the call gets a fresh id"),  # fmt: skip
     ]
 
 
@@ -140,6 +143,11 @@ def check_timestamp(field: str, seconds: int, nanos: int) -> None:
             f"{field} is not a valid Timestamp (seconds {seconds}, nanos {nanos}): seconds must be within "
             f"[{TIMESTAMP_MIN_S}, {TIMESTAMP_MAX_S}] (years 1-9999) and nanos within [0, 999999999]"
         )
+
+
+def check_number(field: str, value: float, low: float, high: float, hint: str = "") -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        raise invalid(f"{field} must be between {low} and {high}, got {value}" + (f" ({hint})" if hint else ""))
 
 
 def check_share(field: str, value: float) -> None:

@@ -47,6 +47,8 @@ def check_ask_request(req: netops_pb2.AskRequest, limits: LimitsConfig = _DEFAUL
     bounds.check_text("controller_id", req.controller_id, bounds.ID_MAX_CHARS, identifier=True)
     bounds.check_text("question", req.question, limits.max_question_chars)
     bounds.check_text("model", req.model, bounds.MODEL_MAX_CHARS, identifier=True)
+    bounds.check_number("max_tokens", req.max_tokens, 0, limits.max_tokens_limit, "0 = the server's default")
+    bounds.check_number("temperature", req.temperature, 0.0, limits.max_temperature, "0 = greedy")
     bounds.check_enum("priority", req.priority, _ENUM_NAMES[netops_pb2.PriorityClass])
     bounds.check_enum("response_mode", req.response_mode, _ENUM_NAMES[netops_pb2.ResponseMode])
     bounds.check_items("site_ids", req.site_ids, bounds.MAX_SITE_IDS)
