@@ -7,6 +7,7 @@ RAN-load batch, x-request-id metadata, prompts rendered off the event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import threading
 from pathlib import Path
@@ -16,11 +17,14 @@ import pytest
 import pytest_asyncio
 from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from airan.client import AsyncAiranClient, build_request, kpi
 from airan.config import LimitsConfig, ServerConfig
 from airan.core import limits as L
-from airan.core.prompting import PromptRenderer
+from airan.core.prompting import PromptRenderer, citable_kpis, diagnosis_context
+from airan.core.query import KpiSample, Query
 from airan.errors import AiranError, ErrorKind
 from airan.factory.tiny import ensure_tiny_model
 from airan.serving.api import convert
@@ -28,6 +32,7 @@ from airan.serving.api.interceptors import REQUEST_ID_METADATA
 from airan.serving.gateway import Gateway
 from airan.serving.server import build_grpc_server
 from airan.serving.sites import SiteRegistry
+from airan.store.registry import packaged_detector
 from airan.v1 import control_pb2, netops_pb2
 from fakes import CONFIG, FakePool, FakeReplica
 
@@ -397,3 +402,28 @@ def test_numbers_past_their_range_are_refused_before_the_gateway(field, value):
     setattr(past, field, value)
     with pytest.raises(AiranError, match=f"{field} must be between 0"):
         convert.query_from_proto(past, 0.0, None, LIMITS)
+
+
+# -- what the engines get from in-bounds input ------------------------------------------------------
+@settings(max_examples=40, deadline=None, database=None, derandomize=True)
+@given(names=st.lists(st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1,
+                              max_size=L.KPI_NAME_MAX_CHARS), min_size=1, max_size=8),
+       cells=st.integers(1, 12))  # fmt: skip
+def test_the_diagnosis_grammar_of_any_in_bounds_kpi_names_compiles_in_the_engines_grammar_backend(names, cells):
+    """KPI names and cells come from the caller and end up in the regex vLLM's xgrammar compiles for the
+    request: any names within the bounds must compile (a failure there fails the request on the replica)."""
+    xgrammar = pytest.importorskip("xgrammar")
+    cell_ids = tuple(f"bs-01/c{i}" for i in range(cells))
+    kpis = tuple(KpiSample(n, v, "", c, None) for n in names for v in (1.0, 1000.0) for c in cell_ids)
+    ctx = diagnosis_context(Query("why", "r", kpis=kpis, cell_ids=cell_ids, mode="diagnosis"), _DETECTOR)
+    _grammar_compiler(xgrammar).compile_regex(ctx.grammar(citable_kpis(ctx)).regex())
+
+
+_DETECTOR = packaged_detector()
+
+
+@functools.cache
+def _grammar_compiler(xgrammar):
+    from transformers import AutoTokenizer
+
+    return xgrammar.GrammarCompiler(xgrammar.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(str(ensure_tiny_model()))))
