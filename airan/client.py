@@ -129,14 +129,19 @@ def _with_token(details, token: str):
         details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)  # fmt: skip
 
 
-class _AsyncBearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """Adds `authorization: Bearer <token>` to every call (stubs used directly included)."""
-
+# Add `authorization: Bearer <token>` to every call (stubs used directly included). grpc.aio files an
+# interceptor under its first kind only, so each kind is its own class.
+class _AsyncBearerUnary(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, token: str) -> None:
         self.token = token
 
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(_with_token(client_call_details, self.token), request)
+
+
+class _AsyncBearerStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self.token = token
 
     async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(_with_token(client_call_details, self.token), request)
@@ -167,7 +172,7 @@ class AsyncAiranClient:
         tls = tls or ClientTLS.from_env()
         token = local_token(target) if token is None else token
         options = [*(channel_options or []), *(tls.options() if tls else [])]
-        interceptors = [_AsyncBearer(token)] if token else None
+        interceptors = [_AsyncBearerUnary(token), _AsyncBearerStream(token)] if token else None
         self.channel = grpc.aio.secure_channel(target, tls.credentials(), options=options, interceptors=interceptors) \
             if tls else grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)  # fmt: skip
         self.netops = netops_pb2_grpc.NetOpsServiceStub(self.channel)

@@ -172,6 +172,15 @@ def _rejections(reason: str, method: str = "Ask") -> float:
     return REGISTRY.get_sample_value("airan_rejections_total", {"method": method, "priority": "", "reason": reason}) or 0.0
 
 
+async def _counted(reason: str, method: str, expected: float) -> float:
+    """The count once the server has finished the call (the client can see the status first)."""
+    for _ in range(100):
+        if _rejections(reason, method) >= expected:
+            break
+        await asyncio.sleep(0.02)
+    return _rejections(reason, method)
+
+
 # ---------------------------------------------------------------- mutual TLS
 
 
@@ -216,7 +225,7 @@ async def test_mtls_out_of_scope_rpc_and_site_are_denied_naming_what_is_allowed(
         code, details, _ = await _code(c.ask(ask(site_ids=["bs-02"])))
         assert code is grpc.StatusCode.PERMISSION_DENIED and "site(s) bs-02" in details
     assert not mtls.gateway.sites.get("bs-01").drained and mtls.replica.calls == 0
-    assert _rejections("permission_denied", "DrainSite") == before + 1
+    assert await _counted("permission_denied", "DrainSite", before + 1) == before + 1
 
 
 async def test_mtls_operator_may_drain_and_san_names_the_caller(mtls, pki):
@@ -239,7 +248,7 @@ async def test_mtls_over_rate_is_resource_exhausted_with_retry_after(mtls, pki):
     assert "over its rate (0.01/s, burst 3)" in details
     assert 90_000 <= int(metadata[RETRY_AFTER_METADATA]) <= 100_000  # one token at 0.01/s
     assert metadata[REQUEST_ID_METADATA]
-    assert _rejections("rate_limited", "GetTopology") == before + 1
+    assert await _counted("rate_limited", "GetTopology", before + 1) == before + 1
 
 
 async def test_mtls_health_answers_any_certified_caller(mtls, pki):
@@ -268,7 +277,7 @@ async def test_token_missing_bad_or_expired_is_unauthenticated(token_server):
             code, details, metadata = await _code(c.drain_site("bs-01"))
         assert code is grpc.StatusCode.UNAUTHENTICATED, (why, code, details)
         assert why in details and metadata[REQUEST_ID_METADATA]
-    assert _rejections("unauthenticated", "DrainSite") == before + len(cases)
+    assert await _counted("unauthenticated", "DrainSite", before + len(cases)) == before + len(cases)
     assert not token_server.gateway.sites.get("bs-01").drained
 
 
@@ -374,3 +383,30 @@ def test_cli_issues_tokens_for_listed_controllers_only(tmp_path):
     assert verify_token(KEY, result.stdout.strip()) == "xapp-ts"
     result = CliRunner().invoke(app, ["auth", "token", "--controller", "stranger", "--config", str(config)])
     assert result.exit_code == 2 and "not in auth.controllers (xapp-ts)" in result.output
+
+
+async def test_streams_are_held_to_the_same_scope_and_rate(token_server):
+    async with AsyncAiranClient(token_server.target, token=issue_token(KEY, "xapp-ts", 60)) as c:
+        chunks = [chunk async for chunk in c.ask_stream(ask(site_ids=["bs-01"]))]
+        assert chunks[-1].final
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            [chunk async for chunk in c.ask_stream(ask(site_ids=["bs-02"]))]
+        assert e.value.code() is grpc.StatusCode.PERMISSION_DENIED and "site(s) bs-02" in e.value.details()
+        await c.ask(ask())
+        await c.ask(ask())  # the last of its burst of 3 (the denied stream took none)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            [chunk async for chunk in c.ask_stream(ask())]
+        assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert int(dict(e.value.trailing_metadata())[RETRY_AFTER_METADATA]) > 0
+    assert token_server.replica.calls == 3
+
+
+async def test_the_blocking_client_sends_its_token_on_unary_and_streaming_calls(token_server):
+    from airan.client import AiranClient
+
+    def calls() -> tuple[str, bool]:
+        with AiranClient(token_server.target, token=issue_token(KEY, "noc-ops", 60)) as c:
+            return c.ask(ask()).text, list(c.ask_stream(ask()))[-1].final
+
+    text, final = await asyncio.to_thread(calls)
+    assert text and final
