@@ -231,6 +231,14 @@ async def _demo(config: AiranConfig) -> int:
                 await client.ask(build_request("What is wrong?", site_ids=["bs-99"]))
             except grpc.aio.AioRpcError as e:
                 console.print(f"[bold]error example[/]: {e.code().name}: {e.details()}")
+            if config.auth.mode != "none":  # who may call (README "Security"): a caller without credentials
+                async with AsyncAiranClient(plane.address, token="") as anonymous:
+                    try:
+                        await anonymous.drain_site(sites[0])
+                    except grpc.aio.AioRpcError as e:
+                        console.print(f"[bold]DrainSite without a token[/]: {e.code().name}: {e.details()}")
+            if plane.metrics is not None:
+                console.print(f"[bold]metrics[/]: http://{config.server.host}:{plane.metrics.port}/metrics")
 
             replicas = await client.replicas()
             console.print(
