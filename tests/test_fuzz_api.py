@@ -173,11 +173,7 @@ class FuzzServer:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
-        self.calls = {}
-        for method, message in REQUEST_TYPE.items():
-            make = self.channel.unary_stream if method in STREAMING else self.channel.unary_unary
-            # no serializers: payloads go as bytes, so a raw payload is sent exactly as drawn
-            self.calls[method] = make(method)
+        self.calls = raw_calls(self.channel)
 
     async def check_health(self) -> health_pb2.HealthCheckResponse:
         raw = await self.calls["/grpc.health.v1.Health/Check"](b"", timeout=10)
@@ -203,28 +199,39 @@ class FuzzServer:
         return outcomes
 
     async def _all(self, items: list[Item]) -> list[Outcome]:
-        return list(await asyncio.gather(*(self._one(i) for i in items)))
+        return await send_all(self.calls, items)
 
-    async def _one(self, item: Item) -> Outcome:
-        payload = item.payload if isinstance(item.payload, bytes) else item.payload.SerializeToString()
-        call = self.calls[item.method](payload, metadata=item.metadata, timeout=CLIENT_TIMEOUT_S)
-        outcome = Outcome(item.method, C.OK)
-        finals = 0  # a stream ends in one final chunk (an answer) or an error, never both
-        try:
-            if item.method in STREAMING:
-                async for raw in call:
-                    if finals:
-                        outcome.problems.append("a chunk after the final one")
-                    finals += netops_pb2.AskChunk.FromString(raw).final
-            else:
-                await call
-            trailing = await call.trailing_metadata()
-        except grpc.aio.AioRpcError as e:
-            outcome.code, outcome.details, trailing = e.code(), e.details() or "", e.trailing_metadata()
-        if item.method in STREAMING and finals != (outcome.code is C.OK):
-            outcome.problems.append(f"{finals} final chunk(s) in a stream that ended {outcome.code.name}")
-        outcome.request_ids = [v for k, v in (trailing or ()) if k == REQUEST_ID_METADATA]
-        return outcome
+
+def raw_calls(channel: grpc.aio.Channel) -> dict:
+    """Method -> multicallable without serializers: payloads go as bytes, so a raw payload is sent as drawn."""
+    return {m: (channel.unary_stream if m in STREAMING else channel.unary_unary)(m) for m in REQUEST_TYPE}
+
+
+async def send_all(calls: dict, items: list[Item]) -> list[Outcome]:
+    """Send the items concurrently; each one's outcome."""
+    return list(await asyncio.gather(*(_send_one(calls, i) for i in items)))
+
+
+async def _send_one(calls: dict, item: Item) -> Outcome:
+    payload = item.payload if isinstance(item.payload, bytes) else item.payload.SerializeToString()
+    call = calls[item.method](payload, metadata=item.metadata, timeout=CLIENT_TIMEOUT_S)
+    outcome = Outcome(item.method, C.OK)
+    finals = 0  # a stream ends in one final chunk (an answer) or an error, never both
+    try:
+        if item.method in STREAMING:
+            async for raw in call:
+                if finals:
+                    outcome.problems.append("a chunk after the final one")
+                finals += netops_pb2.AskChunk.FromString(raw).final
+        else:
+            await call
+        trailing = await call.trailing_metadata()
+    except grpc.aio.AioRpcError as e:
+        outcome.code, outcome.details, trailing = e.code(), e.details() or "", e.trailing_metadata()
+    if item.method in STREAMING and finals != (outcome.code is C.OK):
+        outcome.problems.append(f"{finals} final chunk(s) in a stream that ended {outcome.code.name}")
+    outcome.request_ids = [v for k, v in (trailing or ()) if k == REQUEST_ID_METADATA]
+    return outcome
 
 
 @pytest.fixture(scope="module")
@@ -253,10 +260,12 @@ def bug_log():
     logger.removeHandler(handler)
 
 
-def _check(items: list[Item], outcomes: list[Outcome]) -> None:
+def check_outcomes(items: list[Item], outcomes: list[Outcome], allowed=lambda item, o: o.code in ALLOWED[item.method]) -> None:
+    """Each request: a documented status, one answer or error, one x-request-id (the one it sent when
+    it sent a valid one), refused when past a bound."""
     for item, o in zip(items, outcomes, strict=True):
         where = f"{item!r} -> {o.code.name}: {o.details[:300]}"
-        assert o.code in ALLOWED[item.method], f"undocumented status: {where}"
+        assert allowed(item, o), f"undocumented status: {where}"
         assert not o.problems, f"{o.problems}: {where}"
         if o.code is C.DEADLINE_EXCEEDED:
             assert o.request_ids, f"no server answer within {CLIENT_TIMEOUT_S} s (a hang): {where}"
@@ -535,6 +544,23 @@ def raw_items(draw) -> Item:
     return Item(method, payload, draw(_metadata()))
 
 
+ASKS = {"/airan.v1.NetOpsService/Ask", "/airan.v1.NetOpsService/AskStream"}
+
+
+def draw_asks(n: int) -> list[Item]:
+    """`n` Ask/AskStream items of the generated and mutated kinds, the same ones every run (for the
+    share sent to real engines, tests/test_e2e_stack.py); call it off the event loop."""
+    drawn: list[Item] = []
+
+    @_settings(n)
+    @given(st.one_of(*[_generated(m) for m in sorted(ASKS)], mutated_ask()))
+    def collect(item):
+        drawn.append(item)
+
+    collect()
+    return drawn
+
+
 # -- the suite ------------------------------------------------------------------------------------
 def _settings(examples: int):
     return settings(
@@ -556,7 +582,7 @@ def test_fuzz_every_rpc_at_least_10000_requests(fuzz_server, bug_log, capsys):
         @given(st.lists(strategy, min_size=BATCH, max_size=BATCH))
         def run(items):
             fuzz_server.reset_sites()
-            _check(items, fuzz_server.send(items))
+            check_outcomes(items, fuzz_server.send(items))
             assert not bug_log, f"logged as a server bug: {bug_log[0].getMessage()} ({items!r})"
 
         t0, n0 = time.perf_counter(), sum(fuzz_server.sent.values())
