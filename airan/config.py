@@ -282,8 +282,9 @@ class ServerConfig(_Strict):
 
 
 # What a caller may be named by: a token's subject, or a client certificate's CN or SAN (a DNS
-# name, a SPIFFE URI): printable ASCII without spaces, as long as a DNS name may be
-IDENTITY_PATTERN = r"^[\x21-\x7e]{1,253}$"
+# name, a SPIFFE URI): printable ASCII without spaces, at most as long as AskRequest.controller_id
+# may be (airan/core/limits.py ID_MAX_CHARS), since a caller's id fills it
+IDENTITY_PATTERN = r"^[\x21-\x7e]{1,128}$"
 # RPC groups (ask, view, operate; airan/core/authz.py resolves them) or single RPCs a scope may list
 RpcScopeName = Literal["ask", "view", "operate", "Ask", "AskStream", "GetTopology", "ListReplicas", "DrainSite",
                        "ReportRanLoad"]  # fmt: skip

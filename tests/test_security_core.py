@@ -171,3 +171,15 @@ def test_config_checks_scopes_against_sites_and_mtls_against_the_ca():
     with pytest.raises(ConfigError, match="rpcs"):
         parse_config(_config(controllers=[{"id": "xapp", "rpcs": ["Drain"]}]))
     assert Scope.from_config(ControllerScope(id="a", sites=["*"], act_for=["*"])).sites is None
+
+
+def test_an_identity_fits_the_controller_id_it_fills():
+    """The interceptor writes a caller's id into AskRequest.controller_id, which has a bound."""
+    import re
+
+    from airan.config import IDENTITY_PATTERN
+    from airan.core.limits import ID_MAX_CHARS
+
+    assert re.fullmatch(IDENTITY_PATTERN, "x" * ID_MAX_CHARS) and not re.fullmatch(IDENTITY_PATTERN, "x" * (ID_MAX_CHARS + 1))
+    with pytest.raises(ConfigError, match="controllers"):
+        parse_config(_config(controllers=[{"id": "x" * (ID_MAX_CHARS + 1)}]))
