@@ -189,6 +189,7 @@ class GatewaySampler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        REPLICAS.snapshot = ()  # a stopped control plane has no replicas to report
 
 
 class MetricsEndpoint:
