@@ -31,12 +31,14 @@ import asyncio
 import logging
 import os
 import re
+import secrets
 import sys
 import threading
 import time
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
@@ -58,6 +60,8 @@ from airan.serving.server import SERVICE_NAMES, build_grpc_server
 from airan.serving.sites import SiteRegistry
 from airan.store.registry import packaged_detector
 from airan.v1 import control_pb2, netops_pb2
+from airan.config import parse_config
+from airan.core.authz import issue_token
 from fakes import CONFIG, FakePool, FakeReplica
 
 MIN_REQUESTS = 10_000
@@ -67,21 +71,36 @@ if os.environ.get("AIRAN_FUZZ_EXAMPLES"):  # e.g. "generated=0,mutated=50,raw=0"
     EXAMPLES.update({k: int(v) for k, v in (kv.split("=") for kv in os.environ["AIRAN_FUZZ_EXAMPLES"].split(","))})
 CLIENT_TIMEOUT_S = 30.0  # a server that hangs shows as a client-side timeout (no x-request-id)
 LIMITS: LimitsConfig = CONFIG.limits
+# The production default: callers named by signed tokens and held to their scopes. "xapp-ts" may call
+# everything for anyone without a rate limit (the bulk of the fuzz); "viewer" may only look at bs-01,
+# 20 calls/s; the fuzz also sends expired, foreign, garbage and missing tokens.
+TOKEN_KEY = secrets.token_hex(32).encode()
+AUTH = {"mode": "token", "controllers": [
+    {"id": "xapp-ts", "rpcs": ["ask", "view", "operate"], "sites": ["*"], "act_for": ["*"], "rate_per_s": None},
+    {"id": "viewer", "rpcs": ["view"], "sites": ["bs-01"], "rate_per_s": 20.0, "burst": 10}]}  # fmt: skip
+FULL_TOKEN = issue_token(TOKEN_KEY, "xapp-ts", 24 * 3600)
+TOKENS = {
+    "full": FULL_TOKEN, "viewer": issue_token(TOKEN_KEY, "viewer", 24 * 3600),
+    "expired": issue_token(TOKEN_KEY, "xapp-ts", -60), "foreign": issue_token(b"k" * 64, "xapp-ts", 3600),
+    "unlisted": issue_token(TOKEN_KEY, "someone-else", 3600), "garbage": "not.a.token",
+}  # fmt: skip
 C = grpc.StatusCode
 
 # The statuses each RPC may answer (README, "Asking questions": the status table and "Bounds").
 # INTERNAL is in none: it means a server bug (or, for a diagnosis, a model that broke the format
-# twice, which the fake replicas never do). UNAUTHENTICATED / PERMISSION_DENIED / per-caller
-# RESOURCE_EXHAUSTED come with identity and scopes, which this server's config leaves off.
+# twice, which the fake replicas never do). Every airan RPC may also be refused by identity and
+# scopes (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED over the caller's rate); health is open.
 _ANY_CALL = {C.OK, C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED}  # malformed bytes, bounds, max receive size
+_AUTH = {C.UNAUTHENTICATED, C.PERMISSION_DENIED}
 ALLOWED = {
-    "/airan.v1.NetOpsService/Ask": _ANY_CALL | {C.NOT_FOUND, C.ALREADY_EXISTS, C.DEADLINE_EXCEEDED, C.UNAVAILABLE},
-    "/airan.v1.NetOpsService/AskStream": _ANY_CALL | {C.NOT_FOUND, C.ALREADY_EXISTS, C.DEADLINE_EXCEEDED,
-                                                      C.UNAVAILABLE},  # fmt: skip
-    "/airan.v1.ControlService/GetTopology": _ANY_CALL,
-    "/airan.v1.ControlService/ListReplicas": _ANY_CALL | {C.NOT_FOUND},
-    "/airan.v1.ControlService/DrainSite": _ANY_CALL | {C.NOT_FOUND},
-    "/airan.v1.ControlService/ReportRanLoad": _ANY_CALL | {C.NOT_FOUND},
+    "/airan.v1.NetOpsService/Ask": _ANY_CALL | _AUTH | {C.NOT_FOUND, C.ALREADY_EXISTS, C.DEADLINE_EXCEEDED,
+                                                        C.UNAVAILABLE},  # fmt: skip
+    "/airan.v1.NetOpsService/AskStream": _ANY_CALL | _AUTH | {C.NOT_FOUND, C.ALREADY_EXISTS, C.DEADLINE_EXCEEDED,
+                                                              C.UNAVAILABLE},  # fmt: skip
+    "/airan.v1.ControlService/GetTopology": _ANY_CALL | _AUTH,
+    "/airan.v1.ControlService/ListReplicas": _ANY_CALL | _AUTH | {C.NOT_FOUND},
+    "/airan.v1.ControlService/DrainSite": _ANY_CALL | _AUTH | {C.NOT_FOUND},
+    "/airan.v1.ControlService/ReportRanLoad": _ANY_CALL | _AUTH | {C.NOT_FOUND},
     "/grpc.health.v1.Health/Check": _ANY_CALL | {C.NOT_FOUND},
 }
 REQUEST_TYPE = {
@@ -94,7 +113,8 @@ REQUEST_TYPE = {
     "/grpc.health.v1.Health/Check": health_pb2.HealthCheckRequest,
 }
 STREAMING = {"/airan.v1.NetOpsService/AskStream"}
-TOO_LARGE = "larger than max"  # grpc's own refusal past the max receive size: before any interceptor
+TOO_LARGE = "larger than max"
+MAX_DETAILS_CHARS = 2000  # error messages name fields, sizes and bounds; they never echo a huge value  # grpc's own refusal past the max receive size: before any interceptor
 
 
 # -- the server under test ---------------------------------------------------------------
@@ -151,7 +171,8 @@ def _short(value) -> str:
 class FuzzServer:
     """The server and a client channel on one event loop in a background thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-grpc-server", daemon=True)
         self.thread.start()
@@ -164,7 +185,11 @@ class FuzzServer:
 
     async def _start(self) -> None:
         self.replicas = {"r1": ("bs-01", FuzzReplica()), "r2": ("bs-02", FuzzReplica())}
-        self.gateway = Gateway(CONFIG, FakePool(self.replicas), SiteRegistry(CONFIG.sites, CONFIG.radio.min_ai_headroom),
+        key_file = self.tmp / "token.key"
+        key_file.write_bytes(TOKEN_KEY)
+        config = parse_config({**CONFIG.model_dump(mode="json", exclude_none=True),
+                               "auth": {**AUTH, "token_key_file": str(key_file)}})  # fmt: skip
+        self.gateway = Gateway(config, FakePool(self.replicas), SiteRegistry(config.sites, config.radio.min_ai_headroom),
                                {"m": PromptRenderer(ensure_tiny_model())}, detector=packaged_detector())  # fmt: skip
         self.health = health.aio.HealthServicer()
         self.server = build_grpc_server(self.gateway, {"bs-01": "node-a"}, self.health)
@@ -235,8 +260,8 @@ async def _send_one(calls: dict, item: Item) -> Outcome:
 
 
 @pytest.fixture(scope="module")
-def fuzz_server():
-    server = FuzzServer()
+def fuzz_server(tmp_path_factory):
+    server = FuzzServer(tmp_path_factory.mktemp("fuzz"))
     yield server
     server.run(server.stop())
     server.loop.call_soon_threadsafe(server.loop.stop)
@@ -281,8 +306,12 @@ def check_outcomes(items: list[Item], outcomes: list[Outcome], allowed=lambda it
             assert rid == sent_header, where
         elif isinstance(item.payload, Message):
             assert re.fullmatch(r"[0-9a-f]{32}", rid), where
+        assert len(o.details) <= MAX_DETAILS_CHARS, f"an error message that echoes too much: {where}"
         if item.past_bound:
-            assert o.code in (C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED), f"past {item.past_bound} yet {where}"
+            refusals = {C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED}
+            if ("authorization", f"Bearer {FULL_TOKEN}") not in item.metadata:
+                refusals |= _AUTH  # who is calling is checked first
+            assert o.code in refusals, f"past {item.past_bound} yet {where}"
 
 
 # -- strategies: every request message from its descriptor ----------------------------------------
@@ -364,7 +393,11 @@ def _generated(method: str) -> st.SearchStrategy[Item]:
 
 
 def _metadata() -> st.SearchStrategy[tuple]:
-    return st.one_of(st.just(()), header_values.map(lambda v: ((REQUEST_ID_METADATA, v),)))
+    """An x-request-id (or none) and a token: mostly the all-scopes one, so most calls get past auth."""
+    request_id = st.one_of(st.just(()), header_values.map(lambda v: ((REQUEST_ID_METADATA, v),)))
+    token = st.sampled_from(["full"] * 10 + ["viewer", "expired", "foreign", "unlisted", "garbage", None])
+    auth = token.map(lambda t: () if t is None else (("authorization", f"Bearer {TOKENS[t]}"),))
+    return st.builds(lambda a, b: a + b, request_id, auth)
 
 
 WEIGHTED_METHODS = ["/airan.v1.NetOpsService/Ask"] * 4 + ["/airan.v1.NetOpsService/AskStream"] * 3 + [
@@ -506,9 +539,9 @@ def mutated_control(draw) -> Item:
         if kind == "drain":
             past = past or not site.strip()
             return Item("/airan.v1.ControlService/DrainSite", control_pb2.DrainSiteRequest(site_id=site),
-                        past_bound="site_id" if past else "")  # fmt: skip
+                        draw(_metadata()), "site_id" if past else "")  # fmt: skip
         return Item("/airan.v1.ControlService/ListReplicas", control_pb2.ListReplicasRequest(site_id=site),
-                    past_bound="site_id" if past else "")  # fmt: skip
+                    draw(_metadata()), "site_id" if past else "")  # fmt: skip
     n = draw(_sizes(L.MAX_RAN_LOADS, 50 * L.MAX_RAN_LOADS))
     share = draw(st.sampled_from([0.0, 0.5, 1.0, *NUMBERS]))
     request = control_pb2.ReportRanLoadRequest()
@@ -516,7 +549,7 @@ def mutated_control(draw) -> Item:
     if n:
         request.loads[draw(st.integers(0, n - 1))].ran_compute_share = share
     past = n > L.MAX_RAN_LOADS or not (0.0 <= share <= 1.0 or not n)
-    return Item("/airan.v1.ControlService/ReportRanLoad", request, past_bound="loads" if past else "")
+    return Item("/airan.v1.ControlService/ReportRanLoad", request, draw(_metadata()), "loads" if past else "")
 
 
 _RAN_LOADS = [control_pb2.SiteRanLoad(site_id=SITES[i % 2], ran_compute_share=0.3) for i in range(2)] * (25 * L.MAX_RAN_LOADS)
@@ -599,7 +632,8 @@ def test_fuzz_every_rpc_at_least_10000_requests(fuzz_server, bug_log, capsys):
     server.reset_sites()
     status = server.run(server.check_health())
     assert status.status == health_pb2.HealthCheckResponse.SERVING
-    [answer] = server.send([Item("/airan.v1.NetOpsService/Ask", _valid_ask(diagnosis=True))])
+    [answer] = server.send([Item("/airan.v1.NetOpsService/Ask", _valid_ask(diagnosis=True),
+                                 (("authorization", f"Bearer {FULL_TOKEN}"),))])  # fmt: skip
     assert answer.code is C.OK, answer.details
     gateway = server.gateway
     assert not gateway.in_flight and not gateway._cache.in_flight and not gateway._one_off_in_flight
