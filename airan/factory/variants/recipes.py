@@ -108,7 +108,8 @@ RECIPES: dict[str, Recipe] = {
             "among those near the best DEV macro-F1",
             # 1200 diagnosis items (not 2000) leave room for 480 QA pairs of ~430-token prompts in ~45 min:
             # measured 2026-11-30 (2 threads, idle box) 0.72 s per QA item-epoch, 0.30 s to cache one,
-            # a 48-token greedy QA DEV answer ~3.4 s; diagnosis rates as above
+            # a 48-token greedy QA DEV answer ~3.4 s; diagnosis rates as above. The build of 2026-11-30 took
+            # 56.5 min under other helpers' load (caching 745 s, 420 steps 1,936 s, 5 DEV checks 451 s + 201 s).
             calib_items=1200,
             heldout_items=140,
         ),
