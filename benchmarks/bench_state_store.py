@@ -6,8 +6,8 @@
 The gateway writes through `StateStore` synchronously, on the event loop: an in-flight id when a
 call starts and its removal when it ends; for an idempotent request also its answer (JSON, ~1-2 kB);
 a radio report or a drain when one arrives. This times each write on the SQLite store (WAL,
-synchronous=NORMAL, a temp file on this machine's disk; pruning and checkpoints on the store's own
-thread, as served) against the in-memory store in the same run, per call in this thread's CPU time
+synchronous=NORMAL, a temp file on this machine's disk, checkpoints on the store's own thread, as
+served; filled to its bounds first, so each insert also drops the oldest row) against the in-memory store in the same run, per call in this thread's CPU time
 (thread_time_ns: the machine is shared, and a call the scheduler preempts would otherwise count
 another process's time slice) and in wall time (perf_counter_ns) beside it, and gives the
 per-request cost (begin + answer + end). The table gives the median over runs of each run's p50 and
@@ -45,6 +45,17 @@ def sample_answer(i: int) -> str:
         routing_note="served at the site asked for", predicted_ms=600.0, allowed_ms=1500.0,
     )  # fmt: skip
     return encode_answer(answer)
+
+
+def fill(store) -> None:
+    """At the bounds already (4,096 reports per site, 1,024 answers), as a store that has served a
+    while: every timed insert also drops the oldest row."""
+    payload = sample_answer(0)
+    for i in range(4096):
+        for site in ("bs-01", "bs-02", "bs-03"):
+            store.add_ran_report(RanReport(site, 0.5, float(i), float(i)))
+    for i in range(1024):
+        store.put_answer(StoredAnswer("xapp-ts", f"old-{i}", payload, float(i)))
 
 
 def one_run(store, n: int, clock) -> dict[str, list[int]]:
@@ -89,6 +100,7 @@ def main() -> None:
         for clock_name, clock in clocks.items():
             with tempfile.TemporaryDirectory() as tmp:
                 for name, store in (("sqlite", SqliteStateStore(Path(tmp) / "s.sqlite")), ("memory", MemoryStateStore())):
+                    fill(store)
                     for op, values in one_run(store, n, clock).items():
                         per.setdefault((name, clock_name), {}).setdefault(op, []).append((pct(values, 0.5), pct(values, 0.99)))
                     store.close()

@@ -134,9 +134,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS drains (
     site_id TEXT PRIMARY KEY, drained INTEGER NOT NULL, changed_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS ran_reports (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, site_id TEXT NOT NULL, share REAL NOT NULL,
-    measured_at REAL NOT NULL, received_at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS ran_reports_site ON ran_reports (site_id, seq);
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, site_id TEXT NOT NULL, site_seq INTEGER NOT NULL,
+    share REAL NOT NULL, measured_at REAL NOT NULL, received_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS ran_reports_site ON ran_reports (site_id, site_seq);
 CREATE TABLE IF NOT EXISTS answers (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, controller_id TEXT NOT NULL, request_id TEXT NOT NULL,
     payload TEXT NOT NULL, stored_at REAL NOT NULL, UNIQUE (controller_id, request_id));
@@ -146,9 +146,9 @@ CREATE TABLE IF NOT EXISTS in_flight (
 """
 
 
-# the rows past a bound, found through the (site_id, seq) index and the answers' seq key
-_TRIM_REPORTS = ("DELETE FROM ran_reports WHERE site_id = ? AND seq <= COALESCE((SELECT seq FROM ran_reports "
-                 "WHERE site_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?), -1)")  # fmt: skip
+# the rows past a bound, counted from the newest (at open: a file written under larger bounds)
+_TRIM_REPORTS = ("DELETE FROM ran_reports WHERE site_id = ? AND site_seq <= COALESCE((SELECT site_seq FROM "
+                 "ran_reports WHERE site_id = ? ORDER BY site_seq DESC LIMIT 1 OFFSET ?), -1)")  # fmt: skip
 _TRIM_ANSWERS = "DELETE FROM answers WHERE seq <= COALESCE((SELECT seq FROM answers ORDER BY seq DESC LIMIT 1 OFFSET ?), -1)"
 
 
@@ -158,7 +158,7 @@ class StateSchemaError(RuntimeError):
 
 class SqliteStateStore:
     """One SQLite file; each write is one short transaction that only appends to the write-ahead log
-    (an insert into a bounded table also drops, by index, the row it pushes past the bound), cheap
+    (an insert into a bounded table also drops, by an index range, the rows past the bound), cheap
     enough to run on the event loop (benchmarks/bench_state_store.py measures it). Checkpointing the
     log into the file, which syncs it to disk, runs every `checkpoint_interval_s` on a thread of its
     own with its own connection. Opening the file prunes it to the current bounds."""
@@ -230,22 +230,28 @@ class SqliteStateStore:
 
     def add_ran_report(self, report: RanReport) -> None:
         with self._lock, self._transaction() as db:
+            # the site's own sequence number: its oldest rows past the bound are a range of it (by index)
+            (n,) = db.execute("SELECT COALESCE(MAX(site_seq), 0) + 1 FROM ran_reports WHERE site_id = ?",
+                              (report.site_id,)).fetchone()  # fmt: skip
             db.execute(
-                "INSERT INTO ran_reports (site_id, share, measured_at, received_at) VALUES (?, ?, ?, ?)",
-                (report.site_id, report.share, report.measured_at, report.received_at),
+                "INSERT INTO ran_reports (site_id, site_seq, share, measured_at, received_at) VALUES (?, ?, ?, ?, ?)",
+                (report.site_id, n, report.share, report.measured_at, report.received_at),
             )
-            db.execute(_TRIM_REPORTS, (report.site_id, report.site_id, self.max_reports_per_site))
+            db.execute("DELETE FROM ran_reports WHERE site_id = ? AND site_seq <= ?",
+                       (report.site_id, n - self.max_reports_per_site))  # fmt: skip
 
     def put_answer(self, answer: StoredAnswer) -> None:
         if not self.max_answers:
             return
         with self._lock, self._transaction() as db:
             # a key stored again moves to the newest end (REPLACE gives it a new seq)
-            db.execute(
+            seq = db.execute(
                 "INSERT OR REPLACE INTO answers (controller_id, request_id, payload, stored_at) VALUES (?, ?, ?, ?)",
                 (answer.controller_id, answer.request_id, answer.payload, answer.stored_at),
-            )
-            db.execute(_TRIM_ANSWERS, (self.max_answers,))
+            ).lastrowid
+            # seq only grows, so the newest max_answers rows lie within the last max_answers seqs (fewer
+            # when a key was stored again): a range delete on the key, not a count
+            db.execute("DELETE FROM answers WHERE seq <= ?", (seq - self.max_answers,))
 
     @contextmanager
     def _transaction(self):
