@@ -5,6 +5,7 @@ import asyncio
 import logging
 import math
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -315,18 +316,19 @@ class RayReplicaPool:
             actor = actors[name]
             spec, cpus, _ = planned[slot]
             served = info["model"]
-            view = ReplicaView(info["replica_id"], spec.site, spec.model, ReplicaState.READY,
+            # its own site: a replica re-placed after its node died serves elsewhere than configured
+            view = ReplicaView(info["replica_id"], info["site_id"], spec.model, ReplicaState.READY,
                                adapters=frozenset(spec.adapters), variant="" if served == spec.model else served)  # fmt: skip
             self._replicas[view.replica_id] = _Replica(
                 view, actor, node_id=info["node_id"], cpus=cpus, pid=info["pid"], cap_mechanism=info["cap_mechanism"],
                 slot=slot, adopted=True,
             )  # fmt: skip
-            serial = view.replica_id.rsplit("-s", 1)[-1]
-            if view.replica_id != slot and serial.isdigit():  # later swaps must not reuse its name
-                self._serial = max(self._serial, int(serial))
+            serial = re.search(r"-[sr](\d+)$", view.replica_id)  # a swap's or a restart's successor
+            if view.replica_id != slot and serial:  # later swaps and restarts must not reuse its name
+                self._serial = max(self._serial, int(serial.group(1)))
             self.adoption.append(f"adopted {view.replica_id} ({served}, pid {info['pid']}, engine loaded "
                                  f"{info['engine_loads']}x)")  # fmt: skip
-            log.info("adopted replica %s at %s (%s, pid %s): engine not reloaded", view.replica_id, spec.site,
+            log.info("adopted replica %s at %s (%s, pid %s): engine not reloaded", view.replica_id, view.site_id,
                      served, info["pid"])  # fmt: skip
         return set(keep)
 
