@@ -172,3 +172,28 @@ async def test_adapter_queries_are_served_only_where_the_adapter_is_loaded(clien
     finally:
         await client.drain_site("bs-02", resume=True)
     assert set(replicas) == {"bs-01", "bs-02"}
+
+
+async def test_a_share_of_the_fuzz_suites_asks_on_the_real_engines(stack, client, caplog):
+    """120 of tests/test_fuzz_api.py's Ask/AskStream requests (generated and mutated; the same each run)
+    on the real vLLM replicas. The fuzz's 10,000 run over fake engines; here whatever passes validation
+    (any temperature, max_tokens, priority, deadline, a grammar built from the caller's KPI names and
+    cells) meets vLLM: documented statuses only, no replica failed, nothing left in flight."""
+    import logging
+
+    from test_fuzz_api import ALLOWED, check_outcomes, draw_asks, raw_calls, send_all
+
+    items = await asyncio.to_thread(draw_asks, 120)
+
+    def allowed(item, outcome) -> bool:  # the tiny random model may break a diagnosis twice (documented)
+        return outcome.code in ALLOWED[item.method] or (
+            outcome.code == grpc.StatusCode.INTERNAL and "gave no valid diagnosis" in outcome.details)
+
+    async with grpc.aio.insecure_channel(stack.address) as channel:
+        calls = raw_calls(channel)
+        for i in range(0, len(items), 10):
+            check_outcomes(items[i:i + 10], await send_all(calls, items[i:i + 10]), allowed)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("airan")]
+    assert all(r.state == control_pb2.REPLICA_READY for r in (await client.replicas()).replicas)
+    assert (await client.ask(build_request("Summarise bs-01.", max_tokens=4))).completion_tokens == 4
+    assert await _in_flight(client) == 0
