@@ -208,12 +208,7 @@ def test_the_pool_sends_each_actor_the_configured_engine_spec(monkeypatch):
     monkeypatch.setattr(replicas.os, "sched_getaffinity", lambda pid: {0, 1})
     pool = _pool({"kv_cache_gb": 0.5}, [{"site": "bs-01", "model": "m"}, {"site": "bs-02", "model": "m"}])
 
-    async def main():
-        await pool.start()
-        pool._poller.cancel()
-        await asyncio.gather(pool._poller, return_exceptions=True)
-
-    asyncio.run(main())
+    asyncio.run(pool.start())  # no poller: the supervisor (not started here) probes the replicas
     assert [v.state.name for v in pool.views()] == ["READY", "READY"]
     for (options, (replica_id, site, spec, *_cap)), cpus in zip(actors.created, ([0], [1])):
         assert spec == EngineSpec("vllm", settings_for(pool.config.model("m"), pool.config.engine, Path("/models/m")),

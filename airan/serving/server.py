@@ -19,6 +19,7 @@ from airan.serving.api.servicers import ControlServicer, NetOpsServicer
 from airan.serving.cluster.headroom import HeadroomController, servable_variants
 from airan.serving.cluster.replicas import RayReplicaPool
 from airan.serving.cluster.sites import SiteCluster
+from airan.serving.cluster.supervisor import ReplicaSupervisor
 from airan.config import AiranConfig
 from airan.serving.gateway import Gateway
 from airan.core.detector import Detector
@@ -68,6 +69,7 @@ class ControlPlane:
         self.metrics: metrics.MetricsEndpoint | None = None  # /metrics, server.metrics_port
         self.sampler: metrics.GatewaySampler | None = None
         self.headroom: HeadroomController | None = None  # router.policy radio_first
+        self.supervisor: ReplicaSupervisor | None = None  # finds dead or hung replicas, brings them back
         self.store: StateStore | None = None  # what the next control plane reads (config.state)
         self.recovery: Recovery | None = None  # what this one took over from the previous one
 
@@ -129,6 +131,10 @@ class ControlPlane:
             await self.headroom.step()  # caps and admitted concurrency in force before the first query
             self.headroom.start()
         await self._start_grpc(self.cluster.node_of_site())
+        # from here NetOps health follows whether any replica can answer
+        self.supervisor = ReplicaSupervisor(self.config, self.pool, self.gateway.sites, self.cluster.live_sites,
+                                            on_serving=self._set_serving)  # fmt: skip
+        self.supervisor.start()
         return self
 
     async def _start_grpc(self, node_of_site: dict[str, str]) -> None:
@@ -153,7 +159,17 @@ class ControlPlane:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("airan serving on %s", self.address)
 
+    async def _set_serving(self, serving: bool) -> None:
+        """NetOps is NOT_SERVING while no replica can answer. The server ("") and ControlService stay
+        SERVING: operators still drain and report, and a liveness probe on "" must not restart the
+        control plane while its replicas come back."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(SERVICE_NAMES[0], status)
+
     async def stop(self) -> None:
+        if self.supervisor is not None:  # first: replicas stopped from here on are no failures
+            await self.supervisor.stop()
+            self.supervisor = None
         # flip health first so load balancers stop sending, then let in-flight work finish
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

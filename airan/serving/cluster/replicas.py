@@ -185,6 +185,7 @@ class _Replica:
     cpus: list[int] | None = None  # the cores its engine threads are bound to (local mode)
     pid: int = 0
     cap_mechanism: str = ""  # how its CPU use is capped ("" = not capped)
+    engine: EngineSpec | None = None  # what it was started with (a replacement starts the same)
     slot: str = ""  # the configured replica it fills (site-model-ordinal); a swap's successor keeps it
     adopted: bool = False  # left running by a previous control plane and taken over, not started here
 
@@ -286,7 +287,6 @@ class RayReplicaPool:
             self._launch(view, cpus, engine)
             starts.append(self._start_one(replica_id))
         await asyncio.gather(*starts)
-        self._poller = asyncio.create_task(self._poll_loads(), name="airan-replica-load")
 
     async def _adopt(self, plans: list[tuple[str, object, list[int] | None, EngineSpec]]) -> set[str]:
         """Take over the replica actors a previous control plane left in this namespace: each that
@@ -321,7 +321,7 @@ class RayReplicaPool:
                                adapters=frozenset(spec.adapters), variant="" if served == spec.model else served)  # fmt: skip
             self._replicas[view.replica_id] = _Replica(
                 view, actor, node_id=info["node_id"], cpus=cpus, pid=info["pid"], cap_mechanism=info["cap_mechanism"],
-                slot=slot, adopted=True,
+                slot=slot, adopted=True, engine=info["engine"],
             )  # fmt: skip
             serial = re.search(r"-[sr](\d+)$", view.replica_id)  # a swap's or a restart's successor
             if view.replica_id != slot and serial:  # later swaps and restarts must not reuse its name
@@ -402,7 +402,7 @@ class RayReplicaPool:
             max_concurrency=1000,
         ).remote(view.replica_id, view.site_id, engine, cpus, self.cap_cpu, initial_cap, slot,
                  view.variant or view.model)  # fmt: skip
-        r = _Replica(view, actor, cpus=cpus, slot=slot)
+        r = _Replica(view, actor, cpus=cpus, slot=slot, engine=engine)
         self._replicas[view.replica_id] = r
         return r
 
@@ -419,24 +419,64 @@ class RayReplicaPool:
         r.view = replace(r.view, state=ReplicaState.READY)
         log.info("replica %s ready at site %s in %.1fs", replica_id, r.view.site_id, time.monotonic() - r.started_at)
 
-    async def _poll_loads(self) -> None:
-        interval = self.config.router.stats_interval_s
-        while True:
-            await asyncio.gather(
-                *(self._poll_one(r) for r in self._replicas.values() if r.view.state is ReplicaState.READY)
-            )
-            await asyncio.sleep(interval)
-
-    async def _poll_one(self, r: _Replica) -> None:
+    # -- health and recovery (driven by airan/serving/cluster/supervisor.py) -----------------------
+    async def probe(self, replica_id: str, timeout_s: float) -> None:
+        """One health call: the engine's own health check and its load, which the view takes.
+        Raises ReplicaUnavailableError/EngineDeadError when the replica is gone, TimeoutError when it
+        does not answer within `timeout_s`, RequestFailedError when the call failed otherwise."""
+        r = self._replicas[replica_id]
         try:
-            load: EngineLoad = await asyncio.wait_for(r.actor.load.remote(), timeout=10)
+            load: EngineLoad = await asyncio.wait_for(r.actor.load.remote(), timeout=timeout_s)
         except asyncio.TimeoutError:
-            return  # a busy engine answers late; keep the last figures
+            raise
         except Exception as e:
-            self.mark_failed(r.view.replica_id, f"health check failed: {_unwrap(e)}")
-            return
+            raise _unwrap(e) from e
         if r.view.state is ReplicaState.READY:
             r.view = replace(r.view, running=load.running, waiting=load.waiting, kv_cache_usage=load.kv_cache_usage)
+
+    def claimed_cpus(self, replica_id: str) -> float:
+        """The Ray CPUs the replica takes at its site (what a replacement needs there)."""
+        cpus = self._replicas[replica_id].cpus
+        return float(len(cpus)) if cpus else 1.0
+
+    async def relaunch(self, replica_id: str, site_id: str, start_timeout_s: float) -> str:
+        """Start a replacement for the failed `replica_id` on `site_id` (same model, adapters, cores and
+        settings; a new id, `<site>-<model>-r<n>`); once it is ready the failed one is dropped and the
+        new id returned. Not ready within `start_timeout_s` (or cancelled): it is stopped and the error
+        raised, and the failed one stays for the next try."""
+        old = self._replicas[replica_id]
+        try:  # a hung one must not come back; for a dead one this is a no-op
+            ray.kill(old.actor, no_restart=True)
+        except Exception as e:
+            log.debug("kill %s: %s", replica_id, e)
+        self._serial += 1
+        served = old.view.variant or old.view.model
+        new_id = f"{site_id}-{served}-r{self._serial}"
+        engine = old.engine
+        if engine is None:  # adopted from an earlier control plane: built again from the config
+            adapters = tuple((a, str(self.model_paths[a])) for a in old.view.adapters)
+            path = self.model_paths.get(served) or self.variant_paths.get(served)
+            engine = replica_engine(self.config.engine, self.config.model(served), path, adapters, old.cpus)
+        home = site_id == old.view.site_id
+        view = replace(old.view, replica_id=new_id, site_id=site_id, state=ReplicaState.STARTING, in_flight=0,
+                       running=0, waiting=0, kv_cache_usage=0.0)  # fmt: skip
+        # it fills the failed one's slot: a later control plane adopts it as that configured replica
+        self._launch(view, old.cpus, engine, initial_cap=old.view.cpu_cap if home else None, slot=old.slot)
+        try:
+            await asyncio.wait_for(self._start_one(new_id), start_timeout_s)
+            new = self._replicas[new_id]
+            if new.view.state is not ReplicaState.READY:
+                raise RuntimeError(new.error or "engine did not start")
+        except BaseException as e:
+            failed = self._replicas.pop(new_id, None)
+            if failed is not None:
+                ray.kill(failed.actor, no_restart=True)
+            if isinstance(e, asyncio.TimeoutError):
+                raise RuntimeError(f"replacement {new_id} at {site_id} not ready in {start_timeout_s:.0f}s") from None
+            raise
+        self._replicas.pop(replica_id, None)
+        self._streams.pop(replica_id, None)
+        return new_id
 
     # -- radio first: limits and variants ------------------------------------------------------
     async def set_limits(self, replica_id: str, max_concurrency: int | None, cpu_cap: float | None,
@@ -511,6 +551,7 @@ class RayReplicaPool:
         while open_work() > 0 and time.monotonic() < deadline:  # bounded by the timeout
             await asyncio.sleep(0.05)
         left = open_work()
+        old.view = replace(old.view, state=ReplicaState.STOPPED)  # stopping on purpose: not a failure
         try:
             await asyncio.wait_for(old.actor.shutdown.remote(), 30)
         except Exception as e:
