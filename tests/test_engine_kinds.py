@@ -210,6 +210,9 @@ def test_the_pool_sends_each_actor_the_configured_engine_spec(monkeypatch):
 
     asyncio.run(pool.start())  # no poller: the supervisor (not started here) probes the replicas
     assert [v.state.name for v in pool.views()] == ["READY", "READY"]
+    import ray
+
+    assert not ray.is_initialized(), "a pool started outside a cluster looked for actors to adopt and started Ray"
     for (options, (replica_id, site, spec, *_cap)), cpus in zip(actors.created, ([0], [1])):
         assert spec == EngineSpec("vllm", settings_for(pool.config.model("m"), pool.config.engine, Path("/models/m")),
                                   cpu_engine_env(cpus))  # fmt: skip

@@ -167,6 +167,12 @@ class ControlPlane:
         await self.health.set(SERVICE_NAMES[0], status)
 
     async def stop(self) -> None:
+        try:
+            await self._stop_serving()
+        finally:  # a step that fails must not leave this process joined to Ray (the next start would fail)
+            self.cluster.shutdown()
+
+    async def _stop_serving(self) -> None:
         if self.supervisor is not None:  # first: replicas stopped from here on are no failures
             await self.supervisor.stop()
             self.supervisor = None
@@ -188,7 +194,6 @@ class ControlPlane:
         if self.store is not None:
             self.store.close()
             self.store = None
-        self.cluster.shutdown()
 
     async def __aenter__(self) -> ControlPlane:
         try:

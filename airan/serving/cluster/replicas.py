@@ -293,6 +293,8 @@ class RayReplicaPool:
         answers, whose engine is up and healthy, and that holds what its configured replica should
         (the same engine spec: model or a servable variant of it, settings, cores) serves on without
         a reload; the others are stopped. Returns the configured replica ids (slots) adopted."""
+        if not ray.is_initialized():  # no cluster joined, nothing to adopt (and listing would start a local Ray)
+            return set()
         names = [n for n in await asyncio.to_thread(ray.util.list_named_actors) if n.startswith(ACTOR_PREFIX)]
         if not names:
             return set()
