@@ -47,7 +47,7 @@ import psutil
 import yaml
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from airan.client import AsyncAiranClient
+from airan.client import AsyncAiranClient, build_request
 from airan.config import DEFAULT_CONFIG, dump_config, load_config
 from airan.v1 import netops_pb2
 
@@ -81,21 +81,13 @@ def kpis(site: str) -> list[netops_pb2.KpiSample]:
 
 
 def request(cls: str, site: str) -> netops_pb2.AskRequest:
-    priority, _, deadline_s = CLASSES[cls]
+    _, _, deadline_s = CLASSES[cls]
+    common = dict(site_ids=[site], priority=cls, controller_id=CONTROLLER[cls], deadline_s=deadline_s)
     if cls == "BEST_EFFORT":
-        r = netops_pb2.AskRequest(controller_id=CONTROLLER[cls], site_ids=[site], priority=priority, max_tokens=48,
-                                  question=f"Summarise what limits throughput at {site} and what to check first.")  # fmt: skip
-    else:
-        r = netops_pb2.AskRequest(
-            controller_id=CONTROLLER[cls], site_ids=[site], cell_ids=[f"{site}/c1", f"{site}/c2"],
-            question=f"Why did throughput drop on {site}/c1?", kpi_context=kpis(site), priority=priority,
-            response_mode=netops_pb2.DIAGNOSIS,
-        )  # fmt: skip
-    if deadline_s is not None:
-        ts = Timestamp()
-        ts.FromNanoseconds(int((time.time() + deadline_s) * 1e9))
-        r.deadline.CopyFrom(ts)
-    return r
+        return build_request(f"Summarise what limits throughput at {site} and what to check first.", max_tokens=48,
+                             **common)  # fmt: skip
+    return build_request(f"Why did throughput drop on {site}/c1?", cell_ids=[f"{site}/c1", f"{site}/c2"],
+                         kpis=kpis(site), diagnosis=True, **common)  # fmt: skip
 
 
 class Calls:
