@@ -150,6 +150,9 @@ class AdmissionConfig(_Strict):
     queue_bounds: QueueBounds = QueueBounds()
     # waiting requests per replica in all classes; past it a higher class sheds BEST_EFFORT first
     max_waiting: Annotated[int, Field(ge=0)] = 32
+    # a NEAR_RT or NON_RT request that can start preempts running BEST_EFFORT requests (they end
+    # RESOURCE_EXHAUSTED) as far as it needs for a slot and for its deadline in the smaller batch
+    preempt_best_effort: bool = True
     # weight of a new observation in the smoothed (EWMA) prefill and decode rates
     smoothing: Annotated[float, Field(gt=0, le=1)] = 0.2
     # rates assumed until a replica has finished its first request

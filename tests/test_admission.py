@@ -238,3 +238,62 @@ def test_a_lower_class_never_starts_beside_a_running_higher_class():
     assert [t.request_id for t in q.finish(q.running[0], NOW + 0.8)] == ["be"]
     # the other way round: a higher class joins running lower ones while a slot is free
     assert q.offer(Ticket("near3", Priority.NEAR_RT, NOW + 2, service_s=0.8), NOW + 0.9).started
+
+
+# -- BEST_EFFORT yields to higher classes (preempt_best_effort) ----------------------------------
+def preempting_queue(slots):
+    return ReplicaQueue("r1", slots=slots, bounds={p: 10 for p in Priority}, max_waiting=10, preempt_best_effort=True)
+
+
+def test_a_higher_class_preempts_running_best_effort_for_a_slot_latest_started_first():
+    q = preempting_queue(slots=2)
+    early, late = ticket("be-early"), ticket("be-late")
+    q.offer(early, NOW), q.offer(late, NOW + 0.5)
+    near = q.offer(Ticket("near", Priority.NEAR_RT, NOW + 5, service_s=0.5), NOW + 1)
+    assert near.started and [t.request_id for t in near.preempted] == ["be-late"]  # the least work lost
+    assert late.preempted and not early.preempted and [t.request_id for t in q.running] == ["be-early", "near"]
+    # a BEST_EFFORT request never preempts its own class; NON_RT does
+    q2 = preempting_queue(slots=1)
+    q2.offer(ticket("be"), NOW)
+    assert q2.offer(ticket("be-new"), NOW).queued
+    assert [t.request_id for t in q2.offer(Ticket("nrt", Priority.NON_RT, NOW + 9, 1.0), NOW).preempted] == ["be"]
+
+
+def test_only_as_many_best_effort_are_preempted_as_the_deadline_needs():
+    q = preempting_queue(slots=8)
+    be = [ticket(f"be{i}") for i in range(5)]
+    for i, t in enumerate(be):
+        q.offer(t, NOW + i)
+    # a free slot, but the NEAR_RT request meets its deadline only in a batch of 3 or fewer
+    offer = q.offer(Ticket("near", Priority.NEAR_RT, NOW + 9, 1.0), NOW + 9, fits=lambda batch: batch <= 3)
+    assert offer.started and [t.request_id for t in offer.preempted] == ["be4", "be3", "be2"]
+    assert len(q.running) == 3
+    # when no number of preemptions would do, none is made beyond what the slot needs
+    q2 = preempting_queue(slots=2)
+    q2.offer(ticket("a"), NOW), q2.offer(ticket("b"), NOW)
+    offer = q2.offer(Ticket("near", Priority.NEAR_RT, NOW + 1, 1.0), NOW, fits=lambda batch: False)
+    assert [t.request_id for t in offer.preempted] == ["b"]
+
+
+def test_without_preemption_best_effort_keeps_its_slot():
+    q = ReplicaQueue("r1", slots=1, bounds={p: 10 for p in Priority}, max_waiting=10)
+    q.offer(ticket("be"), NOW)
+    near = q.offer(Ticket("near", Priority.NEAR_RT, NOW + 5, 1.0), NOW, fits=lambda batch: batch <= 1)
+    assert near.queued and near.preempted == ()
+
+
+def test_running_best_effort_holds_no_slot_against_a_class_that_may_preempt_it():
+    q = preempting_queue(slots=2)
+    q.offer(ticket("be1", service_s=4.0), NOW), q.offer(ticket("be2", service_s=3.0), NOW)
+    # NEAR_RT and NON_RT would start now (preempting); BEST_EFFORT waits for a slot to free at +3
+    assert q.start_times(NOW) == [NOW, NOW, NOW + 3.0]
+    assert q.holding_counts() == [0, 0, 2]
+    q.offer(Ticket("nrt", Priority.NON_RT, NOW + 9, service_s=2.0), NOW)  # preempts be2
+    assert q.holding_counts() == [1, 1, 2] and q.start_times(NOW) == [NOW, NOW, NOW + 2.0]
+
+
+def test_the_router_predicts_each_class_at_the_batch_it_would_join():
+    t = table()
+    t.set_admission("r1", 0.0002, [0.02, 0.02, 0.05], 0.02, [NOW] * 3)  # BEST_EFFORT joins a full batch
+    near, be = predict_s(ctx(1.0), t)[0], predict_s(ctx(1.0, priority=Priority.BEST_EFFORT), t)[0]
+    assert near == pytest.approx(0.002 + 0.04 + 16 * 0.02) and be == pytest.approx(0.002 + 0.04 + 16 * 0.05)

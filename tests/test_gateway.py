@@ -328,7 +328,7 @@ async def started(replica, n, timeout=2.0):
 async def test_a_deadline_no_replica_can_meet_because_of_load_is_refused_at_once(gateway):
     slow = FakeReplica(words=("w",) * 40, delay=0.05)
     gw, _ = gateway({"r1": ("bs-01", slow)}, config=one_slot())
-    hog = asyncio.create_task(gw.ask(q(max_tokens=40), request_id=call_id()))
+    hog = asyncio.create_task(gw.ask(q(max_tokens=40, priority=Priority.NON_RT), request_id=call_id()))
     await started(slow, 1)
     gw._rates_of("r1").observe(100, 0.01, 40, 39 * 0.05)  # as if it had learnt the replica: 50 ms a token
     gw._queue_changed("r1")
@@ -355,14 +355,15 @@ async def test_queued_requests_reach_the_engine_by_class_then_earliest_deadline(
     replica = FakeReplica(words=("w",) * 3, delay=0.03)
     gw, _ = gateway({"r1": ("bs-01", replica)}, config=one_slot())
     now = time.monotonic()
-    first = asyncio.create_task(gw.ask(q(max_tokens=3), request_id="be-running"))
+    first = asyncio.create_task(gw.ask(q(max_tokens=3, priority=Priority.NON_RT, deadline=now + 60),
+                                       request_id="running"))  # fmt: skip
     await started(replica, 1)
     order = [("be-2", Priority.BEST_EFFORT, None), ("non-rt", Priority.NON_RT, now + 30),
              ("near-late", Priority.NEAR_RT, now + 20), ("near-early", Priority.NEAR_RT, now + 10)]  # fmt: skip
     rest = [asyncio.create_task(gw.ask(q(max_tokens=3, priority=p, deadline=d), request_id=rid)) for rid, p, d in order]
     answers = await asyncio.gather(first, *rest)
-    assert replica.request_ids == ["be-running", "near-early", "near-late", "non-rt", "be-2"]
-    assert [a.request_id for a in answers] == ["be-running", "be-2", "non-rt", "near-late", "near-early"]
+    assert replica.request_ids == ["running", "near-early", "near-late", "non-rt", "be-2"]
+    assert [a.request_id for a in answers] == ["running", "be-2", "non-rt", "near-late", "near-early"]
     assert all(isinstance(a, Answer) for a in answers) and gw.in_flight == {}
     assert gw.replica_views()[0].in_flight == 0
 
@@ -377,11 +378,41 @@ async def test_priority_reaches_the_engine_class_first_then_deadline(gateway):
     assert near < best_effort and near // 10**12 == 0 and best_effort // 10**12 == 2
 
 
+async def test_a_near_rt_request_preempts_a_running_best_effort_stream_which_ends_resource_exhausted(gateway):
+    replica = FakeReplica(words=("w",) * 40, delay=0.02)
+    gw, _ = gateway({"r1": ("bs-01", replica)}, config=one_slot())
+    got: list[str] = []
+
+    async def best_effort():
+        async for event in gw.stream(q(max_tokens=40), request_id="be"):
+            got.append(event)
+
+    be = asyncio.create_task(best_effort())
+    async with asyncio.timeout(2.0):
+        while len(got) < 3:  # some text has left
+            await asyncio.sleep(0.005)
+    near = await gw.ask(q(max_tokens=3, priority=Priority.NEAR_RT, deadline=time.monotonic() + 1.0), request_id="near")
+    with pytest.raises(AiranError) as e:
+        await be
+    assert e.value.kind is ErrorKind.RESOURCE_EXHAUSTED and e.value.reason == "preempted"
+    assert "preempted at r1 to make room for a NEAR_RT request" in e.value.message
+    assert near.completion_tokens == 3 and replica.request_ids == ["be", "near"]
+    assert replica.aborted == ["be"] and len(got) < 40  # stopped in the engine, not run to its end
+    assert gw.in_flight == {} and not gw._queues["r1"].running and not gw._preemptions
+    # with preempt_best_effort off the NEAR_RT request waits for the running one instead
+    gw2, _ = gateway({"r1": ("bs-01", FakeReplica(words=("w",) * 5, delay=0.02))},
+                     config=one_slot(preempt_best_effort=False))  # fmt: skip
+    first = asyncio.create_task(gw2.ask(q(max_tokens=5), request_id="be"))
+    await asyncio.sleep(0.03)
+    await gw2.ask(q(max_tokens=3, priority=Priority.NEAR_RT, deadline=time.monotonic() + 5.0), request_id="near")
+    assert (await first).completion_tokens == 5
+
+
 async def test_bounded_queues_shed_best_effort_first_and_every_request_ends_once(gateway):
     replica = FakeReplica(words=("w",) * 3, delay=0.1)
     config = one_slot(max_waiting=2, queue_bounds={"near_rt": 2, "non_rt": 2, "best_effort": 2})
     gw, _ = gateway({"r1": ("bs-01", replica)}, config=config)
-    hog = asyncio.create_task(gw.ask(q(max_tokens=3), request_id="hog"))
+    hog = asyncio.create_task(gw.ask(q(max_tokens=3, priority=Priority.NON_RT), request_id="hog"))
     await started(replica, 1)
     waiting = [asyncio.create_task(gw.ask(q(max_tokens=3), request_id=f"be-{i}")) for i in range(2)]
     async with asyncio.timeout(2.0):  # both queued behind the hog (prompts render on a thread: not at once)
@@ -404,7 +435,7 @@ async def test_bounded_queues_shed_best_effort_first_and_every_request_ends_once
 async def test_a_queued_request_that_can_no_longer_start_in_time_is_dropped_before_its_deadline(gateway):
     slow = FakeReplica(words=("w",) * 40, delay=0.05)
     gw, _ = gateway({"r1": ("bs-01", slow)}, config=one_slot())
-    hog = asyncio.create_task(gw.ask(q(max_tokens=40), request_id="hog"))
+    hog = asyncio.create_task(gw.ask(q(max_tokens=40, priority=Priority.NON_RT), request_id="hog"))
     await started(slow, 1)
     t0 = time.monotonic()
     with pytest.raises(AiranError) as e:  # admitted (admission thinks the hog ends soon), then it waits
@@ -420,7 +451,7 @@ async def test_a_queued_request_that_can_no_longer_start_in_time_is_dropped_befo
 async def test_a_named_site_that_cannot_meet_the_deadline_sends_the_request_elsewhere(gateway):
     busy = FakeReplica(words=("w",) * 40, delay=0.05)
     gw, _ = gateway({"r1": ("bs-01", busy), "r2": ("bs-02", FakeReplica())}, config=one_slot())
-    hog = asyncio.create_task(gw.ask(q(max_tokens=40, site_ids=("bs-01",)), request_id="hog"))
+    hog = asyncio.create_task(gw.ask(q(max_tokens=40, site_ids=("bs-01",), priority=Priority.NON_RT), request_id="hog"))
     await started(busy, 1)
     gw._rates_of("r1").observe(100, 0.01, 40, 39 * 0.05)  # the hog's replica is slow: 2 s per answer
     gw._queue_changed("r1")

@@ -17,6 +17,14 @@ a higher class needs the room. A request never starts beside a running one of a
 higher class: on a CPU engine its prefill would stall that request's decoding
 (a 270-token prefill takes ~400 ms on one core), breaking the deadline it was
 admitted on; it starts when they have finished.
+
+With `preempt_best_effort`, a running BEST_EFFORT request holds its slot only
+against its own class: a higher-class request that can start preempts as many
+of them (latest started first: the least work lost) as it needs for a slot and
+for its deadline at the smaller batch, and the gateway ends those with
+RESOURCE_EXHAUSTED. So under overload the batch is not full of BEST_EFFORT
+decodes that leave a NEAR_RT request no room to meet its deadline; BEST_EFFORT,
+which can wait, is what is shed.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ import bisect
 import heapq
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,7 +63,7 @@ def predict_into(ctx: RoutingContext, table: ReplicaTable, out: np.ndarray,
         # a static mask's penalty comes folded into the network column (cached): one addition
         out += table.round_trip_penalised(req.controller_id, penalty) if static \
             else table.round_trip_s(req.controller_id) + penalty  # fmt: skip
-    out += np.dot(np.array((req.prompt_tokens, req.expected_tokens), dtype=float), table.rates,
+    out += np.dot(np.array((req.prompt_tokens, req.expected_tokens), dtype=float), table.rates[req.priority.rank],
                   out=table.scratch_tmp)  # fmt: skip
     return out
 
@@ -94,7 +102,7 @@ def breakdown(ctx: RoutingContext, table: ReplicaTable, i: int, idle: bool = Fal
     queue = 0.0 if idle else max(0.0, float(table.start_at[req.priority.rank, i]) - ctx.now)
     network = 2.0 * float(table.latency_s(req.controller_id)[i])
     prefill = req.prompt_tokens * float(table.prefill_s_per_token[i])
-    per_token = table.idle_decode_s_per_token if idle else table.decode_s_per_token
+    per_token = table.idle_decode_s_per_token if idle else table.decode_s_per_token[req.priority.rank]
     decode = req.expected_tokens * float(per_token[i])
     v = table.views[i]
     parts = (queue, network, prefill, decode)
@@ -180,6 +188,7 @@ class Ticket:
     tokens: int = 0
     seq: int = field(default_factory=lambda: next(_seq))
     started_at: float | None = None
+    preempted: bool = False  # stopped while running to make room for a higher class
 
     @property
     def key(self) -> tuple[int, float, int]:
@@ -196,22 +205,28 @@ class Ticket:
 class Offer:
     started: bool  # runs now
     queued: bool  # waits for a slot
-    shed: tuple[Ticket, ...] = ()  # lower-class tickets dropped to make room
+    shed: tuple[Ticket, ...] = ()  # lower-class waiting tickets dropped to make room
     refusal: str = ""  # why it was neither started nor queued
+    preempted: tuple[Ticket, ...] = ()  # running BEST_EFFORT tickets stopped to make room
 
     @property
     def accepted(self) -> bool:
         return self.started or self.queued
 
 
+_PREEMPTIBLE_RANK = Priority.BEST_EFFORT.rank
+
+
 class ReplicaQueue:
     """The requests at one replica: up to `slots` running, the rest waiting in service order."""
 
-    def __init__(self, replica_id: str, slots: int, bounds: Mapping[Priority, int], max_waiting: int) -> None:
+    def __init__(self, replica_id: str, slots: int, bounds: Mapping[Priority, int], max_waiting: int,
+                 preempt_best_effort: bool = False) -> None:  # fmt: skip
         self.replica_id = replica_id
         self.slots = slots
         self.bounds = dict(bounds)
         self.max_waiting = max_waiting
+        self.preempt_best_effort = preempt_best_effort
         self.running: list[Ticket] = []
         self.waiting: list[Ticket] = []  # sorted by key
         self._keys: list[tuple[int, float, int]] = []
@@ -220,14 +235,48 @@ class ReplicaQueue:
     def __len__(self) -> int:
         return len(self.running) + len(self.waiting)
 
-    def _may_start(self, ticket: Ticket) -> bool:
-        rank = ticket.priority.rank
-        return len(self.running) < self.slots and all(t.priority.rank >= rank for t in self.running)
+    def _preempts(self, rank: int) -> bool:
+        return self.preempt_best_effort and rank < _PREEMPTIBLE_RANK
 
-    def offer(self, ticket: Ticket, now: float) -> Offer:
-        if (not self.waiting or ticket.key < self._keys[0]) and self._may_start(ticket):  # nothing ahead of it
+    def _holding(self, rank: int) -> list[Ticket]:
+        """The running tickets that keep a request of class `rank` from a slot."""
+        if not self._preempts(rank):
+            return self.running
+        return [t for t in self.running if t.priority.rank != _PREEMPTIBLE_RANK]
+
+    def holding_counts(self) -> list[int]:
+        """For each class: how many running requests a new one of it would run beside."""
+        return [len(self._holding(rank)) for rank in range(N_CLASSES)]
+
+    def _may_start(self, ticket: Ticket, preempting: bool = False) -> bool:
+        rank = ticket.priority.rank
+        holding = self._holding(rank) if preempting else self.running
+        return len(holding) < self.slots and all(t.priority.rank >= rank for t in self.running)
+
+    def _victims(self, ticket: Ticket, fits: Callable[[int], bool] | None) -> list[Ticket]:
+        """The fewest running BEST_EFFORT tickets, latest started first, whose leaving frees a slot
+        for `ticket` and lets it meet its deadline in the smaller batch (`fits(batch)`); if no
+        number of them would, only those the slot needs."""
+        if not self._preempts(ticket.priority.rank):
+            return []
+        candidates = sorted((t for t in self.running if t.priority.rank == _PREEMPTIBLE_RANK),
+                            key=lambda t: (t.started_at or 0.0, t.seq), reverse=True)  # fmt: skip
+        for_slot = max(0, len(self.running) + 1 - self.slots)
+        for k in range(for_slot, len(candidates) + 1):
+            if fits is None or fits(len(self.running) - k + 1):
+                return candidates[:k]
+        return candidates[:for_slot]
+
+    def offer(self, ticket: Ticket, now: float, fits: Callable[[int], bool] | None = None) -> Offer:
+        """Start, queue or refuse `ticket`. `fits(batch)`: whether it would meet its deadline running
+        in a batch of that size (where it may preempt BEST_EFFORT; None: any batch will do)."""
+        if (not self.waiting or ticket.key < self._keys[0]) and self._may_start(ticket, preempting=True):
+            victims = self._victims(ticket, fits)  # nothing ahead of it
+            for victim in victims:
+                self.running.remove(victim)
+                victim.preempted = True
             self._start(ticket, now)
-            return Offer(started=True, queued=False)
+            return Offer(started=True, queued=False, preempted=tuple(victims))
         rank = ticket.priority.rank
         bound = self.bounds[ticket.priority]
         if self.waiting_per_class[rank] >= bound:
@@ -294,12 +343,20 @@ class ReplicaQueue:
         waiting ones ahead of the class take the earliest free slot in service order. Waiting
         requests of the same class count as ahead (a new one's deadline is usually the latest).
         A class also waits for every running and waiting request of a higher class to finish.
+        Running BEST_EFFORT requests a class may preempt hold no slot against it.
         """
-        ends = [max(t.started_at + t.service_s, now + min_remaining_s) for t in self.running]
+        out = self._schedule(self.running, now, min_remaining_s)
+        if self.preempt_best_effort and len(self._holding(0)) < len(self.running):
+            higher = self._schedule(self._holding(0), now, min_remaining_s)
+            out = [higher[r] if self._preempts(r) else out[r] for r in range(N_CLASSES)]
+        return out
+
+    def _schedule(self, running: list[Ticket], now: float, min_remaining_s: float) -> list[float]:
+        ends = [max(t.started_at + t.service_s, now + min_remaining_s) for t in running]
         free = ends + [now] * max(0, self.slots - len(ends))
         heapq.heapify(free)
         # when the last running request of a higher class than each class ends
-        higher_done = [max((e for e, t in zip(ends, self.running) if t.priority.rank < rank), default=now)
+        higher_done = [max((e for e, t in zip(ends, running) if t.priority.rank < rank), default=now)
                        for rank in range(N_CLASSES)]  # fmt: skip
         out = []
         waiting = iter(self.waiting)

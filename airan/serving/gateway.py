@@ -168,6 +168,17 @@ class _ReplicaBusy(Exception):
     """This replica's queue has no room for the request; the next ranked replica may."""
 
 
+class _Preemption:
+    """How a running BEST_EFFORT answer is stopped for a higher class: `why` is set, and the timeout
+    its stream is awaiting the next chunk under (if any) fires now."""
+
+    __slots__ = ("why", "timeout")
+
+    def __init__(self) -> None:
+        self.why = ""
+        self.timeout: asyncio.Timeout | None = None
+
+
 class _IdempotencyCache:
     """Answers by (controller_id, request_id), so a controller's retry gets the same answer once and
     no other caller can read it by guessing its key (the controller is the authenticated caller
@@ -228,6 +239,7 @@ class Gateway:
         self._model_rates: dict[str, RateModel] = {}  # every replica of a model, pooled
         self._model_of: dict[str, str] = {}
         self._waiters: dict[Ticket, asyncio.Future] = {}
+        self._preemptions: dict[Ticket, _Preemption] = {}  # running tickets a higher class may stop
         self._table: ReplicaTable | None = None
         self._table_key: list | None = None
         self._views_version: object = None  # the pool's views_version the table was checked at
@@ -622,25 +634,36 @@ class Gateway:
             rates.service_s(prompt_tokens, max_tokens, min(len(queue.running) + 1, queue.slots), self._share_of(rid)),
             network_s, prompt_tokens, max_tokens,
         )  # fmt: skip
-        offer = queue.offer(ticket, self.clock())
+        share, margin = self._share_of(rid), self.config.router.admission.margin
+
+        def fits(batch: int) -> bool:  # in time, running in a batch of this size (after preempting)
+            return query.deadline is None or self.clock() + network_s + margin * rates.service_s(
+                prompt_tokens, max_tokens, batch, share) <= query.deadline  # fmt: skip
+
+        offer = queue.offer(ticket, self.clock(), fits)
         for shed in offer.shed:
             self._shed(shed, rid, query.priority)
+        for victim in offer.preempted:
+            self._preempt(victim, rid, query.priority)
         if not offer.accepted:
             raise _ReplicaBusy(offer.refusal)
         metrics.admitted(query.priority.value, replica.site_id)
         self._queue_changed(rid)
+        preemption = self._preemptions[ticket] = _Preemption()
         try:
             if offer.queued:
                 await self._wait_for_slot(queue, ticket, arrival)
             async for event in self._generate(query, replica, client, engine_request_id, prompt, params,
-                                              arrival, attempt, sent):  # fmt: skip
+                                              arrival, attempt, sent, preemption):  # fmt: skip
                 yield event
         finally:
+            self._preemptions.pop(ticket, None)
             self._leave(queue, ticket)
 
     async def _generate(
         self, query: Query, replica: ReplicaView, client: ReplicaClient, engine_request_id: str,
         prompt: RenderedPrompt, params: GenerationParams, arrival: float, attempt: int, sent: _Sent,
+        preemption: _Preemption,
     ) -> AsyncIterator[Delta | Answer]:  # fmt: skip
         dispatched = self.clock()
         first_token_at = None
@@ -658,13 +681,17 @@ class Gateway:
         chunks = aiter(client.generate(prompt_ids, params, engine_request_id))
         try:
             while True:
+                if preemption.why:
+                    raise TimeoutError
                 # the deadline bounds the replica's work, not the caller's time at `yield`
                 remaining = None if query.deadline is None else query.deadline - self.clock()
                 try:
-                    async with asyncio.timeout(remaining):
+                    async with asyncio.timeout(remaining) as preemption.timeout:
                         chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
+                finally:
+                    preemption.timeout = None
                 if first_token_at is None:
                     first_token_at = self.clock()
                     engine_queue_ms = chunk.engine_queue_ms or 0.0
@@ -677,6 +704,9 @@ class Gateway:
                     yield Delta(chunk.text_delta)
         except TimeoutError:
             tokens = len(sent.token_ids)
+            if preemption.why:
+                raise AiranError(ErrorKind.RESOURCE_EXHAUSTED, f"{preemption.why} ({tokens} tokens had been sent)",
+                                 "preempted") from None  # fmt: skip
             raise AiranError(
                 ErrorKind.DEADLINE_EXCEEDED,
                 f"deadline passed {1000 * (self.clock() - arrival):.0f} ms after arrival while "
@@ -723,7 +753,7 @@ class Gateway:
         if queue is None:
             admission = self.config.router.admission
             queue = self._queues[replica_id] = ReplicaQueue(replica_id, self._slots, self._bounds,
-                                                            admission.max_waiting)  # fmt: skip
+                                                            admission.max_waiting, admission.preempt_best_effort)  # fmt: skip
         return queue
 
     def _new_rates(self) -> RateModel:
@@ -790,7 +820,8 @@ class Gateway:
         self._table.set_admission(
             replica_id,
             rates.prefill_s(share),
-            rates.decode_s_per_token(min(running + 1, queue.slots), share),
+            # per class: the batch a new request would join (smaller where it would preempt BEST_EFFORT)
+            [rates.decode_s_per_token(min(n + 1, queue.slots), share) for n in queue.holding_counts()],
             rates.decode_s_per_token(1, share),
             # a running request past its predicted end still holds its slot for at least a token
             queue.start_times(self.clock(), rates.decode_s_per_token(max(running, 1), share)),
@@ -829,6 +860,16 @@ class Gateway:
                 ErrorKind.RESOURCE_EXHAUSTED,
                 f"shed from {replica_id}'s full queue to make room for a {for_priority.name} request: retry later",
             ))  # fmt: skip
+
+    def _preempt(self, ticket: Ticket, replica_id: str, for_priority: Priority) -> None:
+        """Stop a running BEST_EFFORT answer so a higher class fits (admission chose it)."""
+        preemption = self._preemptions.get(ticket)
+        if preemption is None or preemption.why:
+            return
+        preemption.why = (f"preempted at {replica_id} to make room for a {for_priority.name} request "
+                          "(BEST_EFFORT yields first under load): retry later")  # fmt: skip
+        if preemption.timeout is not None:
+            preemption.timeout.reschedule(asyncio.get_running_loop().time())
 
     def _leave(self, queue: ReplicaQueue, ticket: Ticket) -> None:
         """The ticket is done (answered, failed, cancelled or dropped): free its slot or place."""

@@ -42,11 +42,12 @@ class ReplicaTable:
         self.queue_depth = np.array([v.queue_depth for v in self.views], dtype=float)
         self.kv_cache_usage = np.array([v.kv_cache_usage for v in self.views], dtype=float)
         # admission columns (airan/core/admission.py); zeros predict only the network time.
-        # rates[0] is prefill seconds per prompt token, rates[1] decode seconds per token at the batch
-        # the replica would run with one more request: (prompt, tokens) @ rates is the service time
-        self.rates = np.zeros((2, n))
-        self.prefill_s_per_token = self.rates[0]  # views into `rates`
-        self.decode_s_per_token = self.rates[1]
+        # rates[class, 0] is prefill seconds per prompt token, rates[class, 1] decode seconds per token
+        # at the batch the replica would run with one more request of that class (a higher class may
+        # preempt BEST_EFFORT): (prompt, tokens) @ rates[class] is the service time
+        self.rates = np.zeros((N_CLASSES, 2, n))
+        self.prefill_s_per_token = self.rates[0, 0]  # views into `rates` (prefill is the same for every class)
+        self.decode_s_per_token = self.rates[:, 1]  # [class, replica]
         self.idle_decode_s_per_token = np.zeros(n)  # alone on the replica
         self.start_at = np.zeros((N_CLASSES, n))  # monotonic time a new request of each class would start
         self._serves: dict[str, np.ndarray] = {}
@@ -194,14 +195,16 @@ class ReplicaTable:
         self,
         replica_id: str,
         prefill_s_per_token: float,
-        decode_s_per_token: float,
+        decode_s_per_token: float | Sequence[float],
         idle_decode_s_per_token: float,
         start_at: Sequence[float],
     ) -> None:
+        """One replica's admission figures; `decode_s_per_token` and `start_at` per class (one
+        decode figure: the same for every class)."""
         i = self.index.get(replica_id)
         if i is not None:
-            self.prefill_s_per_token[i] = prefill_s_per_token
-            self.decode_s_per_token[i] = decode_s_per_token
+            self.rates[:, 0, i] = prefill_s_per_token
+            self.rates[:, 1, i] = decode_s_per_token
             self.idle_decode_s_per_token[i] = idle_decode_s_per_token
             self.start_at[:, i] = start_at
 
