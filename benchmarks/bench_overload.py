@@ -114,7 +114,7 @@ class Calls:
         try:
             resp = await client.ask(request(cls, site), timeout_s=timeout_s)
             rec.update(status="OK", answered_by=netops_pb2.AnswerSource.Name(resp.placement.answered_by),
-                       site_served=resp.site_id)  # fmt: skip
+                       site_served=resp.site_id, predicted_s=resp.placement.predicted_ms / 1000)  # fmt: skip
         except grpc.aio.AioRpcError as e:
             rec.update(status=e.code().name, message=(e.details() or "")[:200])
         except asyncio.CancelledError:
@@ -131,6 +131,34 @@ class Calls:
 
 def lost(rec: dict) -> bool:
     return rec.get("status", "NOT_ENDED") not in SERVER_CODES | {"OK"}
+
+
+# the gateway's messages for a request it never dispatched (airan/serving/gateway.py)
+_REFUSED_AT_ADMISSION = ("refused at admission", "no replica can take this query", "no room at the chosen replicas")
+
+
+def end_kind(rec: dict) -> str:
+    """How a call ended, in the gateway's words: answered, refused at admission, dropped from a
+    queue before its deadline, late while a replica answered, preempted or shed (BEST_EFFORT)."""
+    status, message = rec.get("status", "NOT_ENDED"), rec.get("message", "")
+    if status == "OK":
+        return "answered"
+    if message.startswith(_REFUSED_AT_ADMISSION):
+        return "refused at admission"
+    for marker, kind in (("dropped before its deadline", "dropped from a queue"), ("was answering", "late while answering"),
+                         ("preempted", "preempted"), ("shed from", "shed from a queue")):  # fmt: skip
+        if marker in message:
+            return kind
+    return status
+
+
+def admitted(rec: dict) -> bool:
+    """Answered, or failed after admission took it (dropped from a queue, late while answering)."""
+    status = rec.get("status")
+    if status == "OK":
+        return True
+    return status in ("DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED") and \
+        not rec.get("message", "").startswith(_REFUSED_AT_ADMISSION)  # fmt: skip
 
 
 def pick_class(rng: random.Random) -> str:
@@ -266,11 +294,17 @@ def phase_summary(records: list[dict], seconds: float) -> dict:
     near = [r for r in records if r["cls"] == "NEAR_RT" and r.get("status") == "OK"]
     near_s = [r["seconds"] for r in near]
     in_time = [r for r in near if r["seconds"] <= r["deadline_s"]]
+    near_admitted = [r for r in records if r["cls"] == "NEAR_RT" and admitted(r)]
+    # how far each answer's time was from what admission predicted for it (answered / predicted)
+    ratios = [r["seconds"] / r["predicted_s"] for r in near if r.get("predicted_s")]
     return dict(
         seconds=round(seconds, 1), sent=len(records), offered_per_s=round(len(records) / seconds, 2) if seconds else None,
         answered=sum(1 for r in records if r.get("status") == "OK"), lost=sum(1 for r in records if lost(r)),
         by_class={cls: dict(c) for cls, c in by_cls.items()},
-        near_rt_admitted=len(near), near_rt_in_time=len(in_time),
+        near_rt_admitted=len(near_admitted), near_rt_in_time=len(in_time),
+        near_rt_missed_after_admission=len(near_admitted) - len(in_time),
+        ends_by_class={cls: dict(Counter(end_kind(r) for r in records if r["cls"] == cls)) for cls in CLASSES},
+        near_rt_actual_over_predicted_p50=pct(ratios, 0.5), near_rt_actual_over_predicted_p99=pct(ratios, 0.99),
         near_rt_p50_s=pct(near_s, 0.5), near_rt_p99_s=pct(near_s, 0.99), near_rt_max_s=max(near_s, default=None),
         near_rt_deadline_s=CLASSES["NEAR_RT"][2],
         near_rt_by_detector=sum(1 for r in near if r.get("answered_by") == "ANSWER_SOURCE_DETECTOR"),
@@ -308,6 +342,12 @@ def print_report(out: dict) -> None:
         shed = c.get("RESOURCE_EXHAUSTED", 0) + c.get("DEADLINE_EXCEEDED", 0)
         print(f"  {cls:<12} sent {total:>5}  shed {shed:>5} ({100 * shed / max(1, total):.0f}%)  "
               + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))  # fmt: skip
+        ends = out["phases"]["overload"]["ends_by_class"][cls]
+        print(f"  {'':<12} " + ", ".join(f"{k} {v}" for k, v in sorted(ends.items())))
+    p = out["phases"]["overload"]
+    if p["near_rt_actual_over_predicted_p50"] is not None:
+        print(f"  NEAR_RT answered time / admission's prediction: p50 {p['near_rt_actual_over_predicted_p50']:.2f}, "
+              f"p99 {p['near_rt_actual_over_predicted_p99']:.2f}")
     r = out["rss"]
     print(f"\nRSS MiB       start    end   max   growth")
     for who in ("control_plane", "replicas"):
