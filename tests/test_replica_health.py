@@ -100,6 +100,17 @@ def test_hang_check_off_leaves_only_death(clock):
     assert [f.condition for f in t.check()] == [Condition.DEAD]
 
 
+def test_a_capped_replica_gets_patience_in_proportion_to_its_cpu_share(clock):
+    t = tracker(clock, "r1", "r2")
+    t.set_hang_check("r1", True, patience=1 / 0.25)  # capped to a quarter of its CPU: 4x the silence limit
+    for _ in range(2):
+        t.missed("r1", "timeout"), t.missed("r2", "timeout")
+    clock.advance(11.9)
+    assert [f.replica_id for f in t.check()] == ["r2"]  # the uncapped one is hung after 3 s
+    clock.advance(0.2)
+    assert [(f.replica_id, f.condition) for f in t.check()] == [("r1", Condition.HUNG)]
+
+
 def test_forgotten_and_unknown_replicas_are_ignored(clock):
     t = tracker(clock, "r1")
     t.forget("r1")

@@ -69,6 +69,7 @@ class _Watch:
     missed: int = 0  # consecutive probes that timed out or failed since the last answer
     last_miss: str = ""
     hang_check: bool = True
+    patience: float = 1.0  # its silence limit is unresponsive_after_s times this
     gone: str = ""  # set when a probe said the replica is gone
     reported: bool = False
 
@@ -92,13 +93,16 @@ class HealthTracker:
     def watched(self) -> list[str]:
         return list(self._watches)
 
-    def set_hang_check(self, replica_id: str, on: bool) -> None:
-        """Off: only death counts (a replica capped to a sliver of a CPU answers probes late by design)."""
+    def set_hang_check(self, replica_id: str, on: bool, patience: float = 1.0) -> None:
+        """Off: only death counts (a replica capped to a sliver of a CPU answers probes late by design).
+        `patience` >= 1 stretches its silence limit: a replica capped to a share s of its CPU answers
+        everything, probes included, about 1/s times later, and is slow, not hung."""
         w = self._watches.get(replica_id)
         if w is not None:
             if on and not w.hang_check:
                 w.last_answer_at, w.missed = self.clock(), 0  # its silence while exempt is not held against it
             w.hang_check = on
+            w.patience = max(1.0, patience)
 
     def answered(self, replica_id: str) -> None:
         w = self._watches.get(replica_id)
@@ -129,7 +133,7 @@ class HealthTracker:
         if w.gone:
             return Condition.DEAD
         silent = self.clock() - w.last_answer_at
-        if w.hang_check and w.missed and silent >= self.params.unresponsive_after_s:
+        if w.hang_check and w.missed and silent >= self.params.unresponsive_after_s * w.patience:
             return Condition.HUNG
         return Condition.HEALTHY
 

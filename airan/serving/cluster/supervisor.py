@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 # a replica capped below this many CPUs (the radio took its site) answers health calls late by
 # design: only its death counts, not its silence
 HANG_CHECK_MIN_CPUS = 0.1
+# above it, a capped replica's silence limit grows as its CPU share shrinks, at most this many times
+MIN_HANG_CHECK_SHARE = 0.1
 # how often a replacement that is starting checks that its site's node is still there
 _NODE_CHECK_S = 1.0
 _LIVE = (ReplicaState.READY, ReplicaState.DRAINING)
@@ -138,7 +140,8 @@ class ReplicaSupervisor:
             if rid not in self.tracker.watched:
                 self.tracker.watch(rid)
                 self._slot_of.setdefault(rid, rid)
-            self.tracker.set_hang_check(rid, v.cpu_cap is None or v.cpu_cap >= HANG_CHECK_MIN_CPUS)
+            self.tracker.set_hang_check(rid, v.cpu_cap is None or v.cpu_cap >= HANG_CHECK_MIN_CPUS,
+                                        1.0 / max(v.cpu_share, MIN_HANG_CHECK_SHARE))  # fmt: skip
             probe = self._probes.get(rid)
             if probe is None or probe.done():
                 self._probes[rid] = asyncio.create_task(self._probe(rid), name=f"airan-probe-{rid}")
