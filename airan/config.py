@@ -300,7 +300,8 @@ class ControllerScope(_Strict):
     id: Annotated[str, Field(pattern=IDENTITY_PATTERN)]
     # ask = Ask + AskStream; view = GetTopology + ListReplicas; operate = DrainSite + ReportRanLoad
     rpcs: Annotated[list[RpcScopeName], Field(min_length=1)] = ["ask", "view"]
-    # sites it may name (AskRequest.site_ids, DrainSite, ReportRanLoad, ListReplicas); "*" = every site
+    # sites it may name (AskRequest.site_ids, DrainSite, ReportRanLoad, ListReplicas), the only ones its
+    # Asks are routed to and its views show; "*" = every site
     sites: Annotated[list[str], Field(min_length=1)] = ["*"]
     # other controller ids it may put in AskRequest.controller_id ("*" = any); its own id always
     act_for: list[Annotated[str, Field(pattern=IDENTITY_PATTERN)]] = Field(default_factory=list)

@@ -1,5 +1,6 @@
 """Deadline-feasible admission, queues and soft site preference on plain data (no Ray, vLLM or gRPC)."""
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -84,6 +85,19 @@ def test_named_site_that_cannot_meet_the_deadline_sends_it_elsewhere_and_says_wh
     assert d.predicted_s["r2"] == pytest.approx(0.380)
     assert d.placement_note == ("served at bs-02: bs-01 cannot answer within the 1000 ms left "
                                 "(predicted 1262 ms there, 380 ms at bs-02, network included)")  # fmt: skip
+
+
+def test_named_site_that_cannot_meet_the_deadline_sends_it_nowhere_outside_the_callers_scope():
+    scoped = RoutingContext(replace(ctx(1.0, site_ids=["bs-01"]).request, allowed_sites=frozenset({"bs-01"})),
+                            SITES, now=NOW)  # fmt: skip
+    d = router().choose(scoped, table(queue_s=(0.9, 0.0)), limit=3)
+    assert d.tiers == [] and d.rejection_kind == "RESOURCE_EXHAUSTED"  # bs-02 would fit, but is out of scope
+    assert "r1 at bs-01: 1262 ms predicted" in d.rejection and "r2" not in d.rejection
+    assert d.rejection.endswith("; its caller's scope confines it to sites bs-01")
+    # the prediction inside the scope is the one an unscoped request gets there
+    admitted = router().choose(scoped, table(queue_s=(0.3, 0.0)), limit=3)
+    assert [r.replica_id for r in admitted.ranked] == ["r1"]
+    assert admitted.predicted_s["r1"] == pytest.approx(0.662)
 
 
 def test_named_site_drained_sends_it_elsewhere_and_says_why():

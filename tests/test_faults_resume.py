@@ -3,6 +3,7 @@ replica from the tokens already sent, so the caller sees no token lost and none 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 from prometheus_client import REGISTRY
@@ -116,6 +117,22 @@ async def test_a_stream_goes_on_elsewhere_with_no_token_lost_or_repeated(rendere
     assert prompt_ids[: want.prompt_tokens] == dying.calls[0][0] and len(prompt_ids) == want.prompt_tokens + 5
     assert max_tokens == 7
     assert gw.in_flight == {}
+
+
+async def test_a_stream_goes_on_only_inside_its_callers_scope(renderer):
+    query = q(controller_id="x", max_tokens=12, allowed_sites=frozenset({"bs-02", "bs-03"}))
+    want_text, _ = await uninterrupted(renderer, replace(query, allowed_sites=None))
+    near = GreedyReplica()  # bs-01 is the nearest site to x, but outside the scope
+    gw, _ = make(renderer, {"r1": ("bs-02", GreedyReplica(dies_after=5)), "r2": ("bs-01", near),
+                            "r3": ("bs-03", GreedyReplica())})  # fmt: skip
+    text, answer = await run(gw, query)
+    assert text == want_text and answer.replica_id == "r3" and answer.migrations == 1 and near.calls == []
+    # with no other replica in its scope, the answer stops instead of going on outside it
+    gw, _ = make(renderer, {"r1": ("bs-02", GreedyReplica(dies_after=5)), "r2": ("bs-01", near)})
+    with pytest.raises(AiranError) as e:
+        await run(gw, replace(query, allowed_sites=frozenset({"bs-02"})))
+    assert e.value.kind is ErrorKind.UNAVAILABLE and "no replica can take the rest" in e.value.message
+    assert "its caller's scope confines it to sites bs-02" in e.value.message and near.calls == []
 
 
 async def test_unary_ask_resumes_too(renderer):

@@ -468,6 +468,49 @@ async def test_a_named_site_that_cannot_meet_the_deadline_sends_the_request_else
     await asyncio.gather(hog, return_exceptions=True)
 
 
+# -- a caller's site scope (Query.allowed_sites, set by the server from its identity) ----------------
+BS_01_ONLY = frozenset({"bs-01"})
+
+
+async def test_a_scoped_query_naming_no_site_is_answered_only_at_its_sites(gateway):
+    gw, pool = gateway()  # controller x: bs-01 at 1 ms, bs-02 at 5 ms
+    assert (await gw.ask(q(controller_id="x"), request_id=call_id())).site_id == "bs-01"  # unscoped: nearest
+    for _ in range(4):
+        ans = await gw.ask(q(controller_id="x", allowed_sites=frozenset({"bs-02"})), request_id=call_id())
+        assert (ans.site_id, ans.replica_id) == ("bs-02", "r2")
+    assert pool.replicas["r1"][1].calls == 1
+
+
+async def test_a_scoped_query_whose_named_site_cannot_meet_the_deadline_is_not_sent_outside_its_scope(gateway):
+    busy = FakeReplica(words=("w",) * 40, delay=0.05)
+    gw, pool = gateway({"r1": ("bs-01", busy), "r2": ("bs-02", FakeReplica())}, config=one_slot())
+    hog = asyncio.create_task(gw.ask(q(max_tokens=40, site_ids=("bs-01",), priority=Priority.NON_RT), request_id="hog"))
+    await started(busy, 1)
+    gw._rates_of("r1").observe(100, 0.01, 40, 39 * 0.05)  # the hog's replica is slow: 2 s per answer
+    gw._queue_changed("r1")
+    with pytest.raises(AiranError) as e:  # unscoped, it goes to bs-02 (the test above this section)
+        await gw.ask(q(max_tokens=4, site_ids=("bs-01",), controller_id="x", priority=Priority.NEAR_RT,
+                       deadline=time.monotonic() + 1.0, allowed_sites=BS_01_ONLY), request_id=call_id())  # fmt: skip
+    assert e.value.kind is ErrorKind.RESOURCE_EXHAUSTED and "refused at admission" in e.value.message
+    assert "its caller's scope confines it to sites bs-01" in e.value.message
+    assert pool.replicas["r2"][1].calls == 0 and busy.calls == 1
+    hog.cancel()
+    await asyncio.gather(hog, return_exceptions=True)
+
+
+async def test_a_scoped_query_fails_over_only_inside_its_scope(gateway):
+    dead = FakeReplica(fail_before=EngineDeadError("engine process exited"))
+    gw, pool = gateway({"r1": ("bs-01", dead), "r2": ("bs-02", FakeReplica())})
+    with pytest.raises(AiranError) as e:
+        await gw.ask(q(site_ids=("bs-01",), allowed_sites=BS_01_ONLY), request_id=call_id())
+    assert e.value.kind is ErrorKind.UNAVAILABLE and "every chosen replica failed" in e.value.message
+    assert "r1" in pool.failed and pool.replicas["r2"][1].calls == 0
+    with pytest.raises(AiranError) as e:  # with its one replica failed, nothing in its scope is left
+        await gw.ask(q(allowed_sites=BS_01_ONLY), request_id=call_id())
+    assert e.value.kind is ErrorKind.UNAVAILABLE and "scope confines it to sites bs-01" in e.value.message
+    assert pool.replicas["r2"][1].calls == 0
+
+
 async def test_measured_rates_replace_the_priors_after_answers(gateway):
     replica = FakeReplica(words=("w",) * 6, delay=0.02)
     gw, _ = gateway({"r1": ("bs-01", replica)}, config=OPTIMISTIC)

@@ -29,8 +29,9 @@ def replica(rid, site, model="m", **kw):
     return ReplicaView(rid, site, model, **kw)
 
 
-def ctx(site_ids=(), model="m", sites=SITES, min_headroom=0.0, controller="xapp"):
-    req = RoutingRequest("r1", model, controller_id=controller, site_ids=tuple(site_ids))
+def ctx(site_ids=(), model="m", sites=SITES, min_headroom=0.0, controller="xapp", allowed=None):
+    req = RoutingRequest("r1", model, controller_id=controller, site_ids=tuple(site_ids),
+                         allowed_sites=None if allowed is None else frozenset(allowed))  # fmt: skip
     return RoutingContext(req, sites, min_ai_headroom=min_headroom)
 
 
@@ -162,3 +163,55 @@ def test_the_top_k_hot_path_ranks_what_ranking_everything_ranks(rows, k):
     assert [top.scores[r.replica_id] for r in top.ranked] == pytest.approx(expect)  # best first
     assert (top.rejection is None) == bool(expect)
     assert all(r.state is ReplicaState.READY and r.model == "m" and r.site_id != "bs-04" for r in top.ranked)
+
+
+# -- a caller's site scope (RoutingRequest.allowed_sites) --------------------------------
+
+
+def ranked_ids(decision):
+    return [r.replica_id for r in decision.ranked]
+
+
+def test_a_site_scope_confines_the_choice_to_its_sites_against_every_score():
+    reps = [replica("a", "bs-01"), replica("b", "bs-02"), replica("c", "bs-03"), replica("d", "bs-03", in_flight=4)]
+    table = ReplicaTable(reps, SITES)
+    assert ranked_ids(router().choose(ctx(), table, limit=3))[0] == "a"  # unscoped: the nearest site
+    assert ranked_ids(router().choose_replicas(ctx(allowed={"bs-03"}), reps)) == ["c", "d"]
+    assert ranked_ids(router().choose(ctx(allowed={"bs-03"}), table, limit=3)) == ["c", "d"]
+    # a request naming a site outside its scope (the server refuses it before routing) still stays inside
+    named = router().choose(ctx(["bs-01"], allowed={"bs-03"}), table, limit=3)
+    assert ranked_ids(named) == ["c", "d"]
+    assert named.placement_note == "served at bs-03: bs-01 is outside its caller's scope"
+    # each scope has its own cached mask: an unscoped decision after a scoped one is as before
+    assert ranked_ids(router().choose(ctx(), table, limit=3))[0] == "a"
+
+
+@pytest.mark.parametrize("filters", [[], ["deadline", "preferred_site"], ["model"]])
+def test_a_site_scope_holds_whatever_filters_the_router_is_configured_with(filters):
+    reps = [replica("a", "bs-01"), replica("b", "bs-02")]
+    decision = router(filters=filters).choose(ctx(allowed={"bs-02"}), ReplicaTable(reps, SITES), limit=3)
+    assert ranked_ids(decision) == ["b"]
+
+
+@pytest.mark.parametrize(
+    "reps, allowed, reason",
+    [
+        ([replica("a", "bs-01"), replica("b", "bs-02", state=ReplicaState.FAILED)], {"bs-02"},
+         "no replica is ready (starting, failed or stopped); its caller's scope confines it to sites bs-02"),
+        ([replica("a", "bs-01")], {"bs-03", "bs-02"},
+         "no replica is deployed at sites bs-02, bs-03, the only ones its caller's scope allows"),
+        ([replica("a", "bs-01"), replica("b", "bs-02", model="other")], {"bs-02"},
+         "no ready replica serves model 'm' (or holds it as an adapter); its caller's scope confines it to sites bs-02"),
+    ],
+)  # fmt: skip
+def test_nothing_eligible_inside_the_scope_is_refused_naming_the_scope(reps, allowed, reason):
+    for decision in (router().choose_replicas(ctx(allowed=allowed), reps),
+                     router().choose(ctx(allowed=allowed), ReplicaTable(reps, SITES), limit=3)):  # fmt: skip
+        assert decision.tiers == [] and decision.rejection_kind == "UNAVAILABLE"
+        assert decision.rejection == reason
+
+
+def test_the_scope_mask_is_built_once_per_scope():
+    table = ReplicaTable([replica("a", "bs-01"), replica("b", "bs-02"), replica("c", "bs-02")], SITES)
+    mask = table.at_sites(frozenset({"bs-02", "bs-09"}))  # a site without replicas selects none
+    assert mask.tolist() == [False, True, True] and table.at_sites(frozenset({"bs-09", "bs-02"})) is mask

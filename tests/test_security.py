@@ -337,6 +337,23 @@ async def test_idempotency_keys_are_scoped_per_controller(token_server):
     assert not token_server.gateway.remembers("shared-key")
 
 
+async def test_a_site_scoped_caller_is_routed_and_shown_only_at_its_sites(token_server):
+    """xapp-ts's scope lists bs-01: an Ask naming no site is answered there even when bs-02 scores
+    higher, and its views show bs-01 and its replica only; noc-ops (every site) goes to bs-02 and sees both."""
+    gateway = token_server.gateway
+    gateway._routing_table()
+    gateway._rates_of("r1").observe(100, 0.01, 40, 4.0)  # r1 at bs-01 learnt slow: bs-02 predicts faster
+    gateway._queue_changed("r1")
+    async with AsyncAiranClient(token_server.target, token=issue_token(KEY, "noc-ops", 60)) as ops:
+        assert (await ops.ask(ask(), timeout_s=10)).site_id == "bs-02"
+        assert sorted(s.site_id for s in (await ops.topology()).sites) == ["bs-01", "bs-02"]
+    async with AsyncAiranClient(token_server.target, token=issue_token(KEY, "xapp-ts", 60)) as xapp:
+        answer = await xapp.ask(ask(), timeout_s=10)  # names no site
+        assert (answer.site_id, answer.replica_id) == ("bs-01", "r1") and token_server.replica.calls == 1
+        assert [s.site_id for s in (await xapp.topology()).sites] == ["bs-01"]
+        assert [r.replica_id for r in (await xapp.replicas()).replicas] == ["r1"]  # its burst of 3 is spent
+
+
 async def test_local_default_token_mode_needs_no_setup_on_this_machine(tmp_path, monkeypatch, renderer):
     """default.yaml's local mode: the server makes the key in the cache dir; this user's client signs a
     local-operator token with it for 127.0.0.1, and sends nothing it could sign for another host."""

@@ -63,6 +63,12 @@ def test_asking_scope_may_not_operate_and_is_told_what_it_may():
         assert "Ask, AskStream, GetTopology, ListReplicas on every site" in refusal.message
 
 
+def test_a_scope_names_the_sites_its_caller_is_routed_to_and_sees():
+    a = authorizer(ControllerScope(id="xapp", sites=["bs-01", "bs-02"]), ControllerScope(id="ops"))
+    assert a.allowed_sites("xapp") == {"bs-01", "bs-02"} and isinstance(a.allowed_sites("xapp"), frozenset)
+    assert a.allowed_sites("ops") is None  # "*" (the default): every site
+
+
 def test_sites_outside_the_scope_are_denied_by_name():
     a = authorizer(ControllerScope(id="ops", rpcs=["operate", "ask"], sites=["bs-01"]))
     assert a.check("ops", "DrainSite", ["bs-01"]) is None

@@ -104,6 +104,11 @@ class Authorizer:
     def from_config(cls, auth: AuthConfig, clock: Callable[[], float] = time.monotonic) -> Authorizer:
         return cls((Scope.from_config(c) for c in auth.controllers), clock)
 
+    def allowed_sites(self, identity: str) -> frozenset[str] | None:
+        """The sites a listed identity's scope confines it to (None: every site): where its queries
+        may be routed and which sites its views show."""
+        return self.scopes[identity].sites
+
     def check(self, identity: str | None, rpc: str, sites: Iterable[str] = (), controller_id: str = "") -> Refusal | None:
         """None when `identity` may call `rpc` naming `sites` (and speaking for `controller_id`, "" = itself)
         now; else why not. A call that passes takes a token from the identity's bucket."""

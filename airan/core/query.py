@@ -43,6 +43,9 @@ class Query:
     # None = the server's default (router.admission.detector_fallback)
     detector_fallback: bool | None = None
     retrieval: bool = True  # free text: knowledge passages in the prompt (off only for evaluation baselines)
+    # the sites the caller's scope confines its routing to (None: every site); the server sets it from
+    # the authenticated caller, never from the request
+    allowed_sites: frozenset[str] | None = None
 
     @property
     def context_cells(self) -> list[str]:

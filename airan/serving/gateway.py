@@ -422,6 +422,7 @@ class Gateway:
             deadline=query.deadline,
             # an upper bound: a diagnosis's grammar runs close to it, and admission must not over-admit
             expected_tokens=query.max_tokens,
+            allowed_sites=query.allowed_sites,
         )
         ctx = RoutingContext(request, table.sites, self.sites.min_ai_headroom, now=self.clock())
         decision = self.router.choose(ctx, table, limit=self.MAX_ATTEMPTS)
@@ -578,7 +579,7 @@ class Gateway:
             request_id=query.request_id, model=query.model, controller_id=query.controller_id,
             site_ids=query.site_ids, priority=query.priority,
             prompt_tokens=len(prompt.token_ids) + len(sent.token_ids), max_tokens=left, deadline=query.deadline,
-            expected_tokens=left,
+            expected_tokens=left, allowed_sites=query.allowed_sites,
         )  # fmt: skip
         table = self._routing_table()
         ctx = RoutingContext(request, table.sites, self.sites.min_ai_headroom, now=self.clock())

@@ -5,6 +5,9 @@ owner) or `choose_replicas` (over a list of views, building the table) returns
 ranked tiers so the caller can fall back to the next tier if a replica fails
 before answering. Filters and scorers work on columns, so a decision over
 thousands of replicas is a few vector operations (benchmarks/bench_admission_decision.py).
+A request's `allowed_sites` (its caller's scope) confines every decision: it is folded into
+the table's cached mask of static filters, so it costs nothing per decision and no config
+can leave it out.
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ class Router:
         self.tie_tolerance = tie_tolerance
         self._weight_sum = sum(w for _, w in self.scorers) or 1.0
         # the leading filters that read only the table (readiness, model, sites) are folded into one
-        # mask the table caches per request model and headroom threshold
+        # mask the table caches per request model, headroom threshold and caller's site scope
         n_static = 0
         while n_static < len(self.filters) and hasattr(self.filters[n_static], "static_key"):
             n_static += 1
@@ -176,24 +179,37 @@ class Router:
         return self._decision(ctx, table, state, picked, {i: score_of[i] for tier in picked for i in tier})
 
     def _static_mask(self, ctx: RoutingContext, table: ReplicaTable) -> np.ndarray:
-        """The folded mask of the leading table-only filters (cached by the table)."""
-        key = [self._static_names]
+        """The folded mask of the caller's site scope and the leading table-only filters (cached by
+        the table). The scope is folded in here, not configured as a filter, so no `router.filters`
+        setting can drop it."""
+        key = [self._static_names, ctx.request.allowed_sites]
         for f in self._static_filters:
             key.append(f.static_key(ctx))
         return table.static_mask(tuple(key), self._fold_static, ctx)[0]
 
     def _fold_static(self, ctx: RoutingContext, table: ReplicaTable) -> np.ndarray:
-        mask = np.ones(len(table), dtype=bool)
+        mask = self._scope_mask(ctx, table)
         for f in self._static_filters:
             mask = f.mask(ctx, table, mask, None)
         return mask
+
+    @staticmethod
+    def _scope_mask(ctx: RoutingContext, table: ReplicaTable) -> np.ndarray:
+        """The replicas at the sites the caller's scope allows (every replica when it allows every site)."""
+        allowed = ctx.request.allowed_sites
+        return np.ones(len(table), dtype=bool) if allowed is None else table.at_sites(allowed)
 
     def _rejection(self, ctx: RoutingContext, table: ReplicaTable, state: DecisionState,
                    masks: list[np.ndarray]) -> RoutingDecision:  # fmt: skip
         """No replica is left: the first filter that emptied the set explains why (off the hot path:
         the folded table-only filters are run one by one again to find which)."""
+        allowed = ctx.request.allowed_sites
+        scope = "" if allowed is None else f"sites {', '.join(sorted(allowed))}"
         if not masks[0].any():
-            mask = np.ones(len(table), dtype=bool)
+            mask = self._scope_mask(ctx, table)
+            if not mask.any():
+                reason = f"no replica is deployed at {scope}, the only ones its caller's scope allows"
+                return RoutingDecision([], rejection=reason, rejection_kind="UNAVAILABLE")
             for f in self._static_filters:
                 mask = f.mask(ctx, table, mask, state)
                 if not mask.any():
@@ -201,6 +217,8 @@ class Router:
         else:
             f = next(f for f, m in zip(self._dynamic_filters, masks[1:]) if not m.any())
         reason = f.explain(ctx, table, state)
+        if scope:
+            reason += f"; its caller's scope confines it to {scope}"
         return RoutingDecision([], rejection=reason, rejection_kind=state.rejection_kind, budget_s=state.budget_s)
 
     def _rank_all(self, masked: np.ndarray, scores: dict[int, float]) -> list[list[int]]:
@@ -274,13 +292,15 @@ class Router:
         req = ctx.request
         if not req.site_ids or table.views[best].site_id == req.site_ids[0]:
             return ""
-        state = DecisionState()
-        eligible = np.ones(len(table), dtype=bool)
-        for f in self.filters:
-            eligible = f.mask(ctx, table, eligible, state)
         asked = req.site_ids[0]
-        here = table.site_of == table.site_index(asked)
         chosen = f"served at {table.views[best].site_id}"
+        if req.allowed_sites is not None and asked not in req.allowed_sites:
+            return f"{chosen}: {asked} is outside its caller's scope"
+        state = DecisionState()
+        eligible = self._static_mask(ctx, table)
+        for f in self._dynamic_filters:
+            eligible = f.mask(ctx, table, eligible, state)
+        here = table.site_of == table.site_index(asked)
         usable = here & table.ready & table.serves(req.model)
         if not usable.any():
             return f"{chosen}: {asked} has no ready replica of {req.model}"

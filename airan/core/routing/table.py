@@ -51,6 +51,7 @@ class ReplicaTable:
         self.idle_decode_s_per_token = np.zeros(n)  # alone on the replica
         self.start_at = np.zeros((N_CLASSES, n))  # monotonic time a new request of each class would start
         self._serves: dict[str, np.ndarray] = {}
+        self._at_sites: dict[frozenset[str], np.ndarray] = {}
         self._load_scores: dict[int, np.ndarray] = {}
         # scratch columns one decision at a time writes into (the router is not reentrant)
         self.zeros = np.zeros(n)
@@ -114,6 +115,17 @@ class ReplicaTable:
     def rows_of_site(self, site_id: str) -> np.ndarray:
         """Indices of the replicas at a site (empty for a site with none)."""
         return self._rows_of_site.get(self._site_pos.get(site_id, -1), self._no_rows)
+
+    def at_sites(self, site_ids: frozenset[str]) -> np.ndarray:
+        """The replicas at these sites (a caller's scope); cached for the table's life, since a
+        replica's site never changes."""
+        mask = self._at_sites.get(site_ids)
+        if mask is None:
+            positions = [self._site_pos[s] for s in site_ids if s in self._site_pos]
+            mask = np.isin(self.site_of, positions)
+            mask.flags.writeable = False
+            self._at_sites[site_ids] = mask
+        return mask
 
     def site_accepts(self, min_ai_headroom: float) -> np.ndarray:
         mask = self._accepts.get(min_ai_headroom)

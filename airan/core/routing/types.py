@@ -80,6 +80,9 @@ class RoutingRequest:
     # expected to take (the prediction's decode length; max_tokens when the gateway knows no better)
     deadline: float | None = None
     expected_tokens: int = 0
+    # the sites the caller's scope confines it to (None: every site); set by the server from the
+    # authenticated caller, never from the request
+    allowed_sites: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)

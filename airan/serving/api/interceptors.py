@@ -16,7 +16,8 @@
    certificate or token, airan/serving/auth.py) and its scope and rate
    (airan/core/authz.py): UNAUTHENTICATED, PERMISSION_DENIED or
    RESOURCE_EXHAUSTED (with `retry-after-ms` in the trailing metadata) before
-   the servicer runs; an AskRequest without controller_id gets the identity.
+   the servicer runs; an AskRequest without controller_id gets the identity, and
+   the call its scope's sites (`Call.allowed_sites`: routing and views are confined to them).
    Health and reflection are open to every caller that passed TLS (probes carry
    no token; `grpcurl list` works).
 5. `MalformedRequestInterceptor` (airan/serving/api/malformed.py): a request whose
@@ -85,6 +86,9 @@ class Call:
     request_id: str
     priority: str = ""  # set by the NetOps servicer: queries are also counted per priority
     controller: str = ""  # the authenticated caller ("" under auth.mode none)
+    # the sites the caller's scope confines it to (None: every site, and under auth.mode none):
+    # where its queries are routed and which sites its views show
+    allowed_sites: frozenset[str] | None = None
     reason: str = ""  # why the call was refused (metrics), set where its error is mapped
 
 
@@ -283,6 +287,7 @@ class AuthInterceptor(CallInterceptor):
             raise AiranError(refusal.kind, refusal.message, refusal.reason)
         if call is not None:
             call.controller = identity
+            call.allowed_sites = self.authorizer.allowed_sites(identity)
         if asks and not controller_id:
             request.controller_id = identity  # the caller asks as itself
         yield

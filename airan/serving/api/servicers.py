@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from airan.serving import metrics
 from airan.serving.api import convert
@@ -29,7 +30,8 @@ class NetOpsServicer(netops_pb2_grpc.NetOpsServiceServicer):
         query = convert.query_from_proto(request, arrival, context.time_remaining(), self.gateway.config.limits)
         call = current_call()
         call.priority = query.priority.value
-        return query, arrival, call.request_id
+        # the caller's scope confines where it is routed (the server's, not the request's, word)
+        return replace(query, allowed_sites=call.allowed_sites), arrival, call.request_id
 
     async def Ask(self, request, context):
         query, arrival, request_id = self._query(request, context)
@@ -61,19 +63,23 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         return convert.site_to_proto(state, self.node_of_site.get(site_id, ""), replica_ids)
 
     async def GetTopology(self, request, context):
-        return convert.topology_response(self._site(s) for s in self.gateway.sites.states())
+        allowed = current_call().allowed_sites  # a site-scoped caller sees only its sites
+        return convert.topology_response(
+            self._site(s) for s in self.gateway.sites.states() if allowed is None or s.config.id in allowed
+        )
 
     async def ListReplicas(self, request, context):
         convert.check_site_id_request(request)
         if request.site_id:
             self.gateway.sites.get(request.site_id)  # NOT_FOUND, naming the known sites
         nodes = self.gateway.replica_node_ids()
+        allowed = current_call().allowed_sites  # a site-scoped caller sees only the replicas at its sites
         return convert.list_replicas_response(
             convert.replica_to_proto(
                 v, nodes.get(v.replica_id, ""), self.gateway.config.model(v.model).max_model_len
             )
             for v in self.gateway.replica_views()
-            if not request.site_id or v.site_id == request.site_id
+            if (not request.site_id or v.site_id == request.site_id) and (allowed is None or v.site_id in allowed)
         )
 
     async def DrainSite(self, request, context):
