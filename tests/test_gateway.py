@@ -448,13 +448,19 @@ async def test_a_queued_request_that_can_no_longer_start_in_time_is_dropped_befo
     await asyncio.gather(hog, return_exceptions=True)
 
 
-async def test_a_named_site_that_cannot_meet_the_deadline_sends_the_request_elsewhere(gateway):
+async def bs01_busy_for_2s(gateway):
+    """bs-01's one slot taken by a NON_RT answer its measured speed says takes 2 s; bs-02 idle."""
     busy = FakeReplica(words=("w",) * 40, delay=0.05)
-    gw, _ = gateway({"r1": ("bs-01", busy), "r2": ("bs-02", FakeReplica())}, config=one_slot())
+    gw, pool = gateway({"r1": ("bs-01", busy), "r2": ("bs-02", FakeReplica())}, config=one_slot())
     hog = asyncio.create_task(gw.ask(q(max_tokens=40, site_ids=("bs-01",), priority=Priority.NON_RT), request_id="hog"))
     await started(busy, 1)
-    gw._rates_of("r1").observe(100, 0.01, 40, 39 * 0.05)  # the hog's replica is slow: 2 s per answer
+    gw._rates_of("r1").observe(100, 0.01, 40, 39 * 0.05)
     gw._queue_changed("r1")
+    return gw, pool, hog
+
+
+async def test_a_named_site_that_cannot_meet_the_deadline_sends_the_request_elsewhere(gateway):
+    gw, _, hog = await bs01_busy_for_2s(gateway)
     ans = await gw.ask(q(max_tokens=4, site_ids=("bs-01",), controller_id="x", priority=Priority.NEAR_RT,
                          deadline=time.monotonic() + 1.0), request_id=call_id())  # fmt: skip
     assert (ans.site_id, ans.requested_site_id) == ("bs-02", "bs-01")
@@ -482,18 +488,13 @@ async def test_a_scoped_query_naming_no_site_is_answered_only_at_its_sites(gatew
 
 
 async def test_a_scoped_query_whose_named_site_cannot_meet_the_deadline_is_not_sent_outside_its_scope(gateway):
-    busy = FakeReplica(words=("w",) * 40, delay=0.05)
-    gw, pool = gateway({"r1": ("bs-01", busy), "r2": ("bs-02", FakeReplica())}, config=one_slot())
-    hog = asyncio.create_task(gw.ask(q(max_tokens=40, site_ids=("bs-01",), priority=Priority.NON_RT), request_id="hog"))
-    await started(busy, 1)
-    gw._rates_of("r1").observe(100, 0.01, 40, 39 * 0.05)  # the hog's replica is slow: 2 s per answer
-    gw._queue_changed("r1")
+    gw, pool, hog = await bs01_busy_for_2s(gateway)
     with pytest.raises(AiranError) as e:  # unscoped, it goes to bs-02 (the test above this section)
         await gw.ask(q(max_tokens=4, site_ids=("bs-01",), controller_id="x", priority=Priority.NEAR_RT,
                        deadline=time.monotonic() + 1.0, allowed_sites=BS_01_ONLY), request_id=call_id())  # fmt: skip
     assert e.value.kind is ErrorKind.RESOURCE_EXHAUSTED and "refused at admission" in e.value.message
     assert "its caller's scope confines it to sites bs-01" in e.value.message
-    assert pool.replicas["r2"][1].calls == 0 and busy.calls == 1
+    assert pool.replicas["r2"][1].calls == 0 and pool.replicas["r1"][1].calls == 1
     hog.cancel()
     await asyncio.gather(hog, return_exceptions=True)
 
