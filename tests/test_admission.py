@@ -311,26 +311,3 @@ def test_the_router_predicts_each_class_at_the_batch_it_would_join():
     t.set_admission("r1", 0.0002, [0.02, 0.02, 0.05], 0.02, [NOW] * 3)  # BEST_EFFORT joins a full batch
     near, be = predict_s(ctx(1.0), t)[0], predict_s(ctx(1.0, priority=Priority.BEST_EFFORT), t)[0]
     assert near == pytest.approx(0.002 + 0.04 + 16 * 0.02) and be == pytest.approx(0.002 + 0.04 + 16 * 0.05)
-
-
-def test_a_newcomer_whose_prefill_would_make_a_running_request_of_its_class_late_waits():
-    q = ReplicaQueue("r1", slots=4, bounds={p: 10 for p in Priority}, max_waiting=10)
-    # runs 0.8 s of a 1.0 s budget: 0.2 s of slack
-    tight = Ticket("tight", Priority.NEAR_RT, NOW + 1.0, service_s=0.8)
-    assert q.offer(tight, NOW).started
-    small = Ticket("small", Priority.NEAR_RT, NOW + 5, service_s=0.5, prefill_s=0.1)
-    assert q.offer(small, NOW).started  # a 0.1 s stall fits the slack
-    big = Ticket("big", Priority.NEAR_RT, NOW + 5, service_s=0.5, prefill_s=0.4)
-    assert q.offer(big, NOW).queued  # a 0.4 s prefill would push 'tight' past its deadline
-    # the class's start time waits for 'tight' to end when a typical prefill exceeds its slack
-    assert q.start_times(NOW, stall_s=0.4)[0] == pytest.approx(NOW + 0.8)
-    assert q.start_times(NOW, stall_s=0.1)[0] == pytest.approx(NOW)
-    assert q.finish(small, NOW + 0.5) == []  # 'tight' still runs: 'big' still waits
-    assert [t.request_id for t in q.finish(tight, NOW + 0.8)] == ["big"]
-
-
-def test_rate_model_keeps_the_typical_prompt_length():
-    m = RateModel(smoothing=0.5, prefill_tok_s=1000, decode_tok_s=10, batch_slowdown=0.0)
-    m.observe(200, 0.2, 10, 0.9)
-    m.observe(400, 0.4, 10, 0.9)
-    assert m.mean_prompt_tokens == pytest.approx(300)

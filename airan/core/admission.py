@@ -132,7 +132,6 @@ class RateModel:
         self.decode_alone_s_per_token = 1.0 / decode_tok_s
         self.prefill_samples = 0
         self.decode_samples = 0
-        self.mean_prompt_tokens = 0.0  # smoothed: the prefill a typical newcomer brings
 
     def _smooth(self, old: float, new: float, samples: int) -> float:
         return new if samples == 0 else old + self.smoothing * (new - old)
@@ -142,8 +141,6 @@ class RateModel:
         """One finished request: its prefill seconds, decode seconds (first to last token), the
         mean batch it decoded in and the share of its full CPU the replica had meanwhile."""
         share = _share(share)
-        if prompt_tokens > 0:
-            self.mean_prompt_tokens = self._smooth(self.mean_prompt_tokens, prompt_tokens, self.prefill_samples)
         if prompt_tokens > 0 and prefill_s > 0:
             self.prefill_s_per_token = self._smooth(self.prefill_s_per_token, share * prefill_s / prompt_tokens,
                                                     self.prefill_samples)  # fmt: skip
@@ -192,7 +189,6 @@ class Ticket:
     seq: int = field(default_factory=lambda: next(_seq))
     started_at: float | None = None
     preempted: bool = False  # stopped while running to make room for a higher class
-    prefill_s: float = 0.0  # how long its prefill stalls the decoding of the requests running beside it
 
     @property
     def key(self) -> tuple[int, float, int]:
@@ -255,8 +251,7 @@ class ReplicaQueue:
     def _may_start(self, ticket: Ticket, preempting: bool = False) -> bool:
         rank = ticket.priority.rank
         holding = self._holding(rank) if preempting else self.running
-        return len(holding) < self.slots and all(t.priority.rank >= rank for t in self.running) \
-            and not any(_stalled_past_deadline(t, ticket.prefill_s) for t in self.running if t.priority.rank == rank)
+        return len(holding) < self.slots and all(t.priority.rank >= rank for t in self.running)
 
     def _victims(self, ticket: Ticket, fits: Callable[[int], bool] | None) -> list[Ticket]:
         """The fewest running BEST_EFFORT tickets, latest started first, whose leaving frees a slot
@@ -336,12 +331,11 @@ class ReplicaQueue:
         batch = max(1, min(len(self.running), self.slots))
         for t in (*self.running, *self.waiting):
             t.service_s = rates.service_s(t.prompt_tokens, t.tokens, batch, share)
-            t.prefill_s = t.prompt_tokens * rates.prefill_s(share)
 
     def ahead_of(self, ticket: Ticket) -> int:
         return bisect.bisect_left(self._keys, ticket.key)
 
-    def start_times(self, now: float, min_remaining_s: float = 0.0, stall_s: float = 0.0) -> list[float]:
+    def start_times(self, now: float, min_remaining_s: float = 0.0) -> list[float]:
         """For each class: when a new request of that class would start here (monotonic seconds).
 
         List scheduling over the slots: running requests free theirs at their predicted end (at
@@ -349,20 +343,16 @@ class ReplicaQueue:
         waiting ones ahead of the class take the earliest free slot in service order. Waiting
         requests of the same class count as ahead (a new one's deadline is usually the latest).
         A class also waits for every running and waiting request of a higher class to finish.
-        Running BEST_EFFORT requests a class may preempt hold no slot against it. A class also waits
-        for each running request of its own that a prefill of `stall_s` would make late.
+        Running BEST_EFFORT requests a class may preempt hold no slot against it.
         """
-        out = self._schedule(self.running, now, min_remaining_s, stall_s)
+        out = self._schedule(self.running, now, min_remaining_s)
         if self.preempt_best_effort and len(self._holding(0)) < len(self.running):
-            higher = self._schedule(self._holding(0), now, min_remaining_s, stall_s)
+            higher = self._schedule(self._holding(0), now, min_remaining_s)
             out = [higher[r] if self._preempts(r) else out[r] for r in range(N_CLASSES)]
         return out
 
-    def _schedule(self, running: list[Ticket], now: float, min_remaining_s: float, stall_s: float) -> list[float]:
+    def _schedule(self, running: list[Ticket], now: float, min_remaining_s: float) -> list[float]:
         ends = [max(t.started_at + t.service_s, now + min_remaining_s) for t in running]
-        # when the last running request of each class that a newcomer's prefill would make late ends
-        protected = [max((e for e, t in zip(ends, running) if t.priority.rank == rank and
-                          _stalled_past_deadline(t, stall_s)), default=now) for rank in range(N_CLASSES)]  # fmt: skip
         free = ends + [now] * max(0, self.slots - len(ends))
         heapq.heapify(free)
         # when the last running request of a higher class than each class ends
@@ -378,16 +368,8 @@ class ReplicaQueue:
                 for lower in range(pending.priority.rank + 1, N_CLASSES):
                     higher_done[lower] = max(higher_done[lower], start + pending.service_s)
                 pending = next(waiting, None)
-            out.append(max(free[0], now, higher_done[rank], protected[rank]))
+            out.append(max(free[0], now, higher_done[rank]))
         return out
-
-
-def _stalled_past_deadline(running: Ticket, stall_s: float) -> bool:
-    """Whether a prefill of `stall_s` started beside this running request would make it late: a
-    request can absorb a stall only up to its slack (its latest start minus its actual start)."""
-    latest = running.latest_start
-    return stall_s > 0 and latest is not None and running.started_at is not None \
-        and running.started_at + stall_s > latest  # fmt: skip
 
 
 def engine_priority(priority: Priority, deadline: float | None) -> int:

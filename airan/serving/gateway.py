@@ -630,12 +630,12 @@ class Gateway:
         queue, rates = self._queue(rid), self._speed_of(rid)
         table = self._routing_table()
         network_s = 2.0 * float(table.latency_s(query.controller_id)[table.index[rid]]) if rid in table.index else 0.0
-        share, margin = self._share_of(rid), self.config.router.admission.margin
         ticket = Ticket(
             engine_request_id, query.priority, query.deadline,
-            rates.service_s(prompt_tokens, max_tokens, min(len(queue.running) + 1, queue.slots), share),
-            network_s, prompt_tokens, max_tokens, prefill_s=prompt_tokens * rates.prefill_s(share),
+            rates.service_s(prompt_tokens, max_tokens, min(len(queue.running) + 1, queue.slots), self._share_of(rid)),
+            network_s, prompt_tokens, max_tokens,
         )  # fmt: skip
+        share, margin = self._share_of(rid), self.config.router.admission.margin
 
         def fits(batch: int) -> bool:  # in time, running in a batch of this size (after preempting)
             return query.deadline is None or self.clock() + network_s + margin * rates.service_s(
@@ -824,10 +824,8 @@ class Gateway:
             # per class: the batch a new request would join (smaller where it would preempt BEST_EFFORT)
             [rates.decode_s_per_token(min(n + 1, queue.slots), share) for n in queue.holding_counts()],
             rates.decode_s_per_token(1, share),
-            # a running request past its predicted end still holds its slot for at least a token; a
-            # typical newcomer's prefill must not make a running request of its class late
-            queue.start_times(self.clock(), rates.decode_s_per_token(max(running, 1), share),
-                              rates.mean_prompt_tokens * rates.prefill_s(share)),
+            # a running request past its predicted end still holds its slot for at least a token
+            queue.start_times(self.clock(), rates.decode_s_per_token(max(running, 1), share)),
         )
         self._table.set_load(replica_id, len(queue))
 
