@@ -152,13 +152,12 @@ def end_kind(rec: dict) -> str:
     return status
 
 
+_ADMITTED_ENDS = {"answered", "dropped from a queue", "late while answering", "preempted", "shed from a queue"}
+
+
 def admitted(rec: dict) -> bool:
-    """Answered, or failed after admission took it (dropped from a queue, late while answering)."""
-    status = rec.get("status")
-    if status == "OK":
-        return True
-    return status in ("DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED") and \
-        not rec.get("message", "").startswith(_REFUSED_AT_ADMISSION)  # fmt: skip
+    """Answered, or ended after admission took it (dropped from a queue, late while answering...)."""
+    return end_kind(rec) in _ADMITTED_ENDS
 
 
 def pick_class(rng: random.Random) -> str:

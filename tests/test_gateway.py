@@ -518,7 +518,7 @@ async def test_measured_rates_replace_the_priors_after_answers(gateway):
     await gw.ask(q(max_tokens=6), request_id=call_id())
     rates = gw._rates["r1"]
     assert rates.decode_samples == 1 and 0.015 < rates.decode_s_per_token(1) < 0.1  # ~20 ms per token, not 0.1 ms
-    assert gw._table.decode_s_per_token[0] == pytest.approx(rates.decode_s_per_token(1))
+    assert gw._table.decode_s_per_token[:, 0] == pytest.approx(rates.decode_s_per_token(1))
 
 
 @pytest.fixture(scope="module")

@@ -346,8 +346,9 @@ class ReplicaQueue:
         Running BEST_EFFORT requests a class may preempt hold no slot against it.
         """
         out = self._schedule(self.running, now, min_remaining_s)
-        if self.preempt_best_effort and len(self._holding(0)) < len(self.running):
-            higher = self._schedule(self._holding(0), now, min_remaining_s)
+        holding = self._holding(0)  # what a higher class cannot preempt
+        if len(holding) < len(self.running):
+            higher = self._schedule(holding, now, min_remaining_s)
             out = [higher[r] if self._preempts(r) else out[r] for r in range(N_CLASSES)]
         return out
 

@@ -630,16 +630,16 @@ class Gateway:
         queue, rates = self._queue(rid), self._speed_of(rid)
         table = self._routing_table()
         network_s = 2.0 * float(table.latency_s(query.controller_id)[table.index[rid]]) if rid in table.index else 0.0
+        share, margin = self._share_of(rid), self.config.router.admission.margin
         ticket = Ticket(
             engine_request_id, query.priority, query.deadline,
-            rates.service_s(prompt_tokens, max_tokens, min(len(queue.running) + 1, queue.slots), self._share_of(rid)),
+            rates.service_s(prompt_tokens, max_tokens, min(len(queue.running) + 1, queue.slots), share),
             network_s, prompt_tokens, max_tokens,
         )  # fmt: skip
-        share, margin = self._share_of(rid), self.config.router.admission.margin
 
-        def fits(batch: int) -> bool:  # in time, running in a batch of this size (after preempting)
-            return query.deadline is None or self.clock() + network_s + margin * rates.service_s(
-                prompt_tokens, max_tokens, batch, share) <= query.deadline  # fmt: skip
+        def fits(batch: int) -> bool:  # in time running in a batch of this size, by the deadline filter's rule
+            return query.deadline is None or margin * (network_s + rates.service_s(
+                prompt_tokens, max_tokens, batch, share)) <= query.deadline - self.clock()  # fmt: skip
 
         offer = queue.offer(ticket, self.clock(), fits)
         for shed in offer.shed:

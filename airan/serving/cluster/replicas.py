@@ -179,13 +179,13 @@ class RayReplicaClient:
 class _Replica:
     view: ReplicaView
     actor: object
+    engine: EngineSpec  # what it was started with (a replacement starts the same)
     node_id: str = ""
     error: str = ""
     started_at: float = field(default_factory=time.monotonic)
     cpus: list[int] | None = None  # the cores its engine threads are bound to (local mode)
     pid: int = 0
     cap_mechanism: str = ""  # how its CPU use is capped ("" = not capped)
-    engine: EngineSpec | None = None  # what it was started with (a replacement starts the same)
     slot: str = ""  # the configured replica it fills (site-model-ordinal); a swap's successor keeps it
     adopted: bool = False  # left running by a previous control plane and taken over, not started here
 
@@ -454,16 +454,11 @@ class RayReplicaPool:
         self._serial += 1
         served = old.view.variant or old.view.model
         new_id = f"{site_id}-{served}-r{self._serial}"
-        engine = old.engine
-        if engine is None:  # adopted from an earlier control plane: built again from the config
-            adapters = tuple((a, str(self.model_paths[a])) for a in old.view.adapters)
-            path = self.model_paths.get(served) or self.variant_paths.get(served)
-            engine = replica_engine(self.config.engine, self.config.model(served), path, adapters, old.cpus)
         home = site_id == old.view.site_id
         view = replace(old.view, replica_id=new_id, site_id=site_id, state=ReplicaState.STARTING, in_flight=0,
                        running=0, waiting=0, kv_cache_usage=0.0)  # fmt: skip
         # it fills the failed one's slot: a later control plane adopts it as that configured replica
-        self._launch(view, old.cpus, engine, initial_cap=old.view.cpu_cap if home else None, slot=old.slot)
+        self._launch(view, old.cpus, old.engine, initial_cap=old.view.cpu_cap if home else None, slot=old.slot)
         try:
             await asyncio.wait_for(self._start_one(new_id), start_timeout_s)
             new = self._replicas[new_id]
