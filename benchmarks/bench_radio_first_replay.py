@@ -256,7 +256,8 @@ def near_rt_fates(table) -> dict[str, int]:
         if r["priority"] != "NEAR_RT":
             continue
         if r["outcome"] == "served":
-            fate = "answered in time" if r["met_deadline"] else "answered late"
+            source = "by the detector" if r["answered_by"] == "detector" else "by a model"
+            fate = f"answered {source} {'in time' if r['met_deadline'] else 'late'}"
         else:
             fate = next((name for name, marker in NEAR_RT_FATES if marker in (r["detail"] or "")),
                         f"other: {r['outcome']} {r['code']}")  # fmt: skip
@@ -273,14 +274,16 @@ def fmt_ms(x: float) -> str:
 
 
 def table_lines(rows) -> list[str]:
-    head = ("| policy | NEAR_RT goodput | attainment among admitted | early rejects (share) | reject ms p50 / p99 "
+    head = ("| policy | NEAR_RT goodput (model + detector) | by a model | attainment among admitted to a model "
+            "| early rejects (share) | reject ms p50 / p99 "
             "| NON_RT served / met of sent | BEST_EFFORT served / met of sent | tokens | reservation violations "
             "| idle compute used | mean AI CPUs |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {r.policy} | {fmt_pct(r.goodput)} ({r.near_rt_met}/{r.near_rt_sent}) | "
-            f"{fmt_pct(r.attainment_admitted)} ({r.near_rt_met}/{r.near_rt_admitted}) | "
+            f"| {r.policy} | {fmt_pct(r.goodput)} ({r.near_rt_met_model} + {r.near_rt_met - r.near_rt_met_model} of {r.near_rt_sent}) | "
+            f"{fmt_pct(r.model_goodput)} | "
+            f"{fmt_pct(r.attainment_admitted)} ({r.near_rt_met_model}/{r.near_rt_admitted}) | "
             f"{r.early_rejects} ({fmt_pct(r.early_reject_share)}) | {fmt_ms(r.reject_ms_p50)} / {fmt_ms(r.reject_ms_p99)} | "
             f"{r.non_rt_served} / {r.non_rt_met} of {r.non_rt_sent} | "
             f"{r.best_effort_served} / {r.best_effort_met} of {r.best_effort_sent} | {r.tokens:,} | "
@@ -338,7 +341,8 @@ async def main_async(args) -> int:
         "started": started, "finished": datetime.now(timezone.utc).isoformat(),
         "total_s": round(time.monotonic() - t0, 1), "machine": {**info, "load_avg_end": list(__import__("os").getloadavg())},
         "args": vars(args), "queries": counts,
-        "rows": [{**dataclasses.asdict(r), "goodput": r.goodput, "attainment_admitted": r.attainment_admitted,
+        "rows": [{**dataclasses.asdict(r), "goodput": r.goodput, "model_goodput": r.model_goodput,
+                  "attainment_admitted": r.attainment_admitted,
                   "early_reject_share": r.early_reject_share} for r in rows],
         "per_policy": {p: {"wall_s": r["wall_s"], "startup_s": r["startup_s"], "cap_mechanisms": r["cap_mechanisms"],
                            "near_rt_fates": near_rt_fates(r["table"]),

@@ -122,13 +122,14 @@ def info(trace: Annotated[Path, typer.Argument(help="trace directory")]) -> None
         f"{m['kpi_rows']:,} KPI rows"
     )
     t = Table(title="Queries", title_justify="left")
-    for col in ("class", "kind", "count", "median budget ms"):
+    for col in ("class", "kind", "mode", "count", "median budget ms"):
         t.add_column(col)
-    groups: dict[tuple[str, str], list[float]] = {}
+    groups: dict[tuple[str, str, str], list[float]] = {}
     for q in tr.queries:
-        groups.setdefault((q.priority, q.kind), []).append(q.budget_ms)
-    for (p, k), b in sorted(groups.items()):
-        t.add_row(p, k, str(len(b)), f"{sorted(b)[len(b) // 2]:,.0f}")
+        mode = q.mode + (" + fallback" if q.detector_fallback else "")
+        groups.setdefault((q.priority, q.kind, mode), []).append(q.budget_ms)
+    for (p, k, mode), b in sorted(groups.items()):
+        t.add_row(p, k, mode, str(len(b)), f"{sorted(b)[len(b) // 2]:,.0f}")
     console.print(t)
     ev = tr.events
     t = Table(title=f"Events ({len(ev)})", title_justify="left")

@@ -34,6 +34,10 @@ CONTROLLER_KIND = {"NEAR_RT": "near_rt_ric", "NON_RT": "non_rt_ric", "BEST_EFFOR
 # deadline budget ranges (ms), drawn log-uniformly; NEAR_RT stays inside the O-RAN near-RT loop (10 ms .. 1 s)
 BUDGET_MS = {"NEAR_RT": (10.0, 1000.0), "NON_RT": (2_000.0, 60_000.0), "BEST_EFFORT": (30_000.0, 300_000.0)}
 MAX_TOKENS = {"NEAR_RT": 24, "NON_RT": 96, "BEST_EFFORT": 192}
+# what a near-RT xApp acts on is a typed diagnosis (cause, cells), not prose: its "why" questions ask
+# in DIAGNOSIS mode with the server's token default (0), and opt in to the fast detector's answer when
+# no replica can answer in time (an answer inside the loop beats none)
+DIAGNOSIS_KINDS = ("event_explain", "anomaly_explain")
 
 STREAM_EVENT_Q = 31
 STREAM_ANOMALY_Q = 32
@@ -88,6 +92,8 @@ class Query:
     kpi_context: list[dict] = field(default_factory=list)  # name, value, unit, cell_id, t_s
     event_id: str = ""
     query_id: str = ""
+    mode: str = "free_text"  # AskRequest.response_mode: "free_text" or "diagnosis"
+    detector_fallback: bool = False  # AskRequest.detector_fallback (diagnosis only)
 
 
 def _fmt(value: float) -> str:
@@ -149,6 +155,8 @@ class QueryGenerator:
         return (self.start + timedelta(seconds=float(t_s))).strftime("%H:%M:%S")
 
     def _add(self, q: Query) -> None:
+        if q.priority == "NEAR_RT" and q.kind in DIAGNOSIS_KINDS:
+            q.mode, q.detector_fallback, q.max_tokens = "diagnosis", True, 0
         if q.t_s >= self.duration_s:
             return  # asked after the trace ends: outside the recorded period
         if len(self.queries) >= self.p.max_queries:
@@ -311,7 +319,7 @@ class QueryGenerator:
                 controller_id=self._ctrl["NEAR_RT"], site_ids=[str(self.topo.site_ids[self.topo.cell_site[c]])],
                 cell_ids=[cell_id],
                 question=(f"Cell {cell_id} at {self._clock(t_report)}: {symptom[a]} ({text}). "
-                          "Is this traffic, radio conditions or a fault? One sentence."),
+                          "Is this traffic, radio conditions or a fault?"),
                 budget_ms=self._budget(rng, "NEAR_RT", (50.0, 1000.0)), max_tokens=MAX_TOKENS["NEAR_RT"],
                 kpi_context=context,
             ))

@@ -37,8 +37,10 @@ from sims.queries import Query
 from sims.trace import Trace
 
 RESULTS_FORMAT = "airan-sim-results"
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2  # 2 added `answered_by`; version 1 results read with it empty
 OUTCOMES = ("served", "shed", "error")
+RESPONSE_MODE_PROTO = {"free_text": netops_pb2.FREE_TEXT, "diagnosis": netops_pb2.DIAGNOSIS}
+ANSWER_SOURCE = {netops_pb2.ANSWER_SOURCE_MODEL: "model", netops_pb2.ANSWER_SOURCE_DETECTOR: "detector"}
 PRIORITY_PROTO = {"NEAR_RT": netops_pb2.NEAR_RT, "NON_RT": netops_pb2.NON_RT, "BEST_EFFORT": netops_pb2.BEST_EFFORT}
 SHED_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED")
 # UNAVAILABLE also means 'no connection'; these details come from the transport, not the control plane
@@ -79,9 +81,10 @@ def _timestamp(unix_s: float) -> Timestamp:
 def ask_request(q: Query, *, now_unix: float, request_id: str, trace_start_unix: float) -> netops_pb2.AskRequest:
     """The AskRequest for a query sent at `now_unix`: deadline = send time + budget.
 
-    KPI sample times stay on the trace's clock (its start + t_s), like the question text.
+    KPI sample times stay on the trace's clock (its start + t_s), like the question text. A query that
+    does not opt in to the detector's fallback leaves it unset: the server's default.
     """
-    return netops_pb2.AskRequest(
+    request = netops_pb2.AskRequest(
         controller_id=q.controller_id,
         site_ids=list(q.site_ids),
         cell_ids=list(q.cell_ids),
@@ -98,7 +101,11 @@ def ask_request(q: Query, *, now_unix: float, request_id: str, trace_start_unix:
         temperature=0.0,
         request_id=request_id,
         deadline=_timestamp(now_unix + q.budget_ms / 1000.0),
+        response_mode=RESPONSE_MODE_PROTO[q.mode],
     )
+    if q.detector_fallback:
+        request.detector_fallback = True
+    return request
 
 
 def ran_load_request(site_ids: list[str], shares: np.ndarray, now_unix: float) -> control_pb2.ReportRanLoadRequest:
@@ -155,6 +162,7 @@ class Outcome:
     queue_ms: float = math.nan
     ttft_ms: float = math.nan
     server_total_ms: float = math.nan
+    answered_by: str = ""  # served: "model" or "detector" (the fast detector, when no replica could in time)
 
 
 OUTCOME_SCHEMA = pa.schema(
@@ -348,12 +356,14 @@ class Replayer:
                              latency_ms=1000 * elapsed, **base)
         else:
             latency = 1000 * (loop.time() - sent)
+            # detail: the placement's note, why it was served away from its site or by the detector
             self.book.record(
-                i, outcome="served", reason="answered", code="OK", latency_ms=latency,
+                i, outcome="served", reason="answered", code="OK", latency_ms=latency, detail=resp.placement.note[:300],
                 met_deadline=latency <= q.budget_ms, served_site_id=resp.site_id, replica_id=resp.replica_id,
                 model=resp.model, finish_reason=resp.finish_reason, prompt_tokens=resp.prompt_tokens,
                 completion_tokens=resp.completion_tokens, queue_ms=resp.timings.queue_ms,
-                ttft_ms=resp.timings.ttft_ms, server_total_ms=resp.timings.total_ms, **base,
+                ttft_ms=resp.timings.ttft_ms, server_total_ms=resp.timings.total_ms,
+                answered_by=ANSWER_SOURCE.get(resp.placement.answered_by, ""), **base,
             )
 
     def _stamp(self, t_s: float) -> float:
@@ -476,7 +486,10 @@ def read_results(path: str | Path) -> Results:
         meta = json.loads((path / "replay.json").read_text())
     except FileNotFoundError:
         raise ValueError(f"{path}: not replay results (no replay.json)") from None
-    if meta.get("format") != RESULTS_FORMAT or meta.get("version") != RESULTS_VERSION:
+    if meta.get("format") != RESULTS_FORMAT or meta.get("version") not in (1, RESULTS_VERSION):
         raise ValueError(f"{path}: results format {meta.get('format')!r} v{meta.get('version')!r}, "
-                         f"expected {RESULTS_FORMAT!r} v{RESULTS_VERSION}")
-    return Results(path, meta, pq.read_table(path / "outcomes.parquet"), pq.read_table(path / "ran_load_pushes.parquet"))
+                         f"expected {RESULTS_FORMAT!r} v1 or v{RESULTS_VERSION}")
+    outcomes = pq.read_table(path / "outcomes.parquet")
+    if "answered_by" not in outcomes.column_names:  # version 1
+        outcomes = outcomes.append_column("answered_by", pa.array([""] * outcomes.num_rows, pa.string()))
+    return Results(path, meta, outcomes, pq.read_table(path / "ran_load_pushes.parquet"))

@@ -34,6 +34,7 @@ class Row:
     p99_ms: float
     mean_ran_share: float = float("nan")
     served_here: int = 0
+    by_detector: int = 0  # served by the fast detector (detector_fallback), not a model replica
 
     @property
     def attainment(self) -> float:
@@ -69,6 +70,7 @@ def _row(key: str, c: dict[str, np.ndarray], mask: np.ndarray, site: str | None 
         p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99),
         mean_ran_share=float(share.mean()) if share.size else float("nan"),
         served_here=int((c["served_site_id"] == site).sum()) if site is not None else 0,
+        by_detector=int((served & (c["answered_by"] == "detector")).sum()),
     )
 
 
@@ -147,13 +149,13 @@ def render_tables(results: Results, console=None) -> None:
         ("Per query kind", per_kind(out), "kind", False),
     ):
         t = Table(title=title, title_justify="left")
-        for col in (first, "count", "attainment", "p50 ms", "p95 ms", "p99 ms", "shed", "error"):
+        for col in (first, "count", "attainment", "by detector", "p50 ms", "p95 ms", "p99 ms", "shed", "error"):
             t.add_column(col, justify="left" if col == first else "right", no_wrap=True)
         if site_cols:
             t.add_column("served here", justify="right", no_wrap=True)
             t.add_column("RAN share", justify="right", no_wrap=True)
         for r in rows:
-            cells = [r.key, str(r.count), _pct(r.attainment), _ms(r.p50_ms), _ms(r.p95_ms), _ms(r.p99_ms),
+            cells = [r.key, str(r.count), _pct(r.attainment), str(r.by_detector), _ms(r.p50_ms), _ms(r.p95_ms), _ms(r.p99_ms),
                      _pct(r.shed_rate), _pct(r.error_rate)]
             if site_cols:
                 cells += [str(r.served_here), _pct(r.mean_ran_share)]
@@ -362,9 +364,11 @@ AFTER_ADMISSION_MARKERS = ("dropped before its deadline", "shed from")
 class PolicyRow:
     policy: str
     near_rt_sent: int
-    near_rt_met: int
-    near_rt_admitted: int  # not refused at admission (a queued one dropped later counts as admitted)
-    early_rejects: int  # NEAR_RT refused at admission
+    near_rt_met: int  # answered within the deadline, by a model replica or the detector
+    near_rt_met_model: int  # ... by a model replica
+    near_rt_by_detector: int  # refused at admission, answered at once by the fast detector
+    near_rt_admitted: int  # given to a model replica (a queued one dropped later counts as admitted)
+    early_rejects: int  # NEAR_RT refused at admission (then answered by the detector, or an error)
     reject_ms_p50: float
     reject_ms_p99: float
     non_rt_sent: int
@@ -386,8 +390,14 @@ class PolicyRow:
         return self.near_rt_met / self.near_rt_sent if self.near_rt_sent else float("nan")
 
     @property
+    def model_goodput(self) -> float:
+        """NEAR_RT answered by a model replica within deadline / all NEAR_RT sent."""
+        return self.near_rt_met_model / self.near_rt_sent if self.near_rt_sent else float("nan")
+
+    @property
     def attainment_admitted(self) -> float:
-        return self.near_rt_met / self.near_rt_admitted if self.near_rt_admitted else float("nan")
+        """Of the NEAR_RT queries given to a model replica, the share answered within deadline."""
+        return self.near_rt_met_model / self.near_rt_admitted if self.near_rt_admitted else float("nan")
 
     @property
     def early_reject_share(self) -> float:
@@ -399,10 +409,13 @@ def policy_row(policy: str, outcomes: pa.Table, usage: UsageSamples, wall_s: flo
     prio, outcome = c["priority"], c["outcome"]
     met = (outcome == "served") & c["met_deadline"].astype(bool)
     near = prio == "NEAR_RT"
-    # refused before dispatch; a request the gateway queued and then dropped (it could no longer start
-    # in time) or shed (a higher class needed its place) was admitted and missed, not refused early
+    detector = (outcome == "served") & (c["answered_by"] == "detector")
+    # refused before dispatch (then answered by the detector, or not); a request the gateway queued and
+    # then dropped (it could no longer start in time) or shed (a higher class needed its place) was
+    # admitted and missed, not refused early
     shed = (outcome == "shed") & ~np.array([any(m in str(d) for m in AFTER_ADMISSION_MARKERS) for d in c["detail"]],
                                            dtype=bool).reshape(outcome.shape)  # fmt: skip
+    shed |= detector
     reject_ms = c["latency_ms"][near & shed].astype(np.float64)
     reject_ms = reject_ms[np.isfinite(reject_ms)]
     p50, p99 = (np.percentile(reject_ms, [50, 99]) if reject_ms.size else (np.nan, np.nan))
@@ -411,6 +424,7 @@ def policy_row(policy: str, outcomes: pa.Table, usage: UsageSamples, wall_s: flo
     return PolicyRow(
         policy=policy,
         near_rt_sent=int(near.sum()), near_rt_met=int((near & met).sum()),
+        near_rt_met_model=int((near & met & ~detector).sum()), near_rt_by_detector=int((near & detector).sum()),
         near_rt_admitted=int((near & ~shed).sum()), early_rejects=int((near & shed).sum()),
         reject_ms_p50=float(p50), reject_ms_p99=float(p99),
         non_rt_sent=int((prio == "NON_RT").sum()), non_rt_served=int(((prio == "NON_RT") & served).sum()),

@@ -1,4 +1,4 @@
-"""The on-disk trace: a directory of Parquet tables plus `trace.json`, format version 1.
+"""The on-disk trace: a directory of Parquet tables plus `trace.json`, format version 2 (reads 1).
 
 See sims/TRACE_FORMAT.md for the schema. KPIs and RAN load are streamed to
 disk window by window, so a day of 10,000 cells never sits in memory.
@@ -23,7 +23,9 @@ from sims.simulate import SimResult, Simulator, Window, run
 from sims.topology import Controller, Topology
 
 FORMAT = "airan-sim-trace"
-VERSION = 1
+VERSION = 2
+# version 1 lacks the queries' `mode` and `detector_fallback` (read as free text, no fallback)
+READABLE_VERSIONS = (1, 2)
 META_FILE = "trace.json"
 VERSION_KEY = b"airan.trace.version"
 TABLE_KEY = b"airan.trace.table"
@@ -69,9 +71,12 @@ QUERY_SCHEMA = _schema(
         pa.field("max_tokens", pa.int32(), nullable=False),
         pa.field("event_id", pa.string(), nullable=False),
         pa.field("kpi_context", pa.list_(KPI_SAMPLE_TYPE), nullable=False),
+        pa.field("mode", pa.string(), nullable=False),
+        pa.field("detector_fallback", pa.bool_(), nullable=False),
     ],
     "queries",
 )
+_QUERY_V2_DEFAULTS = {"mode": "free_text", "detector_fallback": False}
 EVENT_SCHEMA = _schema(
     [pa.field("event_id", pa.string(), nullable=False), pa.field("kind", pa.string(), nullable=False),
      pa.field("cell_id", pa.string(), nullable=False), pa.field("site_id", pa.string(), nullable=False),
@@ -291,16 +296,27 @@ def record_trace(
 
 # -- reading ---------------------------------------------------------------------------------------
 
+def _table_version(table: pa.Table, file: Path) -> int:
+    version = (table.schema.metadata or {}).get(VERSION_KEY)
+    readable = {str(v).encode(): v for v in READABLE_VERSIONS}
+    if version not in readable:
+        raise TraceFormatError(f"{file}: table version {version!r}, this reader reads versions "
+                               f"{', '.join(map(str, READABLE_VERSIONS))}")  # fmt: skip
+    return readable[version]
+
+
 def _read_table(path: Path, name: str, schema: pa.Schema) -> pa.Table:
     file = path / f"{name}.parquet"
     if not file.exists():
         raise TraceFormatError(f"{path}: missing {file.name}")
     table = pq.read_table(file)
-    version = (table.schema.metadata or {}).get(VERSION_KEY)
-    if version != str(VERSION).encode():
-        raise TraceFormatError(f"{file}: table version {version!r}, this reader reads version {VERSION}")
+    version = _table_version(table, file)
+    if version == 1 and name == "queries":  # the columns version 2 added, at their defaults
+        for col, value in _QUERY_V2_DEFAULTS.items():
+            field = schema.field(col)
+            table = table.append_column(field, pa.array([value] * table.num_rows, field.type))
     if not table.schema.equals(schema, check_metadata=False):
-        raise TraceFormatError(f"{file}: schema differs from version {VERSION}:\n{table.schema}")
+        raise TraceFormatError(f"{file}: schema differs from version {version}:\n{table.schema}")
     return table
 
 
@@ -345,8 +361,7 @@ class Trace:
 def _read_table_cols(path: Path, columns: list[str] | None) -> pa.Table:
     file = path / "kpis.parquet"
     table = pq.read_table(file, columns=columns)
-    if (table.schema.metadata or {}).get(VERSION_KEY) != str(VERSION).encode():
-        raise TraceFormatError(f"{file}: not a version {VERSION} KPI table")
+    _table_version(table, file)
     return table
 
 
@@ -360,8 +375,9 @@ def read_meta(path: str | Path) -> dict:
         raise TraceFormatError(f"{path / META_FILE}: not JSON: {e}") from None
     if meta.get("format") != FORMAT:
         raise TraceFormatError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("version") != VERSION:
-        raise TraceFormatError(f"{path}: trace version {meta.get('version')!r}, this reader reads version {VERSION}")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise TraceFormatError(f"{path}: trace version {meta.get('version')!r}, this reader reads versions "
+                               f"{', '.join(map(str, READABLE_VERSIONS))}")  # fmt: skip
     return meta
 
 
@@ -377,7 +393,7 @@ def read_trace(path: str | Path) -> Trace:
     except (FileNotFoundError, pa.ArrowInvalid) as e:
         raise TraceFormatError(f"{path}/kpis.parquet: {e}") from None
     if not kpi_schema.equals(KPI_SCHEMA, check_metadata=False):
-        raise TraceFormatError(f"{path}/kpis.parquet: schema differs from version {VERSION}")
+        raise TraceFormatError(f"{path}/kpis.parquet: schema differs from version {meta['version']}")
     return Trace(
         path=path,
         meta=meta,

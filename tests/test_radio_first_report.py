@@ -42,13 +42,18 @@ def test_goodput_attainment_rejects_and_throughput():
         # queued, then dropped when it could no longer start in time: admitted and missed
         dataclasses.replace(_outcome(7, "NEAR_RT", "shed", latency_ms=400.0),
                             detail="still waiting for a slot at r1 ... so it was dropped before its deadline"),
+        # refused at admission and answered at once by the detector: in time, but not by a model
+        dataclasses.replace(_outcome(8, "NEAR_RT", "served", met=True, latency_ms=3.0, tokens=4),
+                            answered_by="detector"),
     ])
     row = policy_row("p", table, _usage([[0.1]], [[0.5]]), wall_s=10.0, tolerance_cpus=0.02)
-    assert (row.near_rt_sent, row.near_rt_met, row.near_rt_admitted, row.early_rejects) == (6, 1, 4, 2)
-    assert math.isclose(row.goodput, 1 / 6) and math.isclose(row.attainment_admitted, 1 / 4)
-    assert math.isclose(row.early_reject_share, 2 / 6) and 0.8 <= row.reject_ms_p50 <= 1.2
+    assert (row.near_rt_sent, row.near_rt_met, row.near_rt_met_model, row.near_rt_by_detector) == (7, 2, 1, 1)
+    assert (row.near_rt_admitted, row.early_rejects) == (4, 3)
+    assert math.isclose(row.goodput, 2 / 7) and math.isclose(row.model_goodput, 1 / 7)
+    assert math.isclose(row.attainment_admitted, 1 / 4)  # the model's: 1 of the 4 given to a replica
+    assert math.isclose(row.early_reject_share, 3 / 7) and row.reject_ms_p50 == 1.2
     assert (row.non_rt_served, row.non_rt_met, row.best_effort_served) == (1, 1, 0)
-    assert row.tokens == 5 + 5 + 30
+    assert row.tokens == 5 + 5 + 30 + 4
 
 
 def test_violations_are_use_above_what_the_radio_left():

@@ -8,7 +8,7 @@ import pytest
 
 from sims.events import EVENT_KINDS, EventTable, KIND_INDEX, random_events
 from sims.kpis import KPI_UNITS
-from sims.queries import BUDGET_MS, MAX_TOKENS, PRIORITIES, QUERY_KINDS, QueryParams
+from sims.queries import BUDGET_MS, DIAGNOSIS_KINDS, MAX_TOKENS, PRIORITIES, QUERY_KINDS, QueryParams
 from sims.simulate import SimConfig, Simulator, run
 from sims.timefmt import parse_start
 from sims.topology import generate_topology
@@ -40,12 +40,24 @@ def test_every_query_is_well_formed_for_an_ask_request(generated):
         assert set(q.cell_ids) <= set(topo.cell_ids)
         lo, hi = BUDGET_MS[q.priority]
         assert lo <= q.budget_ms <= hi
-        assert q.max_tokens == MAX_TOKENS[q.priority]
+        if q.mode == "diagnosis":  # the server's default for a diagnosis of the class
+            assert q.max_tokens == 0 and q.detector_fallback
+        else:
+            assert q.mode == "free_text" and q.max_tokens == MAX_TOKENS[q.priority] and not q.detector_fallback
         assert 0 < len(q.question) <= 4000 and "nan" not in q.question.lower().split()
         assert 1 <= len(q.kpi_context) <= 64
         for k in q.kpi_context:
             assert KPI_UNITS[k["name"]] == k["unit"] and math.isfinite(k["value"]) and 0 <= k["t_s"] < DURATION
             assert k["cell_id"] == "" or k["cell_id"] in set(topo.cell_ids)
+
+
+def test_near_rt_why_questions_ask_for_a_diagnosis_with_the_detector_fallback(generated):
+    _, queries = generated
+    diagnoses = [q for q in queries if q.mode == "diagnosis"]
+    assert diagnoses and all(q.priority == "NEAR_RT" and q.kind in DIAGNOSIS_KINDS for q in diagnoses)
+    # every NEAR_RT "why" question is one; proposals and the other classes stay free text
+    assert len(diagnoses) == sum(q.priority == "NEAR_RT" and q.kind in DIAGNOSIS_KINDS for q in queries)
+    assert any(q.mode == "free_text" for q in queries if q.priority != "NEAR_RT")
 
 
 def test_near_rt_budgets_stay_inside_the_near_rt_loop():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -49,6 +50,8 @@ def test_ask_request_maps_every_query_field():
     q = next(q for q in tr.queries if q.cell_ids and q.kpi_context)
     now = 1_750_000_000.25
     req = ask_request(q, now_unix=now, request_id="run-" + q.query_id, trace_start_unix=tr.start.timestamp())
+    assert req.response_mode == {"free_text": netops_pb2.FREE_TEXT, "diagnosis": netops_pb2.DIAGNOSIS}[q.mode]
+    assert req.HasField("detector_fallback") == q.detector_fallback  # unset: the server's default
     assert req.controller_id == q.controller_id and list(req.site_ids) == q.site_ids
     assert list(req.cell_ids) == q.cell_ids and req.question == q.question
     assert req.priority == getattr(netops_pb2, q.priority) and req.max_tokens == q.max_tokens
@@ -58,6 +61,18 @@ def test_ask_request_maps_every_query_field():
     for sample, k in zip(req.kpi_context, q.kpi_context):
         assert (sample.name, sample.value, sample.unit, sample.cell_id) == (k["name"], k["value"], k["unit"], k["cell_id"])
         assert sample.time.ToNanoseconds() / 1e9 == pytest.approx(tr.start.timestamp() + k["t_s"], abs=1e-6)
+
+
+def test_ask_request_asks_near_rt_why_questions_as_diagnoses_that_may_fall_back():
+    tr = read_trace(EXAMPLE)
+    start = tr.start.timestamp()
+    diagnosis = next(q for q in tr.queries if q.mode == "diagnosis")
+    free = next(q for q in tr.queries if q.mode == "free_text")
+    req = ask_request(diagnosis, now_unix=start, request_id="d", trace_start_unix=start)
+    assert req.response_mode == netops_pb2.DIAGNOSIS and req.HasField("detector_fallback") and req.detector_fallback
+    assert req.max_tokens == 0  # the server's default for a NEAR_RT diagnosis
+    req = ask_request(free, now_unix=start, request_id="f", trace_start_unix=start)
+    assert req.response_mode == netops_pb2.FREE_TEXT and not req.HasField("detector_fallback")
 
 
 @pytest.mark.parametrize("code,details,timed_out,expected", [
@@ -125,6 +140,8 @@ class FakePlane(netops_pb2_grpc.NetOpsServiceServicer, control_pb2_grpc.ControlS
             request_id=request.request_id, text="ok", prompt_tokens=40, completion_tokens=7,
             replica_id=f"{request.site_ids[0]}-r0", site_id=request.site_ids[0], model="fake", finish_reason="stop",
             timings=netops_pb2.Timings(queue_ms=1.0, ttft_ms=2.0, total_ms=3.0),
+            placement=netops_pb2.Placement(answered_by=netops_pb2.ANSWER_SOURCE_DETECTOR
+                                           if request.detector_fallback else netops_pb2.ANSWER_SOURCE_MODEL),
         )
 
     def ReportRanLoad(self, request, context):
@@ -177,6 +194,7 @@ async def test_open_loop_replay_records_exactly_one_outcome_per_query(plane_fact
         assert o.scheduled_s == pytest.approx(q.t_s / speed)
         if o.outcome == "served":
             assert o.served_site_id == q.site_ids[0] and o.completion_tokens == 7
+            assert o.answered_by == ("detector" if q.detector_fallback else "model")
             assert o.met_deadline == (o.latency_ms <= q.budget_ms)
     last = max(q.t_s for q in tr.queries) / speed
     assert last <= took < last + 5  # fired on time, did not wait for the grace period
@@ -258,3 +276,6 @@ def test_results_round_trip(tmp_path):
     res = read_results(tmp_path / "r")
     assert res.outcomes["query_id"].to_pylist() == [q.query_id for q in tr.queries]
     assert res.pushes.num_rows == 0
+    # version 1 results had no answered_by: read with it empty
+    pq.write_table(res.outcomes.drop(["answered_by"]), tmp_path / "r" / "outcomes.parquet")
+    assert read_results(tmp_path / "r").outcomes["answered_by"].to_pylist() == [""] * len(tr.queries)

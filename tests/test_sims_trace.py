@@ -74,6 +74,25 @@ def test_other_versions_and_broken_traces_are_refused(tmp_path):
         read_trace(tmp_path / "nothing-here")
 
 
+def test_a_version_1_trace_reads_its_queries_as_free_text_without_fallback(tmp_path):
+    record_trace(make_sim(), tmp_path / "t")
+    now = read_trace(tmp_path / "t")
+    assert any(q.mode == "diagnosis" and q.detector_fallback for q in now.queries)
+    # rewrite it as version 1 wrote it: no mode / detector_fallback columns, version 1 everywhere
+    meta_file = tmp_path / "t" / "trace.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "version": 1}))
+    for f in (tmp_path / "t").glob("*.parquet"):
+        table = pq.read_table(f)
+        if f.name == "queries.parquet":
+            table = table.drop(["mode", "detector_fallback"])
+        meta = {**table.schema.metadata, b"airan.trace.version": b"1"}
+        pq.write_table(table.replace_schema_metadata(meta), f)
+    old = read_trace(tmp_path / "t")
+    assert [q.mode for q in old.queries] == ["free_text"] * len(now.queries)
+    assert not any(q.detector_fallback for q in old.queries)
+    assert [q.question for q in old.queries] == [q.question for q in now.queries]
+
+
 def test_the_committed_example_is_small_loads_and_is_reproduced_by_its_command(tmp_path):
     size = sum(f.stat().st_size for f in EXAMPLE.iterdir())
     assert size < 1_000_000
