@@ -90,9 +90,11 @@ def validate_query(
         )
     unknown = [s for s in query.site_ids if s not in known_sites]
     if unknown:
+        # a site-scoped caller is told only the sites its scope lets it use, not the whole network
+        shown = sorted(known_sites if query.allowed_sites is None else set(known_sites) & query.allowed_sites)
         raise AiranError(
             ErrorKind.NOT_FOUND,
-            f"unknown site(s) {', '.join(map(repr, unknown))}; known sites: {', '.join(sorted(known_sites))}",
+            f"unknown site(s) {', '.join(map(repr, unknown))}; known sites: {', '.join(shown) or '(none in scope)'}",
         )
     if query.mode not in ("free_text", "diagnosis"):
         raise invalid(f"unknown response mode '{query.mode}'")
