@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from airan.config import RouterConfig, ScorerSpec
 from airan.core.routing import (
+    Priority,
     ReplicaState,
     ReplicaView,
     Router,
@@ -215,3 +216,104 @@ def test_the_scope_mask_is_built_once_per_scope():
     table = ReplicaTable([replica("a", "bs-01"), replica("b", "bs-02"), replica("c", "bs-02")], SITES)
     mask = table.at_sites(frozenset({"bs-02", "bs-09"}))  # a site without replicas selects none
     assert mask.tolist() == [False, True, True] and table.at_sites(frozenset({"bs-09", "bs-02"})) is mask
+
+
+# -- the routing kernel against a plain-Python reading of the filters and scorers ------------------
+
+ORACLE_SITES = {
+    "bs-01": SiteView("bs-01", latency_ms={"xapp": 1.0}),
+    "bs-02": SiteView("bs-02", latency_ms={"xapp": 3.0}),
+    "bs-03": SiteView("bs-03", latency_ms={"other": 20.0}),  # xapp gets its largest latency, locality 0.1
+    "bs-04": SiteView("bs-04", drained=True, latency_ms={"xapp": 2.0}),
+}
+
+
+def oracle(reps, req, k, sites=ORACLE_SITES, margin=1.1, saturation=16, scale_ms=10.0):
+    """The default config's decision, replica by replica in plain Python, as the filters' and scorers'
+    docstrings say it: the best `k` (replica_id, score) best first, [] when none is left."""
+    import math
+
+    def latency_ms(site):
+        lat = sites[site].latency_ms
+        return lat.get(req.controller_id, max(lat.values(), default=0.0))
+
+    rank = req.priority.rank
+    cand = {}
+    for r, (start_at, prefill, decode) in reps:
+        if r.state is not ReplicaState.READY or not r.serves(req.model) or sites[r.site_id].drained:
+            continue
+        wait = max(start_at[rank] - NOW_S, 0.0)
+        cand[r.replica_id] = (r, wait + 2 * latency_ms(r.site_id) / 1000 + req.prompt_tokens * prefill
+                              + req.expected_tokens * decode[rank])  # fmt: skip
+    if req.deadline is not None:
+        cand = {i: c for i, c in cand.items() if c[1] <= (req.deadline - NOW_S) / margin}
+        here = {i: c for i, c in cand.items() if req.site_ids and c[0].site_id == req.site_ids[0]}
+        cand = here or cand
+    if not cand:
+        return []
+    best = min(p for _, p in cand.values())
+    scores = {}
+    for i, (r, p) in cand.items():
+        if r.site_id in req.site_ids:
+            loc = 1.0 if r.site_id == req.site_ids[0] else 0.8
+        elif req.controller_id in sites[r.site_id].latency_ms:
+            loc = 0.5 * math.exp(-sites[r.site_id].latency_ms[req.controller_id] / scale_ms)
+        else:
+            loc = 0.1
+        load = 1.0 - min(r.queue_depth, saturation) / saturation
+        scores[i] = (load + (best + 0.1) / (p + 0.1) + loc) / 3
+    return sorted(scores.items(), key=lambda kv: -kv[1])[:k]
+
+
+NOW_S = 100.0
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 20), st.sampled_from(["m", "m", "other"]),
+                       st.sampled_from([ReplicaState.READY] * 3 + [ReplicaState.FAILED]),
+                       st.lists(st.floats(-1, 2), min_size=3, max_size=3), st.floats(1e-4, 2e-3),
+                       st.floats(0.01, 0.08)), min_size=1, max_size=30),
+    st.sampled_from(list(Priority)), st.one_of(st.none(), st.floats(0.2, 5.0)),
+    st.lists(st.sampled_from(["bs-01", "bs-02", "bs-03", "bs-04", "bs-09"]), max_size=3), st.integers(1, 4),
+)  # fmt: skip
+def test_the_kernel_decides_what_the_filters_and_scorers_say(rows, priority, budget, named, k):
+    """The one-pass decision (fast path) and the filter-by-filter one (general path) pick the scores
+    a plain-Python reading of the default filters and scorers picks, best first."""
+    reps = []
+    for i, (s, w, model, state, queue_s, prefill, decode) in enumerate(rows):
+        view = replica(f"r{i}", f"bs-0{s + 1}", model, state=state, waiting=w)
+        starts = sorted(NOW_S + q for q in queue_s)  # a lower class never starts sooner; < NOW_S: a slot is free
+        reps.append((view, (starts, prefill, [decode * (1 + 0.1 * c) for c in range(3)])))
+    table = ReplicaTable([v for v, _ in reps], ORACLE_SITES)
+    for v, (starts, prefill, decode) in reps:
+        table.set_admission(v.replica_id, prefill, decode, decode[0], starts)
+    req = RoutingRequest("q", "m", "xapp", tuple(named), priority, 265, 16,
+                         None if budget is None else NOW_S + budget, 16)  # fmt: skip
+    c = RoutingContext(req, ORACLE_SITES, now=NOW_S)
+    expect = oracle(reps, req, k)
+    general = router()
+    general._fast = None  # as a config the one pass does not cover would run
+    for r in (router(), general):
+        d = r.choose(c, table, limit=k)
+        assert [d.scores[x.replica_id] for x in d.ranked] == pytest.approx([s for _, s in expect])
+        assert (d.rejection is None) == bool(expect)
+        if expect and expect[0][1] - expect[1 if len(expect) > 1 else 0][1] > 1e-6:  # no tie at the top
+            assert d.ranked[0].replica_id == expect[0][0]
+
+
+def test_no_decision_compiles_the_kernel():
+    """The router's construction compiles it (or loads it from the disk cache); the decisions of any
+    path, config or request then use that compiled version."""
+    from airan.core.routing import kernel
+
+    r = router()
+    compiled = list(kernel.decide.signatures)
+    reps = [replica("a", "bs-01"), replica("b", "bs-02", waiting=3), replica("c", "bs-03")]
+    table = ReplicaTable(reps, SITES)
+    deadline = RoutingContext(RoutingRequest("q", "m", "xapp", ("bs-02",), Priority.NEAR_RT, 10, 4, 5.0, 4), SITES)
+    for decide in (lambda c: r.choose(c, table, limit=2), lambda c: r.choose_replicas(c, reps),
+                   lambda c: router(filters=["deadline", "ready"]).choose(c, table, limit=2),
+                   lambda c: Router([], [(KvCacheScorer(), 1)]).choose(c, table, limit=2)):  # fmt: skip
+        for c in (ctx(["bs-02"]), ctx(allowed={"bs-01"}), deadline):
+            decide(c)
+    assert kernel.decide.signatures == compiled

@@ -6,9 +6,10 @@ Predicted completion on a replica = controller<->site network time (there and ba
 + wait until a slot frees for this request's class (`ReplicaQueue.start_times`)
 + prefill time of its prompt tokens + decode time of its expected tokens, at
 the replica's measured speed (`RateModel`, smoothed from the engine's own
-per-request stats). The router's `deadline` filter applies `predict_s` to every
-candidate at once; the columns it reads are written when a request is queued,
-starts or finishes, never while one is being routed.
+per-request stats). The router's `deadline` filter applies it to every candidate
+at once (airan/core/routing/kernel.py, which `predict_s` runs too); the columns it
+reads are written when a request is queued, starts or finishes, never while one
+is being routed.
 
 A replica runs `slots` requests at once (the engine's batch); the rest wait in
 its `ReplicaQueue`: NEAR_RT before NON_RT before BEST_EFFORT, earliest deadline
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from airan.core.routing import kernel
 from airan.core.routing.table import N_CLASSES, ReplicaTable
 from airan.core.routing.types import Priority, RoutingContext
 
@@ -45,27 +47,10 @@ _NO_DEADLINE = math.inf
 
 # -- the latency model ---------------------------------------------------------------
 def predict_s(ctx: RoutingContext, table: ReplicaTable) -> np.ndarray:
-    """Predicted seconds from now until each replica would have answered this request (a new array)."""
-    return predict_into(ctx, table, np.empty(len(table)))
-
-
-def predict_into(ctx: RoutingContext, table: ReplicaTable, out: np.ndarray,
-                 eligible: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-    """`predict_s` written into `out`, inf for the replicas `eligible` rules out; the routing hot
-    path: five numpy calls over the columns and no column allocated."""
-    req = ctx.request
-    np.subtract(table.start_at[req.priority.rank], ctx.now, out=out)
-    np.maximum(out, table.zeros, out=out)  # an array, not 0.0: numpy's scalar path is twice as slow
-    if eligible is None:
-        out += table.round_trip_s(req.controller_id)
-    else:
-        penalty, static = table.penalty_of(eligible)
-        # a static mask's penalty comes folded into the network column (cached): one addition
-        out += table.round_trip_penalised(req.controller_id, penalty) if static \
-            else table.round_trip_s(req.controller_id) + penalty  # fmt: skip
-    out += np.dot(np.array((req.prompt_tokens, req.expected_tokens), dtype=float), table.rates[req.priority.rank],
-                  out=table.scratch_tmp)  # fmt: skip
-    return out
+    """Predicted seconds from now until each replica would have answered this request (a new array):
+    max(start - now, 0) + round trip + prompt * prefill + tokens * decode, as the routing kernel
+    computes it for the deadline filter (airan/core/routing/kernel.py)."""
+    return kernel.columns(ctx, table, np.ones(len(table), dtype=bool))[0]
 
 
 def idle_predict_s(ctx: RoutingContext, table: ReplicaTable) -> np.ndarray:

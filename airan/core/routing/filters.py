@@ -11,6 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from airan.core import admission
+from airan.core.routing import kernel
 from airan.core.routing.table import DecisionState, ReplicaTable
 from airan.core.routing.types import RoutingContext
 
@@ -88,12 +89,9 @@ class DeadlineFilter:
             return eligible
         state.budget_s = deadline - ctx.now
         state.before_deadline = eligible
-        # the replicas ruled out already are predicted at inf: they cannot fit, and the smallest
-        # prediction is the best eligible one's without a masked copy
-        predicted = admission.predict_into(ctx, table, table.scratch_predicted, eligible)
-        state.predicted_s = predicted
-        state.best_predicted_s = float(predicted.min())
-        return np.less_equal(predicted, state.budget_s / self.margin, out=table.scratch_fits)
+        # the router's general path; its fast path runs the same kernel with this limit (router.py)
+        state.predicted_s, fits, _, _ = kernel.columns(ctx, table, eligible, limit=state.budget_s / self.margin)
+        return fits
 
     def explain(self, ctx, table, state):
         allowed_ms = 1000 * state.budget_s
@@ -126,15 +124,10 @@ class PreferredSiteFilter:
         req = ctx.request
         if req.deadline is None or not req.site_ids:
             return eligible
-        rows = table.rows_of_site(req.site_ids[0])
-        fits_here = rows[eligible[rows]]
-        state.preferred_site_fits = len(fits_here) > 0
-        if not state.preferred_site_fits:
-            return eligible
-        state.rows = fits_here  # the router scores only these
-        if state.predicted_s is not None:  # the best prediction among the few left, for the scorers
-            state.best_predicted_s = float(state.predicted_s[fits_here].min())
-        return table.mask_of(fits_here)
+        # the router's general path; its fast path runs the same kernel with `preferred` (router.py)
+        _, fits, _, narrowed = kernel.columns(ctx, table, eligible, preferred=True)
+        state.preferred_site_fits = narrowed
+        return fits if narrowed else eligible
 
     def explain(self, ctx, table, state):  # never empties the set
         return ""

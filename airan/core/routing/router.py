@@ -3,14 +3,17 @@
 One seam, as in Ray Serve: `choose` (over a `ReplicaTable` kept current by its
 owner) or `choose_replicas` (over a list of views, building the table) returns
 ranked tiers so the caller can fall back to the next tier if a replica fails
-before answering. Filters and scorers work on columns, so a decision over
-thousands of replicas is a few vector operations (benchmarks/bench_admission_decision.py).
+before answering. Filters and scorers work on columns; with the built-in ones in
+the default order a decision is one compiled pass over them (kernel.py, the
+fast path), otherwise it runs them one by one (the general path), so a decision
+over thousands of replicas takes microseconds (benchmarks/bench_admission_decision.py).
 A request's `allowed_sites` (its caller's scope) confines every decision: it is folded into
 the table's cached mask of static filters, so it costs nothing per decision and no config
 can leave it out.
 """
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +22,8 @@ import numpy as np
 
 from airan.config import RouterConfig
 from airan.core import admission
-from airan.core.routing.filters import FILTERS, DeadlineFilter, Filter
+from airan.core.routing import kernel
+from airan.core.routing.filters import FILTERS, DeadlineFilter, Filter, PreferredSiteFilter
 from airan.core.routing.scorers import SCORERS, LeastLoadedScorer, Scorer
 from airan.core.routing.table import DecisionState, ReplicaTable
 from airan.core.routing.types import ReplicaView, RoutingContext
@@ -71,6 +75,30 @@ class Router:
         self._static_filters = self.filters[:n_static]
         self._dynamic_filters = self.filters[n_static:]
         self._static_names = tuple(f.name for f in self._static_filters)
+        self._fast = self._fast_path()
+        if self._fast is not None:
+            kernel.warm_up()
+
+    def _fast_path(self) -> tuple[kernel.Terms, float | None, bool] | None:
+        """(the scorers as the routing kernel's terms, the deadline filter's margin or None, whether the
+        preferred_site filter runs) when the whole decision after the folded table-only filters is
+        one kernel pass: the dynamic filters are `deadline` then `preferred_site` (either may be left
+        out) and every scorer is one the kernel computes, each at most once. Otherwise None, and each
+        decision takes the general path: filter by filter, scorer by scorer, each a column. Two paths
+        because the seam lets a config (or `airan.core.policies`) put its own filters and scorers in
+        any order, which one fixed pass cannot run; the covered filters and scorers run the same
+        kernel on the general path, so their arithmetic is written once."""
+        kinds = [type(f) for f in self._dynamic_filters]
+        if kinds not in ([], [DeadlineFilter], [PreferredSiteFilter], [DeadlineFilter, PreferredSiteFilter]):
+            return None
+        terms: dict = {}
+        for scorer, weight in self.scorers:
+            part = scorer.terms(weight) if type(scorer) in SCORERS.values() else None  # the built-in ones
+            if part is None or terms.keys() & part.keys():
+                return None
+            terms.update(part)
+        deadline = next((f.margin for f in self._dynamic_filters if isinstance(f, DeadlineFilter)), None)
+        return kernel.Terms(**terms), deadline, PreferredSiteFilter in kinds
 
     @classmethod
     def from_config(cls, config: RouterConfig, rng: random.Random | None = None) -> Router:
@@ -98,85 +126,65 @@ class Router:
         """Filters, scorers and the pick over `table`; `limit`: rank only that many (the hot path)."""
         if not len(table):
             return RoutingDecision([], rejection="no replicas are deployed")
+        if self._fast is not None:
+            decision = self._choose_fast(ctx, table, limit)
+            if decision is not None:
+                return decision
+        return self._choose_general(ctx, table, limit)
+
+    def _choose_fast(self, ctx: RoutingContext, table: ReplicaTable, limit: int | None) -> RoutingDecision | None:
+        """The decision in one kernel pass; None when nothing is left (the general path then finds
+        which filter emptied the set, to say why: a refusal is not the hot path)."""
+        terms, margin, preferred = self._fast
+        deadline = ctx.request.deadline if margin is not None else None
+        budget = None if deadline is None else deadline - ctx.now
+        eligible = self._static_mask(ctx, table)
+        k = 0 if limit is None else limit + 1  # the runner-up too: a tie at the top is found from it
+        if k > len(table.scratch[3]):
+            table.scratch = (*table.scratch[:3], np.empty(k, dtype=np.int64), np.empty(k))
+        n_fit, m, _, _ = kernel.run(ctx, table, eligible, terms, math.inf if budget is None else budget / margin,
+                                    preferred, k)  # fmt: skip
+        if n_fit == 0:
+            return None
+        predicted, _, total, top_i, top_v = table.scratch
+        scores: dict[int, float] = {}
+        if k and (m == 1 or top_v[1] < top_v[0] - self.tie_tolerance):  # the usual case: no tie at the top
+            m = min(m, limit)
+            scores.update(zip(top_i[:m].tolist(), top_v[:m].tolist()))
+            picked = [[i] for i in scores]
+        else:  # rank every score, or break a tie at the top at random
+            picked = self._rank(total, limit, scores)
+        return self._decision(ctx, table, None if budget is None else predicted, budget, picked, scores)
+
+    def _choose_general(self, ctx: RoutingContext, table: ReplicaTable, limit: int | None) -> RoutingDecision:
+        """Filter by filter, then scorer by scorer, each a column over the table."""
         state = DecisionState()
         eligible = self._static_mask(ctx, table)
         masks = [eligible]
         for f in self._dynamic_filters:
             eligible = f.mask(ctx, table, eligible, state)
             masks.append(eligible)
-        if not eligible[eligible.argmax()]:  # none left (argmax finds the first True; ndarray.any is 8x slower)
+        if not eligible.any():
             return self._rejection(ctx, table, state, masks)  # the first filter that left nothing says why
-        if state.rows is not None:  # a filter narrowed the choice to a few rows: score only those
-            return self._choose_among(ctx, table, state, state.rows, limit)
-        total = table.scratch_total
-        first = None  # the first score, kept until the second so the two make one addition
+        total = np.zeros(len(table))
         for scorer, weight in self.scorers:
-            score = scorer.score(ctx, table, eligible, state)
-            if weight != 1.0:
-                score = np.multiply(score, weight, out=table.scratch_tmp)
-            if first is None:
-                first = score
-                if score is table.scratch_tmp:  # the next weighted score reuses that column
-                    np.copyto(total, score)
-                    first = total
-            elif first is not total:
-                np.add(first, score, out=total)
-                first = total
-            else:
-                total += score
-        if first is None:
-            total.fill(0.0)
-        elif first is not total:
-            np.copyto(total, first)
+            total += weight * np.where(eligible, scorer.score(ctx, table, eligible, state), 0.0)
+        total[~eligible] = -np.inf
         scores: dict[int, float] = {}
-        if limit is None:
-            np.putmask(total, np.invert(eligible, out=table.scratch_excluded), -np.inf)
-            picked = self._rank_all(total, scores)
-        else:
-            picked = self._rank_top(total, eligible, limit, scores)
-        return self._decision(ctx, table, state, picked, scores)
+        picked = self._rank(total, limit, scores)
+        return self._decision(ctx, table, state.predicted_s, state.budget_s, picked, scores)
 
-    def _decision(self, ctx: RoutingContext, table: ReplicaTable, state: DecisionState,
+    def _decision(self, ctx: RoutingContext, table: ReplicaTable, predicted: np.ndarray | None, budget: float | None,
                   picked: list[list[int]], scores: dict[int, float]) -> RoutingDecision:  # fmt: skip
         flat = [i for tier in picked for i in tier]
-        predicted = state.predicted_s
         ids = table.ids
         return RoutingDecision(
             [[table.views[i] for i in tier] for tier in picked],
             scores={ids[i]: s / self._weight_sum for i, s in scores.items()},
             predicted_s={} if predicted is None else {ids[i]: float(predicted[i]) for i in flat},
-            budget_s=state.budget_s,
+            budget_s=budget,
             explain_placement=lambda: self._placement_note(ctx, table, flat[0]),
         )
-
-    def _choose_among(self, ctx: RoutingContext, table: ReplicaTable, state: DecisionState, rows: np.ndarray,
-                      limit: int | None) -> RoutingDecision:  # fmt: skip
-        """Score and rank only `rows` (the eligible ones, e.g. the named site's replicas that fit), in
-        plain Python: for a handful of replicas a numpy call costs more than the arithmetic."""
-        idx = rows.tolist()
-        totals = [0.0] * len(idx)
-        for scorer, weight in self.scorers:
-            rows_score = getattr(scorer, "score_rows", None)
-            values = rows_score(ctx, table, rows, state) if rows_score is not None \
-                else scorer.score(ctx, table, table.mask_of(rows), state)[rows].tolist()  # fmt: skip
-            totals = [t + weight * v for t, v in zip(totals, values)]
-        order = sorted(range(len(idx)), key=totals.__getitem__, reverse=True)
-        tiers: list[list[int]] = []
-        tier_score = None
-        for k in order:  # tiers of equal score, best first, shuffled inside
-            if tier_score is None or tier_score - totals[k] > self.tie_tolerance:
-                tiers.append([])
-                tier_score = totals[k]
-            tiers[-1].append(k)
-        picked, left = [], len(idx) if limit is None else limit
-        for tier in tiers:
-            if left <= 0:
-                break
-            self.rng.shuffle(tier)
-            picked.append([idx[k] for k in tier[:left]])
-            left -= len(picked[-1])
-        score_of = dict(zip(idx, totals))
-        return self._decision(ctx, table, state, picked, {i: score_of[i] for tier in picked for i in tier})
 
     def _static_mask(self, ctx: RoutingContext, table: ReplicaTable) -> np.ndarray:
         """The folded mask of the caller's site scope and the leading table-only filters (cached by
@@ -185,7 +193,7 @@ class Router:
         key = [self._static_names, ctx.request.allowed_sites]
         for f in self._static_filters:
             key.append(f.static_key(ctx))
-        return table.static_mask(tuple(key), self._fold_static, ctx)[0]
+        return table.static_mask(tuple(key), self._fold_static, ctx)
 
     def _fold_static(self, ctx: RoutingContext, table: ReplicaTable) -> np.ndarray:
         mask = self._scope_mask(ctx, table)
@@ -221,70 +229,35 @@ class Router:
             reason += f"; its caller's scope confines it to {scope}"
         return RoutingDecision([], rejection=reason, rejection_kind=state.rejection_kind, budget_s=state.budget_s)
 
-    def _rank_all(self, masked: np.ndarray, scores: dict[int, float]) -> list[list[int]]:
-        """Tiers of equal score, best first; random order inside a tier breaks ties. Fills `scores`."""
-        order = [int(i) for i in np.argsort(-masked, kind="stable") if masked[i] > -np.inf]
-        scores.update((i, float(masked[i])) for i in order)
+    def _rank(self, total: np.ndarray, limit: int | None, scores: dict[int, float]) -> list[list[int]]:
+        """Tiers best first from every score (-inf: not eligible); fills `scores`. `limit` None: every
+        eligible replica, tiers of equal score (within the tolerance) shuffled. Otherwise the best
+        `limit`: ties are looked for in the first tier only (a random few of a large one), below it
+        equal scores keep index order."""
+        order = [int(i) for i in np.argsort(-total, kind="stable") if total[i] > -np.inf]
+        if limit is not None:
+            if not order:
+                return []
+            ties = sorted(i for i in order if total[i] >= total[order[0]] - self.tie_tolerance)  # index order
+            if len(ties) >= limit:  # a random few of a large tie, without shuffling all of it
+                tier = [ties[j] for j in self.rng.sample(range(len(ties)), limit)]
+            else:
+                tier = ties
+                self.rng.shuffle(tier)
+            rest = order[len(ties): len(ties) + limit - len(tier)]
+            scores.update((i, float(total[i])) for i in tier + rest)
+            return [tier] + [[i] for i in rest]
+        scores.update((i, float(total[i])) for i in order)
         tiers: list[list[int]] = []
         tier_score = None
         for i in order:
-            if tier_score is None or tier_score - masked[i] > self.tie_tolerance:
+            if tier_score is None or tier_score - total[i] > self.tie_tolerance:
                 tiers.append([])
-                tier_score = masked[i]
+                tier_score = total[i]
             tiers[-1].append(i)
         for tier in tiers:
             self.rng.shuffle(tier)
         return tiers
-
-    # ineligible replicas met at the top of the scores before they are masked all at once
-    MAX_SKIPS = 8
-
-    def _rank_top(self, masked: np.ndarray, eligible: np.ndarray, limit: int,
-                  scores: dict[int, float]) -> list[list[int]]:  # fmt: skip
-        """The best `limit` eligible replicas as tiers, without sorting the rest (`masked` is used up).
-        Ineligible ones are skipped as they come up (usually none or a few), not masked first: masking
-        every score costs more than the picks. Ties are looked for in the first tier only (below it,
-        equal scores keep index order), and only when the runner-up is within the tolerance, which
-        the next pick finds anyway. Fills `scores` for the ranked ones."""
-        picks = self._top_eligible(masked, eligible, limit + 1)
-        if not picks:
-            return []
-        best, score = picks[0]
-        if len(picks) == 1 or picks[1][1] < score - self.tie_tolerance:  # the usual case: no tie
-            scores.update(picks[:limit])
-            return [[i] for i, _ in picks[:limit]]
-        for i, v in picks:  # a tie at the top: put the picks back and take the whole tier
-            masked[i] = v
-        ties = np.flatnonzero((masked >= score - self.tie_tolerance) & eligible)
-        if len(ties) >= limit:  # a random few of a large tie, without shuffling all of it
-            tier = [int(ties[j]) for j in self.rng.sample(range(len(ties)), limit)]
-        else:
-            tier = [int(i) for i in ties]
-            self.rng.shuffle(tier)
-        scores.update((i, float(masked[i])) for i in tier)
-        masked[ties] = -np.inf
-        tiers = [tier]
-        rest = self._top_eligible(masked, eligible, limit - len(tier))
-        scores.update(rest)
-        return tiers + [[i] for i, _ in rest]
-
-    def _top_eligible(self, masked: np.ndarray, eligible: np.ndarray, n: int) -> list[tuple[int, float]]:
-        """Up to `n` (index, score) of the best eligible scores, best first, each set to -inf."""
-        out: list[tuple[int, float]] = []
-        skips = 0
-        while len(out) < n:
-            i = int(masked.argmax())
-            v = float(masked[i])
-            if v == -np.inf:
-                break
-            masked[i] = -np.inf
-            if eligible[i]:
-                out.append((i, v))
-                continue
-            skips += 1
-            if skips == self.MAX_SKIPS:  # many ineligible at the top: mask them all at once
-                np.putmask(masked, ~eligible, -np.inf)
-        return out
 
     def _placement_note(self, ctx: RoutingContext, table: ReplicaTable, best: int) -> str:
         """Why a request that names a site is served elsewhere ("" when it is served there); the

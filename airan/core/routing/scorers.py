@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from airan.core import admission
+from airan.core.routing import kernel
 from airan.core.routing.table import DecisionState, ReplicaTable
 from airan.core.routing.types import RoutingContext
 
@@ -22,6 +22,12 @@ class Scorer(Protocol):
     def score(self, ctx: RoutingContext, table: ReplicaTable, eligible: np.ndarray, state: DecisionState) -> np.ndarray: ...
 
 
+# The scorers below compute in the routing kernel (airan/core/routing/kernel.py): the router's fast
+# path runs them all at once in it (`terms` says which term and column is each one's), and `score`
+# runs one of them alone, for the router's general path. Their scores are -inf where a replica is
+# not eligible.
+
+
 class LeastLoadedScorer:
     """1 for an idle replica, falling linearly to 0 at `saturation` queued requests."""
 
@@ -30,12 +36,11 @@ class LeastLoadedScorer:
     def __init__(self, saturation: int = 16) -> None:
         self.saturation = saturation
 
-    def score(self, ctx, table, eligible, state):
-        return table.load_score(self.saturation)
+    def terms(self, weight: float) -> dict:
+        return dict(load=weight, saturation=self.saturation)
 
-    def score_rows(self, ctx, table, rows, state):
-        """The scores of `rows` only, as floats (the router's path for a handful of replicas)."""
-        return table.load_score(self.saturation)[rows].tolist()
+    def score(self, ctx, table, eligible, state):
+        return kernel.columns(ctx, table, eligible, kernel.Terms(**self.terms(1.0)))[2]
 
 
 class KvCacheScorer:
@@ -43,8 +48,11 @@ class KvCacheScorer:
 
     name = "kv_cache"
 
+    def terms(self, weight: float) -> dict:
+        return dict(kv=weight)
+
     def score(self, ctx, table, eligible, state):
-        return 1.0 - np.clip(table.kv_cache_usage, 0.0, 1.0)
+        return kernel.columns(ctx, table, eligible, kernel.Terms(**self.terms(1.0)))[2]
 
 
 class SiteLocalityScorer:
@@ -59,52 +67,26 @@ class SiteLocalityScorer:
     def __init__(self, latency_scale_ms: float = 10.0) -> None:
         self.latency_scale_ms = latency_scale_ms
 
-    def score(self, ctx, table, eligible, state):
-        request = ctx.request
-        out = table.locality_base(request.controller_id, self.latency_scale_ms)
-        if not request.site_ids:
-            return out
-        out = out.copy()
-        for site_id in request.site_ids[:0:-1]:  # later names first, so the first one wins a repeat
-            out[table.rows_of_site(site_id)] = 0.8
-        out[table.rows_of_site(request.site_ids[0])] = 1.0
-        return out
+    def terms(self, weight: float) -> dict:
+        return dict(locality=weight, scale_ms=self.latency_scale_ms)
 
-    def score_rows(self, ctx, table, rows, state):
-        request = ctx.request
-        out = table.locality_base(request.controller_id, self.latency_scale_ms)[rows].tolist()
-        if request.site_ids:
-            named = {table.site_index(s): 0.8 for s in request.site_ids[1:]}
-            named[table.site_index(request.site_ids[0])] = 1.0
-            for k, pos in enumerate(table.site_of[rows].tolist()):
-                out[k] = named.get(pos, out[k])
-        return out
+    def score(self, ctx, table, eligible, state):
+        return kernel.columns(ctx, table, eligible, kernel.Terms(**self.terms(1.0)))[2]
 
 
 class PredictedLatencyScorer:
     """Prefer the replica predicted to answer first (airan/core/admission.py's model):
     the fastest eligible one scores 1, one predicted to take twice as long 0.5. A tenth of a
-    second is added to every prediction, so a few milliseconds of network between otherwise
-    equal replicas do not outweigh the site the request names."""
+    second (`kernel.LATENCY_FLOOR_S`) is added to every prediction, so a few milliseconds of network
+    between otherwise equal replicas do not outweigh the site the request names."""
 
     name = "predicted_latency"
-    FLOOR_S = 0.1
+
+    def terms(self, weight: float) -> dict:
+        return dict(latency=weight)
 
     def score(self, ctx, table, eligible, state):
-        predicted, best = state.predicted_s, state.best_predicted_s
-        if predicted is None:  # no deadline filter ran (a request without a deadline, or not configured)
-            predicted = admission.predict_into(ctx, table, table.scratch_predicted, eligible)
-            best = float(predicted.min())
-        elif best is None:
-            best = float(np.where(eligible, predicted, np.inf).min())
-        out = np.add(predicted, self.FLOOR_S, out=table.scratch_score)
-        return np.divide(best + self.FLOOR_S, out, out=out)  # 0 where a replica was ruled out (inf)
-
-    def score_rows(self, ctx, table, rows, state):
-        if state.predicted_s is None or state.best_predicted_s is None:
-            return self.score(ctx, table, table.mask_of(rows), state)[rows].tolist()
-        top = state.best_predicted_s + self.FLOOR_S
-        return [top / (p + self.FLOOR_S) for p in state.predicted_s[rows].tolist()]
+        return kernel.columns(ctx, table, eligible, kernel.Terms(**self.terms(1.0)))[2]
 
 
 SCORERS: dict[str, type] = {

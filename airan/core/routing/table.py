@@ -9,8 +9,7 @@ folded masks of filters that read only the table (`static_mask`) are computed
 once and cached until the replicas' readiness or the sites change.
 
 A decision writes its temporaries into the table's scratch columns instead of
-allocating new arrays (at 4,000 replicas a numpy call costs about as much as the
-arithmetic it does): what a decision returns is copied out of them, and
+allocating new arrays: what a decision returns is copied out of them, and
 anything read later (`RoutingDecision.placement_note`) is computed again.
 """
 from __future__ import annotations
@@ -33,14 +32,13 @@ class ReplicaTable:
         self.site_ids = sorted({v.site_id for v in self.views} | set(sites))
         self._site_pos = {s: i for i, s in enumerate(self.site_ids)}
         self.site_of = np.array([self._site_pos[v.site_id] for v in self.views], dtype=np.int64)
-        rows: dict[int, list[int]] = {}
-        for i, pos in enumerate(self.site_of):
-            rows.setdefault(int(pos), []).append(i)
-        self._rows_of_site = {pos: np.array(r, dtype=np.int64) for pos, r in rows.items()}
-        self._no_rows = np.zeros(0, dtype=np.int64)
+        # each site's replicas: site_rows[site_start[pos]:site_start[pos + 1]] (the kernel reads these)
+        self.site_rows = np.argsort(self.site_of, kind="stable")
+        self.site_start = np.searchsorted(self.site_of[self.site_rows], np.arange(len(self.site_ids) + 1))
         self.ready = np.array([v.state is ReplicaState.READY for v in self.views], dtype=bool)
         self.queue_depth = np.array([v.queue_depth for v in self.views], dtype=float)
         self.kv_cache_usage = np.array([v.kv_cache_usage for v in self.views], dtype=float)
+        self.kv_free = 1.0 - np.clip(self.kv_cache_usage, 0.0, 1.0)  # kv_cache's score
         # admission columns (airan/core/admission.py); zeros predict only the network time.
         # rates[class, 0] is prefill seconds per prompt token, rates[class, 1] decode seconds per token
         # at the batch the replica would run with one more request of that class (a higher class may
@@ -53,15 +51,10 @@ class ReplicaTable:
         self._serves: dict[str, np.ndarray] = {}
         self._at_sites: dict[frozenset[str], np.ndarray] = {}
         self._load_scores: dict[int, np.ndarray] = {}
-        # scratch columns one decision at a time writes into (the router is not reentrant)
         self.zeros = np.zeros(n)
-        self.inf = np.full(n, np.inf)
-        self.scratch_predicted = np.empty(n)
-        self.scratch_tmp = np.empty(n)
-        self.scratch_score = np.empty(n)
-        self.scratch_total = np.empty(n)
-        self.scratch_fits = np.empty(n, dtype=bool)
-        self.scratch_excluded = np.empty(n, dtype=bool)
+        # what one decision at a time writes into (the router is not reentrant): the routing kernel's
+        # (predicted, fits, scores, top indices, top scores)
+        self.scratch = (np.empty(n), np.empty(n, dtype=bool), np.empty(n), np.empty(8, dtype=np.int64), np.empty(8))
         self.set_sites(sites)
 
     def __len__(self) -> int:
@@ -80,41 +73,19 @@ class ReplicaTable:
         self._latency: dict[str, np.ndarray] = {}
         self._round_trip: dict[str, np.ndarray] = {}
         self._locality: dict[tuple[str, float], np.ndarray] = {}
-        self._static: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # folded static filters
-        self._round_trip_penalised: dict[tuple[str, int], np.ndarray] = {}
+        self._static: dict[tuple, np.ndarray] = {}  # folded static filters
 
-    def static_mask(self, key: tuple, build, ctx) -> tuple[np.ndarray, np.ndarray]:
-        """(mask, penalty) of filters that read only the table's readiness, models and sites:
-        `build(ctx, table)` once per key, then cached until those change. The penalty is 0 where the
-        mask holds and inf elsewhere, so adding it to a prediction rules the excluded replicas out
-        without a mask."""
-        cached = self._static.get(key)
-        if cached is None:
-            mask = np.asarray(build(ctx, self), dtype=bool)
-            mask.flags.writeable = False
-            penalty = np.where(mask, 0.0, np.inf)
-            penalty.flags.writeable = False
-            cached = self._static[key] = (mask, penalty)
-        return cached
-
-    def penalty_of(self, mask: np.ndarray) -> tuple[np.ndarray, bool]:
-        """(0 where `mask` holds and inf elsewhere, whether it is a static mask's cached one)."""
-        for cached_mask, penalty in self._static.values():
-            if cached_mask is mask:
-                return penalty, True
-        return np.where(mask, 0.0, np.inf), False
+    def static_mask(self, key: tuple, build, ctx) -> np.ndarray:
+        """The mask of filters that read only the table's readiness, models and sites:
+        `build(ctx, table)` once per key, then cached until those change (a copy: the routing kernel
+        takes writable arrays, so one compiled version serves every mask; nothing writes it)."""
+        mask = self._static.get(key)
+        if mask is None:
+            mask = self._static[key] = np.array(build(ctx, self), dtype=bool)
+        return mask
 
     def site_index(self, site_id: str) -> int:
         return self._site_pos.get(site_id, -1)
-
-    def mask_of(self, rows: np.ndarray) -> np.ndarray:
-        mask = np.zeros(len(self), dtype=bool)
-        mask[rows] = True
-        return mask
-
-    def rows_of_site(self, site_id: str) -> np.ndarray:
-        """Indices of the replicas at a site (empty for a site with none)."""
-        return self._rows_of_site.get(self._site_pos.get(site_id, -1), self._no_rows)
 
     def at_sites(self, site_ids: frozenset[str]) -> np.ndarray:
         """The replicas at these sites (a caller's scope); cached for the table's life, since a
@@ -144,14 +115,6 @@ class ReplicaTable:
                 ms = lat.get(controller_id, max(lat.values(), default=0.0))
                 per_site[i] = ms / 1000.0
             col = self._latency[controller_id] = per_site[self.site_of]
-        return col
-
-    def round_trip_penalised(self, controller_id: str, penalty: np.ndarray) -> np.ndarray:
-        """`round_trip_s` plus a static mask's penalty (cached with the mask): one column to add."""
-        key = (controller_id, id(penalty))
-        col = self._round_trip_penalised.get(key)
-        if col is None:
-            col = self._round_trip_penalised[key] = self.round_trip_s(controller_id) + penalty
         return col
 
     def round_trip_s(self, controller_id: str) -> np.ndarray:
@@ -201,7 +164,7 @@ class ReplicaTable:
         i = self.index.get(replica_id)
         if i is not None and self.ready[i] != ready:
             self.ready[i] = ready
-            self._static, self._round_trip_penalised = {}, {}
+            self._static = {}
 
     def set_admission(
         self,
@@ -224,16 +187,12 @@ class ReplicaTable:
 class DecisionState:
     """What one routing decision has worked out so far; filters and scorers share it."""
 
-    __slots__ = ("predicted_s", "best_predicted_s", "before_deadline", "budget_s", "rejection_kind",
-                 "preferred_site_fits", "rows")
+    __slots__ = ("predicted_s", "before_deadline", "budget_s", "rejection_kind", "preferred_site_fits")
 
     def __init__(self) -> None:
         # seconds per replica (the deadline filter fills it; inf where a replica was already excluded)
         self.predicted_s: np.ndarray | None = None
-        self.best_predicted_s: float | None = None  # the smallest prediction among the eligible, once known
         self.before_deadline: np.ndarray | None = None  # the candidates the deadline filter judged
         self.budget_s: float | None = None  # seconds left until the deadline at the decision
         self.rejection_kind: str = "UNAVAILABLE"  # an airan.errors.ErrorKind name
         self.preferred_site_fits: bool | None = None  # None: no deadline or no named site
-        # the only eligible replicas, when a filter narrowed the choice to a few (scored alone)
-        self.rows: np.ndarray | None = None
