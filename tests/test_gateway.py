@@ -189,6 +189,24 @@ async def test_a_near_rt_diagnosis_is_brief(gateway):
     assert replica.params[0].max_tokens == 16
 
 
+async def test_admission_expects_a_diagnosis_at_the_length_the_models_answers_run(gateway):
+    replica = FakeReplica(answers=["CONGESTION A"] * 12)  # one token each, against a bound of 16
+    gw, _ = gateway({"r1": ("bs-01", replica)})
+    expected = []
+    choose = gw.router.choose
+
+    def spy(ctx, table, limit=None):
+        expected.append(ctx.request.expected_tokens)
+        return choose(ctx, table, limit)
+
+    gw.router.choose = spy
+    for _ in range(10):
+        await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS, priority=Priority.NEAR_RT), request_id=call_id())
+    await gw.ask(q(priority=Priority.NEAR_RT, max_tokens=16), request_id=call_id())  # free text: its bound
+    assert expected[:8] == [16] * 8  # the bound until 8 answers have been seen
+    assert expected[8:] == [1, 1, 16] and all(p.max_tokens == 16 for p in replica.params)  # the engine's cap stays
+
+
 async def test_invalid_diagnosis_is_retried_once_with_sampling(gateway):
     replica = FakeReplica(answers=["CONGESTION Z", "CONGESTION A"])
     gw, _ = gateway({"r1": ("bs-01", replica)})

@@ -30,6 +30,7 @@ from airan.serving.engine.protocol import (
     RequestFailedError,
 )
 from airan.core.admission import RateModel, ReplicaQueue, Ticket, engine_priority
+from airan.core.answer_length import AnswerLengths
 from airan.core.detector import Detector
 from airan.core.diagnosis import CompactAnswer, Diagnosis, InvalidDiagnosis, compact_text
 from airan.core.prompting import DiagnosisContext, RenderedPrompt, diagnosis_context
@@ -237,6 +238,7 @@ class Gateway:
         self._queues: dict[str, ReplicaQueue] = {}
         self._rates: dict[str, RateModel] = {}
         self._model_rates: dict[str, RateModel] = {}  # every replica of a model, pooled
+        self._answer_lengths = AnswerLengths()  # a diagnosis's tokens, per model and bound
         self._model_of: dict[str, str] = {}
         self._waiters: dict[Ticket, asyncio.Future] = {}
         self._preemptions: dict[Ticket, _Preemption] = {}  # running tickets a higher class may stop
@@ -420,8 +422,7 @@ class Gateway:
             prompt_tokens=len(prompt.token_ids),
             max_tokens=query.max_tokens,
             deadline=query.deadline,
-            # an upper bound: a diagnosis's grammar runs close to it, and admission must not over-admit
-            expected_tokens=query.max_tokens,
+            expected_tokens=self._expected_tokens(query),
             allowed_sites=query.allowed_sites,
         )
         ctx = RoutingContext(request, table.sites, self.sites.min_ai_headroom, now=self.clock())
@@ -455,6 +456,7 @@ class Gateway:
             async for event in self._dispatch(query, decision, prompt, params, arrival, attempt):
                 if isinstance(event, Answer):
                     answer = event  # diagnosis mode streams no text deltas: only checked answers leave
+            self._answer_lengths.observe((query.model, query.max_tokens), answer.completion_tokens)
             try:
                 parsed = diagnosis.parse(answer.text, prompt.citable_kpis, truncated=answer.finish_reason == "length")
                 answer = replace(answer, diagnosis=parsed, attempts=attempt)
@@ -627,19 +629,20 @@ class Gateway:
         if sent.migrations:
             engine_request_id += f"~{len(sent.migrations)}"
         prompt_tokens, max_tokens = len(prompt.token_ids) + len(sent.token_ids), query.max_tokens - len(sent.token_ids)
+        expected_tokens = max(1, self._expected_tokens(query) - len(sent.token_ids))
         queue, rates = self._queue(rid), self._speed_of(rid)
         table = self._routing_table()
         network_s = 2.0 * float(table.latency_s(query.controller_id)[table.index[rid]]) if rid in table.index else 0.0
         share, margin = self._share_of(rid), self.config.router.admission.margin
         ticket = Ticket(
             engine_request_id, query.priority, query.deadline,
-            rates.service_s(prompt_tokens, max_tokens, min(len(queue.running) + 1, queue.slots), share),
-            network_s, prompt_tokens, max_tokens,
+            rates.service_s(prompt_tokens, expected_tokens, min(len(queue.running) + 1, queue.slots), share),
+            network_s, prompt_tokens, expected_tokens,
         )  # fmt: skip
 
         def fits(batch: int) -> bool:  # in time running in a batch of this size, by the deadline filter's rule
             return query.deadline is None or margin * (network_s + rates.service_s(
-                prompt_tokens, max_tokens, batch, share)) <= query.deadline - self.clock()  # fmt: skip
+                prompt_tokens, expected_tokens, batch, share)) <= query.deadline - self.clock()  # fmt: skip
 
         offer = queue.offer(ticket, self.clock(), fits)
         for shed in offer.shed:
@@ -749,6 +752,13 @@ class Gateway:
         yield answer
 
     # -- admission state (changes here, read by the router) -----------------------------
+    def _expected_tokens(self, query: Query) -> int:
+        """The tokens admission predicts the answer at: a diagnosis's learnt length (its grammar
+        bounds it, and it runs steady per model), the request's max_tokens for free text."""
+        if query.mode != "diagnosis":
+            return query.max_tokens
+        return self._answer_lengths.expected((query.model, query.max_tokens), query.max_tokens)
+
     def _queue(self, replica_id: str) -> ReplicaQueue:
         queue = self._queues.get(replica_id)
         if queue is None:
