@@ -573,6 +573,22 @@ async def test_a_near_rt_diagnosis_may_opt_in_to_the_detectors_answer_in_time(ga
     assert bad.value.kind is ErrorKind.INVALID_ARGUMENT and "response_mode DIAGNOSIS" in bad.value.message
 
 
+async def test_before_the_model_is_learnt_a_near_rt_diagnosis_is_expected_as_long_as_the_detectors_answer(
+        renderer, detector):  # fmt: skip
+    replica = FakeReplica(answers=["CONGESTION A"] * 2)
+    gw = Gateway(CONFIG, FakePool({"r1": ("bs-01", replica)}), SiteRegistry(CONFIG.sites, 0.2), {"m": renderer},
+                 detector=detector)  # fmt: skip
+    expected = []
+    choose = gw.router.choose
+    gw.router.choose = lambda ctx, table, limit=None: expected.append(ctx.request.expected_tokens) or choose(
+        ctx, table, limit)  # fmt: skip
+    await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS, priority=Priority.NEAR_RT), request_id=call_id())
+    await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS, priority=Priority.NON_RT), request_id=call_id())
+    # the detector says "CONGESTION A" (cause, cell letter): its tokens and two more, not the bound of 16;
+    # a NON_RT diagnosis may cite KPIs too, so it is expected at its bound
+    assert expected == [renderer.count_tokens("CONGESTION A") + 2, 64]
+
+
 async def test_a_burst_of_mixed_classes_ends_each_request_in_exactly_one_answer_or_error(gateway):
     replicas = {"r1": ("bs-01", FakeReplica(words=("w",) * 4, delay=0.01)),
                 "r2": ("bs-02", FakeReplica(words=("w",) * 4, delay=0.01))}  # fmt: skip

@@ -46,6 +46,9 @@ class Query:
     # the sites the caller's scope confines its routing to (None: every site); the server sets it from
     # the authenticated caller, never from the request
     allowed_sites: frozenset[str] | None = None
+    # the server's estimate of a diagnosis's length before the model's own answers are learnt (0: none);
+    # set by the gateway from the detector's answer in the same form, never from the request
+    answer_tokens_prior: int = 0
 
     @property
     def context_cells(self) -> list[str]:

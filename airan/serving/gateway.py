@@ -392,12 +392,14 @@ class Gateway:
         max_len = self.config.model(spec.parent).max_model_len if spec.is_adapter else spec.max_model_len
         lora = model if spec.is_adapter else None
 
-        def prepare() -> tuple[DiagnosisContext | None, RenderedPrompt]:
+        def prepare() -> tuple[DiagnosisContext | None, RenderedPrompt, int]:
             evidence = diagnosis_context(query, self.detector) if query.mode == "diagnosis" else None
-            return evidence, self.renderers[model].render(query, max_len - query.max_tokens, evidence)
+            prompt = self.renderers[model].render(query, max_len - query.max_tokens, evidence)
+            return evidence, prompt, self._answer_prior(query, evidence)
 
         # the detector and the tokenizer are CPU work: off the event loop, so other calls keep moving
-        diagnosis, prompt = await asyncio.to_thread(prepare)
+        diagnosis, prompt, prior = await asyncio.to_thread(prepare)
+        query = replace(query, answer_tokens_prior=prior)
         fallback = self.config.router.admission.detector_fallback if query.detector_fallback is None \
             else query.detector_fallback  # fmt: skip
         try:
@@ -754,10 +756,23 @@ class Gateway:
     # -- admission state (changes here, read by the router) -----------------------------
     def _expected_tokens(self, query: Query) -> int:
         """The tokens admission predicts the answer at: a diagnosis's learnt length (its grammar
-        bounds it, and it runs steady per model), the request's max_tokens for free text."""
+        bounds it, and it runs steady per model; until learnt, the prior from the detector's answer
+        when there is one), the request's max_tokens for free text."""
         if query.mode != "diagnosis":
             return query.max_tokens
-        return self._answer_lengths.expected((query.model, query.max_tokens), query.max_tokens)
+        return self._answer_lengths.expected((query.model, query.max_tokens), query.answer_tokens_prior
+                                             or query.max_tokens)  # fmt: skip
+
+    def _answer_prior(self, query: Query, diagnosis: DiagnosisContext | None) -> int:
+        """A brief (NEAR_RT) diagnosis is a cause and cells, the form the detector's own answer takes:
+        its tokens plus two (the end token, a cell more) until the model's answers are learnt; 0 where
+        there is no detector or the answer may cite KPIs too."""
+        if diagnosis is None or diagnosis.detector is None or query.priority is not Priority.NEAR_RT:
+            return 0
+        d = diagnosis.detector
+        cells = tuple(c for c in d.affected_cells if c in diagnosis.aliases)
+        text = compact_text(d.cause, cells, diagnosis.aliases)
+        return min(query.max_tokens, self.renderers[query.model].count_tokens(text) + 2)
 
     def _queue(self, replica_id: str) -> ReplicaQueue:
         queue = self._queues.get(replica_id)
