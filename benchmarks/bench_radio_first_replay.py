@@ -8,10 +8,14 @@ local stack (Ray site nodes, one vLLM CPU replica per site), pushes the history,
 open loop at `--speed`, and samples every replica's process-tree CPU time (psutil) every
 `--sample-s`. A RAN-load row is pushed when the trace format says it becomes visible, at the end of
 its interval (the radio reports what it needed over the interval just past), so no policy sees the
-radio's load of an interval before it has happened; the forecast has to cover the next one. Per policy it reports NEAR_RT goodput (met / sent), attainment among admitted, early
-rejects and their time, NON_RT and BEST_EFFORT answers, and reservation violations: sampled
-site-intervals where the AI's measured CPU use exceeded the compute the trace's RAN share left
-(cpus x (1 - share)), beyond a measuring tolerance.
+radio's load of an interval before it has happened; the forecast has to cover the next one. The
+trace's NEAR_RT event and anomaly questions ask for a typed diagnosis and opt in to the detector's
+answer when no replica can answer in time (trace format v2); its NEAR_RT parameter proposals stay
+free text. Per policy it reports NEAR_RT goodput (answered in time / sent, by a model replica and by
+the detector apart), attainment among those given to a model replica, early rejects and their time,
+NON_RT and BEST_EFFORT answers, and reservation violations: sampled site-intervals where the AI's
+measured CPU use exceeded the compute the trace's RAN share left (cpus x (1 - share)), beyond a
+measuring tolerance.
 
 The three sites are slices of this machine: `--site-cpus` each (0.66 of the 2 cores by default),
 each replica bound to one core. The replicas serve the tiny model (tiny-random): on two cores
