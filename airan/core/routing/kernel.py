@@ -111,21 +111,25 @@ def decide(eligible, start_at, round_trip, prefill, decode, load, kv_free, local
                                       w_latency)  # fmt: skip
     m = 0
     floor = -math.inf  # the k-th best so far, once k are picked
-    for i in range(n if k > 0 else 0):
-        v = total[i]
-        if v <= floor:  # nearly always: one comparison a replica
+    for s in range(0, n if k > 0 else 0, 4):  # four at a time: one comparison for nearly every four
+        e = min(s + 4, n)
+        if e - s == 4 and max(max(total[s], total[s + 1]), max(total[s + 2], total[s + 3])) <= floor:
             continue
-        if m < k:
-            m += 1
-        j = m - 1  # insert, keeping the earlier index ahead of an equal score
-        while j > 0 and top_v[j - 1] < v:
-            top_v[j] = top_v[j - 1]
-            top_i[j] = top_i[j - 1]
-            j -= 1
-        top_v[j] = v
-        top_i[j] = i
-        if m == k:
-            floor = top_v[k - 1]
+        for i in range(s, e):
+            v = total[i]
+            if v <= floor:
+                continue
+            if m < k:
+                m += 1
+            j = m - 1  # insert, keeping the earlier index ahead of an equal score
+            while j > 0 and top_v[j - 1] < v:
+                top_v[j] = top_v[j - 1]
+                top_i[j] = top_i[j - 1]
+                j -= 1
+            top_v[j] = v
+            top_i[j] = i
+            if m == k:
+                floor = top_v[k - 1]
     return n_fit, m, best, narrowed
 
 
@@ -168,15 +172,14 @@ def run(ctx, table, eligible: np.ndarray, terms: Terms = NO_TERMS, limit: float 
     (predicted, fits, total, top_i, top_v) to write into (default: the table's scratch columns,
     which the next decision overwrites). Returns `decide`'s (fit, picked, best, narrowed)."""
     req = ctx.request
-    rank = req.priority.rank
+    start_at, prefill, decode = table.class_columns[req.priority]
     zeros = table.zeros
     sites = req.site_ids
     named = np.array([table.site_index(s) for s in dict.fromkeys(sites)], dtype=np.int64) if sites else _NO_SITES
     predicted, fits, total, top_i, top_v = out if out is not None else table.scratch
     return decide(
-        eligible, table.start_at[rank], table.round_trip_s(req.controller_id), table.rates[rank, 0],
-        table.rates[rank, 1], table.load_score(terms.saturation) if terms.load else zeros,
-        table.kv_free if terms.kv else zeros,
+        eligible, start_at, table.round_trip_s(req.controller_id), prefill, decode,
+        table.load_score(terms.saturation) if terms.load else zeros, table.kv_free if terms.kv else zeros,
         table.locality_base(req.controller_id, terms.scale_ms) if terms.locality else zeros,
         table.site_rows, table.site_start, named,
         table.site_index(sites[0]) if preferred and sites and req.deadline is not None else -1,

@@ -147,13 +147,19 @@ class Router:
         if n_fit == 0:
             return None
         predicted, _, total, top_i, top_v = table.scratch
-        scores: dict[int, float] = {}
         if k and (m == 1 or top_v[1] < top_v[0] - self.tie_tolerance):  # the usual case: no tie at the top
             m = min(m, limit)
-            scores.update(zip(top_i[:m].tolist(), top_v[:m].tolist()))
-            picked = [[i] for i in scores]
-        else:  # rank every score, or break a tie at the top at random
-            picked = self._rank(total, limit, scores)
+            rows = top_i[:m].tolist()
+            ids, w = table.ids, self._weight_sum
+            return RoutingDecision(
+                [[table.views[i]] for i in rows],
+                scores={ids[i]: v / w for i, v in zip(rows, top_v[:m].tolist())},
+                predicted_s={} if budget is None else {ids[i]: predicted.item(i) for i in rows},
+                budget_s=budget,
+                explain_placement=lambda: self._placement_note(ctx, table, rows[0]),
+            )
+        scores: dict[int, float] = {}  # rank every score, or break a tie at the top at random
+        picked = self._rank(total, limit, scores)
         return self._decision(ctx, table, None if budget is None else predicted, budget, picked, scores)
 
     def _choose_general(self, ctx: RoutingContext, table: ReplicaTable, limit: int | None) -> RoutingDecision:

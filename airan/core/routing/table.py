@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from airan.core.routing.types import ReplicaState, ReplicaView, SiteView
+from airan.core.routing.types import Priority, ReplicaState, ReplicaView, SiteView
 
 N_CLASSES = 3  # Priority.rank values
 
@@ -48,6 +48,9 @@ class ReplicaTable:
         self.decode_s_per_token = self.rates[:, 1]  # [class, replica]
         self.idle_decode_s_per_token = np.zeros(n)  # alone on the replica
         self.start_at = np.zeros((N_CLASSES, n))  # monotonic time a new request of each class would start
+        # per class: (start_at, prefill, decode) views the routing kernel reads, made once
+        self.class_columns = {p: (self.start_at[p.rank], self.rates[p.rank, 0], self.rates[p.rank, 1])
+                              for p in Priority}  # fmt: skip
         self._serves: dict[str, np.ndarray] = {}
         self._at_sites: dict[frozenset[str], np.ndarray] = {}
         self._load_scores: dict[int, np.ndarray] = {}
