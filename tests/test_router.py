@@ -308,6 +308,7 @@ def test_no_decision_compiles_the_kernel():
 
     r = router()
     compiled = list(kernel.decide.signatures)
+    assert len(compiled) == 1
     reps = [replica("a", "bs-01"), replica("b", "bs-02", waiting=3), replica("c", "bs-03")]
     table = ReplicaTable(reps, SITES)
     deadline = RoutingContext(RoutingRequest("q", "m", "xapp", ("bs-02",), Priority.NEAR_RT, 10, 4, 5.0, 4), SITES)

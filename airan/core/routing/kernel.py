@@ -10,27 +10,26 @@ numpy version was ~15 calls of ~1 us each (half of it call overhead) plus the Py
 this call takes ~5-8 us (benchmarks/bench_admission_decision.py).
 
 Compiled by numba on a process's first router (`warm_up`), and cached on disk (`cache=True`) so a
-later process only loads it; no request pays the compilation.
+later process only loads it; no request pays the compilation. numba is imported then, not with this
+module: a process that imports the routing types but never routes (a replica's Ray worker) does not
+load it (~0.3 s).
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import njit
 
 # PredictedLatencyScorer: a tenth of a second is added to every prediction, so a few milliseconds of
 # network between otherwise equal replicas do not outweigh the site the request names
 LATENCY_FLOOR_S = 0.1
 
 
-@njit(cache=True, error_model="numpy", inline="always")
 def _score(load, kv_free, site_score, predicted, top, w_load, w_kv, w_locality, w_latency):
     """One replica's weighted score (see `decide`); `top` is the best prediction plus the floor."""
     return w_load * load + w_kv * kv_free + w_locality * site_score + w_latency * top / (predicted + LATENCY_FLOOR_S)
 
 
-@njit(cache=True, error_model="numpy", inline="always")
 def _min(x, n):
     """min(x[:n]) in four independent chains (one chain waits for each comparison: ~3x slower)."""
     b0 = b1 = b2 = b3 = math.inf
@@ -41,8 +40,7 @@ def _min(x, n):
     return min(min(b0, b1), min(b2, b3))
 
 
-@njit(cache=True, error_model="numpy")
-def decide(eligible, start_at, round_trip, prefill, decode, load, kv_free, locality, site_rows, site_start,
+def _decide(eligible, start_at, round_trip, prefill, decode, load, kv_free, locality, site_rows, site_start,
            named_sites, preferred_site, now, prompt, tokens, limit, w_load, w_kv, w_locality, w_latency, k,
            predicted, fits, total, top_i, top_v):  # fmt: skip
     """Over the replicas (those `eligible` rules out are skipped):
@@ -133,19 +131,24 @@ def decide(eligible, start_at, round_trip, prefill, decode, load, kv_free, local
     return n_fit, m, best, narrowed
 
 
-_warm = False
+decide = None  # `_decide` compiled, once `warm_up` has run
 
 
 def warm_up() -> None:
-    """Compile `decide` (or load it from the disk cache) for the argument types the router passes,
-    on a table of two replicas, so no request pays it; once a process."""
-    global _warm
-    if _warm:
+    """Compile `_decide` into `decide` (or load it from the disk cache), for the argument types the
+    router passes, on a table of two replicas; once a process."""
+    global decide, _score, _min
+    if decide is not None:
         return
+    from numba import njit
+
+    _score = njit(cache=True, error_model="numpy", inline="always")(_score)  # compiled into `_decide`
+    _min = njit(cache=True, error_model="numpy", inline="always")(_min)
+    compiled = njit(cache=True, error_model="numpy")(_decide)
     f, b, i = np.zeros(2), np.ones(2, dtype=bool), np.zeros(2, dtype=np.int64)
-    decide(b, f, f, f, f, f, f, f, i, np.array([0, 2]), i, -1, 0.0, 0, 0, 1.0, 1.0, 1.0, 1.0, 1.0, 3,
-           np.empty(2), np.empty(2, dtype=bool), np.empty(2), np.empty(4, dtype=np.int64), np.empty(4))  # fmt: skip
-    _warm = True
+    compiled(b, f, f, f, f, f, f, f, i, np.array([0, 2]), i, -1, 0.0, 0, 0, 1.0, 1.0, 1.0, 1.0, 1.0, 3,
+             np.empty(2), np.empty(2, dtype=bool), np.empty(2), np.empty(4, dtype=np.int64), np.empty(4))  # fmt: skip
+    decide = compiled
 
 
 class Terms:
@@ -177,6 +180,8 @@ def run(ctx, table, eligible: np.ndarray, terms: Terms = NO_TERMS, limit: float 
     sites = req.site_ids
     named = np.array([table.site_index(s) for s in dict.fromkeys(sites)], dtype=np.int64) if sites else _NO_SITES
     predicted, fits, total, top_i, top_v = out if out is not None else table.scratch
+    if decide is None:  # a filter, scorer or prediction used before any router was built
+        warm_up()
     return decide(
         eligible, start_at, table.round_trip_s(req.controller_id), prefill, decode,
         table.load_score(terms.saturation) if terms.load else zeros, table.kv_free if terms.kv else zeros,
