@@ -207,6 +207,25 @@ async def test_admission_expects_a_diagnosis_at_the_length_the_models_answers_ru
     assert expected[8:] == [1, 1, 16] and all(p.max_tokens == 16 for p in replica.params)  # the engine's cap stays
 
 
+def test_a_capped_replica_is_predicted_to_start_up_to_the_rest_of_a_cap_period_later(renderer):
+    from dataclasses import replace
+
+    from airan.serving.gateway import CAP_PERIOD_S
+
+    class CappedPool(FakePool):
+        def views(self):
+            return [replace(v, cpu_share=0.2 if v.replica_id == "r1" else 1.0) for v in super().views()]
+
+    pool = CappedPool({"r1": ("bs-01", FakeReplica()), "r2": ("bs-02", FakeReplica())})
+    gw = Gateway(CONFIG, pool, SiteRegistry(CONFIG.sites, CONFIG.radio.min_ai_headroom), {"m": renderer})
+    before = gw.clock()
+    table = gw._routing_table()
+    capped, free = table.start_at[:, table.index["r1"]], table.start_at[:, table.index["r2"]]
+    # idle both: the uncapped one can start now, the one capped at 0.2 CPU within 0.8 of a period
+    assert list(capped - free) == pytest.approx([0.8 * CAP_PERIOD_S] * len(free), abs=0.005)
+    assert (free >= before).all() and (free - before < 0.005).all()
+
+
 async def test_invalid_diagnosis_is_retried_once_with_sampling(gateway):
     replica = FakeReplica(answers=["CONGESTION Z", "CONGESTION A"])
     gw, _ = gateway({"r1": ("bs-01", replica)})

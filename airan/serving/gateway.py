@@ -41,8 +41,11 @@ from airan.core.routing import Priority, ReplicaView, Router, RoutingContext, Ro
 from airan.core.routing.router import RoutingDecision
 from airan.core.routing.table import ReplicaTable
 from airan.serving import metrics
+from airan.serving.cluster.cpucap import PERIOD_US
 from airan.serving.sites import SiteRegistry
 from airan.serving.state import InFlightRecord, StoredAnswer, StateStore
+
+CAP_PERIOD_S = PERIOD_US / 1e6  # the period a radio-first CPU cap is enforced over
 
 
 class ReplicaClient(Protocol):
@@ -843,14 +846,18 @@ class Gateway:
         share = self._share_of(replica_id)  # radio first: a capped replica runs that much slower
         queue.reprice(rates, share)
         running = len(queue.running)
+        # a capped replica that has used its quota waits out the rest of the cap's period before it runs
+        # again, so an answer may start up to that much later than CPU time / share says
+        throttled_s = (1.0 - share) * CAP_PERIOD_S if share < 1.0 else 0.0
+        # a running request past its predicted end still holds its slot for at least a token
+        starts = queue.start_times(self.clock(), rates.decode_s_per_token(max(running, 1), share))
         self._table.set_admission(
             replica_id,
             rates.prefill_s(share),
             # per class: the batch a new request would join (smaller where it would preempt BEST_EFFORT)
             [rates.decode_s_per_token(min(n + 1, queue.slots), share) for n in queue.holding_counts()],
             rates.decode_s_per_token(1, share),
-            # a running request past its predicted end still holds its slot for at least a token
-            queue.start_times(self.clock(), rates.decode_s_per_token(max(running, 1), share)),
+            [t + throttled_s for t in starts],
         )
         self._table.set_load(replica_id, len(queue))
 
