@@ -269,6 +269,16 @@ def near_rt_fates(table) -> dict[str, int]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def prediction_ratios(table) -> dict:
+    """NEAR_RT answers by a model: latency the controller saw / admission's prediction (p50, p99)."""
+    ratios = [r["latency_ms"] / r["predicted_ms"] for r in table.to_pylist()
+              if r["priority"] == "NEAR_RT" and r["answered_by"] == "model" and (r["predicted_ms"] or 0) > 0]
+    if not ratios:
+        return {"n": 0}
+    p50, p99 = np.percentile(ratios, [50, 99])
+    return {"n": len(ratios), "p50": round(float(p50), 3), "p99": round(float(p99), 3)}
+
+
 def fmt_pct(x: float) -> str:
     return "-" if not math.isfinite(x) else f"{100 * x:.1f}%"
 
@@ -337,7 +347,8 @@ async def main_async(args) -> int:
     lines = table_lines(rows)
     print("\n".join(lines))
     for p, r in results.items():
-        print(f"{p} NEAR_RT: {near_rt_fates(r['table'])}")
+        print(f"{p} NEAR_RT: {near_rt_fates(r['table'])}; model answers' time / prediction "
+              f"{prediction_ratios(r['table'])}")
     radio_events = results.get("radio_first", {}).get("events", [])
     plot_headroom_vs_use({p: r["usage"] for p, r in results.items()}, radio_events, out / "headroom_vs_use.png")
     plot_attainment_by_policy({p: r["table"] for p, r in results.items()}, out / "attainment_by_policy.png")
@@ -350,6 +361,7 @@ async def main_async(args) -> int:
                   "early_reject_share": r.early_reject_share} for r in rows],
         "per_policy": {p: {"wall_s": r["wall_s"], "startup_s": r["startup_s"], "cap_mechanisms": r["cap_mechanisms"],
                            "near_rt_fates": near_rt_fates(r["table"]),
+                           "near_rt_time_over_prediction": prediction_ratios(r["table"]),
                            "drains": sum(e["kind"] == "drain" for e in r["events"]),
                            "resumes": sum(e["kind"] == "resume" for e in r["events"]),
                            "swaps": len(r["swaps"])} for p, r in results.items()},

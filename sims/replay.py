@@ -37,7 +37,7 @@ from sims.queries import Query
 from sims.trace import Trace
 
 RESULTS_FORMAT = "airan-sim-results"
-RESULTS_VERSION = 2  # 2 added `answered_by`; version 1 results read with it empty
+RESULTS_VERSION = 2  # 2 added `answered_by` and `predicted_ms`; version 1 results read with their defaults
 OUTCOMES = ("served", "shed", "error")
 RESPONSE_MODE_PROTO = {"free_text": netops_pb2.FREE_TEXT, "diagnosis": netops_pb2.DIAGNOSIS}
 ANSWER_SOURCE = {netops_pb2.ANSWER_SOURCE_MODEL: "model", netops_pb2.ANSWER_SOURCE_DETECTOR: "detector"}
@@ -163,6 +163,7 @@ class Outcome:
     ttft_ms: float = math.nan
     server_total_ms: float = math.nan
     answered_by: str = ""  # served: "model" or "detector" (the fast detector, when no replica could in time)
+    predicted_ms: float = math.nan  # served by a model under a deadline: admission's predicted answer time
 
 
 OUTCOME_SCHEMA = pa.schema(
@@ -363,7 +364,8 @@ class Replayer:
                 model=resp.model, finish_reason=resp.finish_reason, prompt_tokens=resp.prompt_tokens,
                 completion_tokens=resp.completion_tokens, queue_ms=resp.timings.queue_ms,
                 ttft_ms=resp.timings.ttft_ms, server_total_ms=resp.timings.total_ms,
-                answered_by=ANSWER_SOURCE.get(resp.placement.answered_by, ""), **base,
+                answered_by=ANSWER_SOURCE.get(resp.placement.answered_by, ""),
+                predicted_ms=resp.placement.predicted_ms or math.nan, **base,
             )
 
     def _stamp(self, t_s: float) -> float:
@@ -490,6 +492,8 @@ def read_results(path: str | Path) -> Results:
         raise ValueError(f"{path}: results format {meta.get('format')!r} v{meta.get('version')!r}, "
                          f"expected {RESULTS_FORMAT!r} v1 or v{RESULTS_VERSION}")
     outcomes = pq.read_table(path / "outcomes.parquet")
-    if "answered_by" not in outcomes.column_names:  # version 1
-        outcomes = outcomes.append_column("answered_by", pa.array([""] * outcomes.num_rows, pa.string()))
+    for f in fields(Outcome):  # version 1: the columns version 2 added, at their defaults
+        if f.name not in outcomes.column_names:
+            field = OUTCOME_SCHEMA.field(f.name)
+            outcomes = outcomes.append_column(field, pa.array([f.default] * outcomes.num_rows, field.type))
     return Results(path, meta, outcomes, pq.read_table(path / "ran_load_pushes.parquet"))

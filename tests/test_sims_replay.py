@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from concurrent import futures
@@ -140,8 +141,9 @@ class FakePlane(netops_pb2_grpc.NetOpsServiceServicer, control_pb2_grpc.ControlS
             request_id=request.request_id, text="ok", prompt_tokens=40, completion_tokens=7,
             replica_id=f"{request.site_ids[0]}-r0", site_id=request.site_ids[0], model="fake", finish_reason="stop",
             timings=netops_pb2.Timings(queue_ms=1.0, ttft_ms=2.0, total_ms=3.0),
-            placement=netops_pb2.Placement(answered_by=netops_pb2.ANSWER_SOURCE_DETECTOR
-                                           if request.detector_fallback else netops_pb2.ANSWER_SOURCE_MODEL),
+            placement=netops_pb2.Placement(answered_by=netops_pb2.ANSWER_SOURCE_DETECTOR, predicted_ms=0.0)
+            if request.detector_fallback else netops_pb2.Placement(answered_by=netops_pb2.ANSWER_SOURCE_MODEL,
+                                                                   predicted_ms=2.5),
         )
 
     def ReportRanLoad(self, request, context):
@@ -195,6 +197,7 @@ async def test_open_loop_replay_records_exactly_one_outcome_per_query(plane_fact
         if o.outcome == "served":
             assert o.served_site_id == q.site_ids[0] and o.completion_tokens == 7
             assert o.answered_by == ("detector" if q.detector_fallback else "model")
+            assert o.predicted_ms == 2.5 if o.answered_by == "model" else math.isnan(o.predicted_ms)
             assert o.met_deadline == (o.latency_ms <= q.budget_ms)
     last = max(q.t_s for q in tr.queries) / speed
     assert last <= took < last + 5  # fired on time, did not wait for the grace period
@@ -276,6 +279,8 @@ def test_results_round_trip(tmp_path):
     res = read_results(tmp_path / "r")
     assert res.outcomes["query_id"].to_pylist() == [q.query_id for q in tr.queries]
     assert res.pushes.num_rows == 0
-    # version 1 results had no answered_by: read with it empty
-    pq.write_table(res.outcomes.drop(["answered_by"]), tmp_path / "r" / "outcomes.parquet")
-    assert read_results(tmp_path / "r").outcomes["answered_by"].to_pylist() == [""] * len(tr.queries)
+    # version 1 results had no answered_by or predicted_ms: read with their defaults
+    pq.write_table(res.outcomes.drop(["answered_by", "predicted_ms"]), tmp_path / "r" / "outcomes.parquet")
+    old = read_results(tmp_path / "r").outcomes
+    assert old["answered_by"].to_pylist() == [""] * len(tr.queries)
+    assert all(math.isnan(v) for v in old["predicted_ms"].to_pylist())
