@@ -134,17 +134,24 @@ def _decide(eligible, start_at, round_trip, prefill, decode, load, kv_free, loca
 decide = None  # `_decide` compiled, once `warm_up` has run
 
 
+def _jit(func, **options):
+    from numba import njit
+
+    try:
+        return njit(cache=True, error_model="numpy", **options)(func)
+    except RuntimeError:  # nowhere writable to cache it (read-only install and home): compile it per process
+        return njit(error_model="numpy", **options)(func)
+
+
 def warm_up() -> None:
     """Compile `_decide` into `decide` (or load it from the disk cache), for the argument types the
     router passes, on a table of two replicas; once a process."""
     global decide, _score, _min
     if decide is not None:
         return
-    from numba import njit
-
-    _score = njit(cache=True, error_model="numpy", inline="always")(_score)  # compiled into `_decide`
-    _min = njit(cache=True, error_model="numpy", inline="always")(_min)
-    compiled = njit(cache=True, error_model="numpy")(_decide)
+    _score = _jit(_score, inline="always")  # compiled into `_decide`
+    _min = _jit(_min, inline="always")
+    compiled = _jit(_decide)
     f, b, i = np.zeros(2), np.ones(2, dtype=bool), np.zeros(2, dtype=np.int64)
     compiled(b, f, f, f, f, f, f, f, i, np.array([0, 2]), i, -1, 0.0, 0, 0, 1.0, 1.0, 1.0, 1.0, 1.0, 3,
              np.empty(2), np.empty(2, dtype=bool), np.empty(2), np.empty(4, dtype=np.int64), np.empty(4))  # fmt: skip
