@@ -251,3 +251,38 @@ async def test_a_report_that_moves_the_headroom_caps_at_once_not_at_the_next_tic
         assert [r for r in sent[n:]] == ["b-0"]  # only the site whose headroom moved
     finally:
         await ctl.stop()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_radio_first_router_decides_in_one_pass_what_filter_by_filter_decides(seed):
+    """Its headroom filter runs before the table-only ones, yet the decision is one kernel pass (the
+    masks are ANDed); it must pick what the configured order, filter by filter, picks."""
+    import random
+
+    from airan.core.routing.table import ReplicaTable
+
+    rng = random.Random(seed)
+    sites = {s: SiteView(s, drained=rng.random() < 0.15, latency_ms={"xapp": rng.uniform(0.5, 20)},
+                         surge_reason="radio surge" if rng.random() < 0.25 else "") for s in ("a", "b", "c", "d")}
+    views = [ReplicaView(f"r{i}", rng.choice(list(sites)), rng.choice(["m", "m", "other"]),
+                         in_flight=rng.randint(0, 6), max_concurrency=rng.choice([None, 1, 2, 4, 8]))
+             for i in range(rng.randint(1, 12))]  # fmt: skip
+    table = ReplicaTable(views, sites)
+    now = 100.0
+    for v in views:
+        start = now + rng.uniform(-0.5, 1.0)
+        table.set_admission(v.replica_id, rng.uniform(1e-4, 2e-3), [rng.uniform(0.01, 0.05)] * 3, 0.01,
+                            [start, start + 0.2, start + 0.4])  # fmt: skip
+    budget = rng.choice([None, 0.3, 1.0, 5.0])
+    req = RoutingRequest("q", "m", "xapp", tuple(rng.sample(list(sites), rng.randint(0, 2))),
+                         rng.choice(list(Priority)), 200, 16, None if budget is None else now + budget, 16)  # fmt: skip
+    c = RoutingContext(req, sites, now=now)
+    one_pass = build_router(RouterConfig(policy="radio_first"))
+    general = build_router(RouterConfig(policy="radio_first"))
+    general._fast = None
+    assert one_pass._fast is not None  # the default filters and scorers after the headroom filter
+    a, b = one_pass.choose(c, table, limit=3), general.choose(c, table, limit=3)
+    assert (a.rejection is None) == (b.rejection is None)
+    assert [a.scores[v.replica_id] for v in a.ranked] == pytest.approx([b.scores[v.replica_id] for v in b.ranked])
+    if a.rejection is not None:
+        assert a.rejection == b.rejection  # the refusal's reason comes from the configured order

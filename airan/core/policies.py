@@ -32,6 +32,7 @@ class HeadroomFilter:
     """
 
     name = "headroom"
+    mask_only = True  # it narrows the set and leaves nothing for later stages: it may run before the kernel
 
     def __init__(self, near_rt_reserve: float = 0.25) -> None:
         self.near_rt_reserve = near_rt_reserve

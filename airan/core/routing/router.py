@@ -14,6 +14,7 @@ can leave it out.
 from __future__ import annotations
 
 import math
+import functools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -74,7 +75,7 @@ class Router:
             n_static += 1
         self._static_filters = self.filters[:n_static]
         self._dynamic_filters = self.filters[n_static:]
-        self._static_names = tuple(f.name for f in self._static_filters)
+        self._static = self._static_spec(self._static_filters)
         self._fast = self._fast_path()
         if self._fast is not None:
             kernel.warm_up()
@@ -82,13 +83,25 @@ class Router:
     def _fast_path(self) -> tuple[kernel.Terms, float | None, bool] | None:
         """(the scorers as the routing kernel's terms, the deadline filter's margin or None, whether the
         preferred_site filter runs) when the whole decision after the folded table-only filters is
-        one kernel pass: the dynamic filters are `deadline` then `preferred_site` (either may be left
-        out) and every scorer is one the kernel computes, each at most once. Otherwise None, and each
+        one kernel pass: the filters are table-only and mask-only ones (`mask_only`, e.g. radio
+        first's headroom) in any order, then `deadline` then `preferred_site` (either may be left
+        out), and every scorer is one the kernel computes, each at most once. Otherwise None, and each
         decision takes the general path: filter by filter, scorer by scorer, each a column. Two paths
         because the seam lets a config (or `airan.core.policies`) put its own filters and scorers in
         any order, which one fixed pass cannot run; the covered filters and scorers run the same
         kernel on the general path, so their arithmetic is written once."""
-        kinds = [type(f) for f in self._dynamic_filters]
+        # the leading table-only and mask-only filters are masks ANDed together, so the one pass may
+        # fold all the table-only ones into the cached mask and apply the mask-only ones after it; the
+        # general path keeps the configured order, since the first filter that empties the set names
+        # the refusal's reason
+        n_lead = 0
+        while n_lead < len(self.filters) and (hasattr(self.filters[n_lead], "static_key")
+                                              or getattr(self.filters[n_lead], "mask_only", False)):  # fmt: skip
+            n_lead += 1
+        lead = self.filters[:n_lead]
+        self._fast_static = self._static_spec([f for f in lead if hasattr(f, "static_key")])
+        self._pre_kernel_filters = [f for f in lead if not hasattr(f, "static_key")]
+        kinds = [type(f) for f in self.filters[n_lead:]]
         if kinds not in ([], [DeadlineFilter], [PreferredSiteFilter], [DeadlineFilter, PreferredSiteFilter]):
             return None
         terms: dict = {}
@@ -138,7 +151,11 @@ class Router:
         terms, margin, preferred = self._fast
         deadline = ctx.request.deadline if margin is not None else None
         budget = None if deadline is None else deadline - ctx.now
-        eligible = self._static_mask(ctx, table)
+        eligible = self._static_mask(ctx, table, fast=True)
+        if self._pre_kernel_filters:
+            state = DecisionState()
+            for f in self._pre_kernel_filters:
+                eligible = f.mask(ctx, table, eligible, state)
         k = 0 if limit is None else limit + 1  # the runner-up too: a tie at the top is found from it
         if k > len(table.scratch[3]):
             table.scratch = (*table.scratch[:3], np.empty(k, dtype=np.int64), np.empty(k))
@@ -192,20 +209,25 @@ class Router:
             explain_placement=lambda: self._placement_note(ctx, table, flat[0]),
         )
 
-    def _static_mask(self, ctx: RoutingContext, table: ReplicaTable) -> np.ndarray:
-        """The folded mask of the caller's site scope and the leading table-only filters (cached by
-        the table). The scope is folded in here, not configured as a filter, so no `router.filters`
-        setting can drop it."""
-        key = [self._static_names, ctx.request.allowed_sites]
-        for f in self._static_filters:
+    def _static_mask(self, ctx: RoutingContext, table: ReplicaTable, fast: bool = False) -> np.ndarray:
+        """The folded mask of the caller's site scope and the leading table-only filters (`fast`: all
+        of those the one pass folds; cached by the table). The scope is folded in here, not configured
+        as a filter, so no `router.filters` setting can drop it."""
+        filters, names, fold = self._fast_static if fast else self._static
+        key = [names, ctx.request.allowed_sites]
+        for f in filters:
             key.append(f.static_key(ctx))
-        return table.static_mask(tuple(key), self._fold_static, ctx)
+        return table.static_mask(tuple(key), fold, ctx)
 
-    def _fold_static(self, ctx: RoutingContext, table: ReplicaTable) -> np.ndarray:
+    def _fold_static(self, filters: Sequence[Filter], ctx: RoutingContext, table: ReplicaTable) -> np.ndarray:
         mask = self._scope_mask(ctx, table)
-        for f in self._static_filters:
+        for f in filters:
             mask = f.mask(ctx, table, mask, None)
         return mask
+
+    def _static_spec(self, filters: Sequence[Filter]) -> tuple:
+        """(the filters, their names: the cache key's first part, the fold that builds the mask)."""
+        return list(filters), tuple(f.name for f in filters), functools.partial(self._fold_static, list(filters))
 
     @staticmethod
     def _scope_mask(ctx: RoutingContext, table: ReplicaTable) -> np.ndarray:
@@ -240,19 +262,20 @@ class Router:
         eligible replica, tiers of equal score (within the tolerance) shuffled. Otherwise the best
         `limit`: ties are looked for in the first tier only (a random few of a large one), below it
         equal scores keep index order."""
-        order = [int(i) for i in np.argsort(-total, kind="stable") if total[i] > -np.inf]
-        if limit is not None:
-            if not order:
+        if limit is not None:  # the best few without sorting every replica (thousands of them)
+            top = float(total.max()) if len(total) else -np.inf
+            if top == -np.inf:
                 return []
-            ties = sorted(i for i in order if total[i] >= total[order[0]] - self.tie_tolerance)  # index order
+            ties = np.flatnonzero(total >= top - self.tie_tolerance).tolist()  # index order
             if len(ties) >= limit:  # a random few of a large tie, without shuffling all of it
                 tier = [ties[j] for j in self.rng.sample(range(len(ties)), limit)]
             else:
                 tier = ties
                 self.rng.shuffle(tier)
-            rest = order[len(ties): len(ties) + limit - len(tier)]
+            rest = self._best(total, ties, limit - len(tier))
             scores.update((i, float(total[i])) for i in tier + rest)
             return [tier] + [[i] for i in rest]
+        order = [int(i) for i in np.argsort(-total, kind="stable") if total[i] > -np.inf]
         scores.update((i, float(total[i])) for i in order)
         tiers: list[list[int]] = []
         tier_score = None
@@ -264,6 +287,22 @@ class Router:
         for tier in tiers:
             self.rng.shuffle(tier)
         return tiers
+
+    @staticmethod
+    def _best(total: np.ndarray, excluded: list[int], n: int) -> list[int]:
+        """The `n` best eligible scores outside `excluded`, best first, equal scores in index order
+        (what a stable sort of every score gives)."""
+        if n <= 0:
+            return []
+        others = total.copy()
+        others[excluded] = -np.inf
+        n = min(n, int(np.count_nonzero(others > -np.inf)))
+        if n == 0:
+            return []
+        kth = float(np.partition(others, len(others) - n)[len(others) - n])  # the n-th largest
+        above = np.flatnonzero(others > kth).tolist()
+        at = np.flatnonzero(others == kth)[: n - len(above)].tolist()
+        return sorted(above + at, key=lambda i: (-others[i], i))
 
     def _placement_note(self, ctx: RoutingContext, table: ReplicaTable, best: int) -> str:
         """Why a request that names a site is served elsewhere ("" when it is served there); the
