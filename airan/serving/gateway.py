@@ -633,8 +633,8 @@ class Gateway:
         engine_request_id = query.request_id if attempt == 1 else f"{query.request_id}#{attempt}"
         if sent.migrations:
             engine_request_id += f"~{len(sent.migrations)}"
-        prompt_tokens, max_tokens = len(prompt.token_ids) + len(sent.token_ids), query.max_tokens - len(sent.token_ids)
-        expected_tokens = max(1, self._expected_tokens(query) - len(sent.token_ids))
+        prompt_tokens = len(prompt.token_ids) + len(sent.token_ids)
+        expected_tokens = max(1, self._expected_tokens(query) - len(sent.token_ids))  # what is left of it
         queue, rates = self._queue(rid), self._speed_of(rid)
         table = self._routing_table()
         network_s = 2.0 * float(table.latency_s(query.controller_id)[table.index[rid]]) if rid in table.index else 0.0
