@@ -13,8 +13,8 @@ can leave it out.
 """
 from __future__ import annotations
 
-import math
 import functools
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
