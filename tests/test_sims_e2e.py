@@ -63,8 +63,13 @@ async def test_replay_against_the_real_control_plane_ends_every_query_once(tmp_p
     assert sum(replayer.book.counts[k] for k in OUTCOMES) == len(trace.queries)
     served = [o for o in outcomes if o.outcome == "served"]
     assert served, [(o.reason, o.detail) for o in outcomes]
-    assert {o.served_site_id for o in served} <= {s.id for s in config.sites}
-    assert all(o.completion_tokens > 0 and o.latency_ms > 0 for o in served)
+    # the detector answers at the control plane: no site served those
+    assert {o.served_site_id for o in served if o.answered_by == "model"} <= {s.id for s in config.sites}
+    assert all(o.served_site_id == "" for o in served if o.answered_by == "detector")
+    assert all(o.latency_ms > 0 and o.answered_by in ("model", "detector") for o in served)
+    # a model answer has tokens; the detector's (a diagnosis no replica could give in time) has none
+    assert all((o.completion_tokens > 0) == (o.answered_by == "model") for o in served), [
+        (o.kind, o.answered_by, o.completion_tokens) for o in served]
     # every query fits the model and is valid: misses are the plane's decisions, not malformed requests
     assert not [o for o in outcomes if o.reason in ("invalid_argument", "not_found", "client_exception")], [
         (o.reason, o.detail) for o in outcomes if o.outcome == "error"]
