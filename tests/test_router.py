@@ -318,3 +318,20 @@ def test_no_decision_compiles_the_kernel():
         for c in (ctx(["bs-02"]), ctx(allowed={"bs-01"}), deadline):
             decide(c)
     assert kernel.decide.signatures == compiled
+
+
+def test_a_registered_scorer_without_kernel_terms_runs_on_the_general_path(monkeypatch):
+    """The extension recipe: a scorer class in SCORERS with only `score` (no `terms` for the kernel)."""
+    from airan.core.routing import scorers as scorer_module
+
+    class PreferB:
+        name = "prefer_b"
+
+        def score(self, ctx, table, eligible, state):
+            return np.array([1.0 if v.replica_id == "b" else 0.0 for v in table.views])
+
+    monkeypatch.setitem(scorer_module.SCORERS, "prefer_b", PreferB)
+    r = Router(router().filters, [(PreferB(), 1.0)], rng=random.Random(0))
+    assert r._fast is None
+    reps = [replica("a", "bs-01"), replica("b", "bs-02"), replica("c", "bs-03")]
+    assert r.choose(ctx(), ReplicaTable(reps, SITES), limit=2).ranked[0].replica_id == "b"

@@ -106,7 +106,9 @@ class Router:
             return None
         terms: dict = {}
         for scorer, weight in self.scorers:
-            part = scorer.terms(weight) if type(scorer) in SCORERS.values() else None  # the built-in ones
+            # the built-in ones the kernel computes; a scorer without `terms` runs on the general path
+            terms_of = getattr(scorer, "terms", None) if type(scorer) in SCORERS.values() else None
+            part = None if terms_of is None else terms_of(weight)
             if part is None or terms.keys() & part.keys():
                 return None
             terms.update(part)
