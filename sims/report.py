@@ -413,10 +413,10 @@ def policy_row(policy: str, outcomes: pa.Table, usage: UsageSamples, wall_s: flo
     # refused before dispatch (then answered by the detector, or not); a request the gateway queued and
     # then dropped (it could no longer start in time) or shed (a higher class needed its place) was
     # admitted and missed, not refused early
-    shed = (outcome == "shed") & ~np.array([any(m in str(d) for m in AFTER_ADMISSION_MARKERS) for d in c["detail"]],
+    refused = (outcome == "shed") & ~np.array([any(m in str(d) for m in AFTER_ADMISSION_MARKERS) for d in c["detail"]],
                                            dtype=bool).reshape(outcome.shape)  # fmt: skip
-    shed |= detector
-    reject_ms = c["latency_ms"][near & shed].astype(np.float64)
+    refused |= detector
+    reject_ms = c["latency_ms"][near & refused].astype(np.float64)
     reject_ms = reject_ms[np.isfinite(reject_ms)]
     p50, p99 = (np.percentile(reject_ms, [50, 99]) if reject_ms.size else (np.nan, np.nan))
     served = outcome == "served"
@@ -425,7 +425,7 @@ def policy_row(policy: str, outcomes: pa.Table, usage: UsageSamples, wall_s: flo
         policy=policy,
         near_rt_sent=int(near.sum()), near_rt_met=int((near & met).sum()),
         near_rt_met_model=int((near & met & ~detector).sum()), near_rt_by_detector=int((near & detector).sum()),
-        near_rt_admitted=int((near & ~shed).sum()), early_rejects=int((near & shed).sum()),
+        near_rt_admitted=int((near & ~refused).sum()), early_rejects=int((near & refused).sum()),
         reject_ms_p50=float(p50), reject_ms_p99=float(p99),
         non_rt_sent=int((prio == "NON_RT").sum()), non_rt_served=int(((prio == "NON_RT") & served).sum()),
         non_rt_met=int(((prio == "NON_RT") & met).sum()),

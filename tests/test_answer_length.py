@@ -10,9 +10,9 @@ def test_the_bound_until_enough_answers_then_a_high_quantile_of_them():
     lengths = AnswerLengths(window=20, min_samples=5, quantile=0.95)
     for n in (7, 8, 7, 7):
         lengths.observe(BRIEF, n)
-    assert lengths.expected(BRIEF, 16) == 16  # four answers: not yet
+    assert lengths.expected(BRIEF, 16) == 16 and not lengths.learnt(BRIEF)  # four answers: not yet
     lengths.observe(BRIEF, 9)
-    assert lengths.expected(BRIEF, 16) == 9
+    assert lengths.expected(BRIEF, 16) == 9 and lengths.learnt(BRIEF)
     for _ in range(15):
         lengths.observe(BRIEF, 7)
     assert lengths.expected(BRIEF, 16) == 8  # 20 answers: the 19th longest, the lone 9 is past the quantile

@@ -189,9 +189,8 @@ async def test_a_near_rt_diagnosis_is_brief(gateway):
     assert replica.params[0].max_tokens == 16
 
 
-async def test_admission_expects_a_diagnosis_at_the_length_the_models_answers_run(gateway):
-    replica = FakeReplica(answers=["CONGESTION A"] * 12)  # one token each, against a bound of 16
-    gw, _ = gateway({"r1": ("bs-01", replica)})
+def expected_tokens_of_each_decision(gw) -> list[int]:
+    """The tokens admission expected in each routing decision the gateway makes from now on."""
     expected = []
     choose = gw.router.choose
 
@@ -200,6 +199,13 @@ async def test_admission_expects_a_diagnosis_at_the_length_the_models_answers_ru
         return choose(ctx, table, limit)
 
     gw.router.choose = spy
+    return expected
+
+
+async def test_admission_expects_a_diagnosis_at_the_length_the_models_answers_run(gateway):
+    replica = FakeReplica(answers=["CONGESTION A"] * 12)  # one token each, against a bound of 16
+    gw, _ = gateway({"r1": ("bs-01", replica)})
+    expected = expected_tokens_of_each_decision(gw)
     for _ in range(10):
         await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS, priority=Priority.NEAR_RT), request_id=call_id())
     await gw.ask(q(priority=Priority.NEAR_RT, max_tokens=16), request_id=call_id())  # free text: its bound
@@ -597,10 +603,7 @@ async def test_before_the_model_is_learnt_a_near_rt_diagnosis_is_expected_as_lon
     replica = FakeReplica(answers=["CONGESTION A"] * 2)
     gw = Gateway(CONFIG, FakePool({"r1": ("bs-01", replica)}), SiteRegistry(CONFIG.sites, 0.2), {"m": renderer},
                  detector=detector)  # fmt: skip
-    expected = []
-    choose = gw.router.choose
-    gw.router.choose = lambda ctx, table, limit=None: expected.append(ctx.request.expected_tokens) or choose(
-        ctx, table, limit)  # fmt: skip
+    expected = expected_tokens_of_each_decision(gw)
     await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS, priority=Priority.NEAR_RT), request_id=call_id())
     await gw.ask(q(mode="diagnosis", kpis=DIAG_KPIS, priority=Priority.NON_RT), request_id=call_id())
     # the detector says "CONGESTION A" (cause, cell letter): its tokens and two more, not the bound of 16;

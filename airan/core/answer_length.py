@@ -23,12 +23,16 @@ class AnswerLengths:
     def observe(self, kind: Hashable, tokens: int) -> None:
         self._seen.setdefault(kind, deque(maxlen=self.window)).append(int(tokens))
 
+    def learnt(self, kind: Hashable) -> bool:
+        """Whether `expected` answers from the seen answers (not the bound or a prior) for this kind."""
+        seen = self._seen.get(kind)
+        return seen is not None and len(seen) >= self.min_samples
+
     def expected(self, kind: Hashable, bound: int) -> int:
         """The `quantile` of the last `window` answers of this kind, at most `bound` (the bound
         itself until `min_samples` have been seen)."""
-        seen = self._seen.get(kind)
-        if seen is None or len(seen) < self.min_samples:
+        if not self.learnt(kind):
             return bound
-        ordered = sorted(seen)
+        ordered = sorted(self._seen[kind])
         at = ordered[min(len(ordered), math.ceil(self.quantile * len(ordered))) - 1]
         return max(1, min(bound, at))

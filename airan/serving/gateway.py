@@ -769,8 +769,9 @@ class Gateway:
     def _answer_prior(self, query: Query, diagnosis: DiagnosisContext | None) -> int:
         """A brief (NEAR_RT) diagnosis is a cause and cells, the form the detector's own answer takes:
         its tokens plus two (the end token, a cell more) until the model's answers are learnt; 0 where
-        there is no detector or the answer may cite KPIs too."""
-        if diagnosis is None or diagnosis.detector is None or query.priority is not Priority.NEAR_RT:
+        there is no detector, the answer may cite KPIs too, or the lengths are learnt (no tokenizing)."""
+        if diagnosis is None or diagnosis.detector is None or query.priority is not Priority.NEAR_RT \
+                or self._answer_lengths.learnt((query.model, query.max_tokens)):  # fmt: skip
             return 0
         d = diagnosis.detector
         cells = tuple(c for c in d.affected_cells if c in diagnosis.aliases)

@@ -76,20 +76,6 @@ class Router:
         self._static_filters = self.filters[:n_static]
         self._dynamic_filters = self.filters[n_static:]
         self._static = self._static_spec(self._static_filters)
-        self._fast = self._fast_path()
-        if self._fast is not None:
-            kernel.warm_up()
-
-    def _fast_path(self) -> tuple[kernel.Terms, float | None, bool] | None:
-        """(the scorers as the routing kernel's terms, the deadline filter's margin or None, whether the
-        preferred_site filter runs) when the whole decision after the folded table-only filters is
-        one kernel pass: the filters are table-only and mask-only ones (`mask_only`, e.g. radio
-        first's headroom) in any order, then `deadline` then `preferred_site` (either may be left
-        out), and every scorer is one the kernel computes, each at most once. Otherwise None, and each
-        decision takes the general path: filter by filter, scorer by scorer, each a column. Two paths
-        because the seam lets a config (or `airan.core.policies`) put its own filters and scorers in
-        any order, which one fixed pass cannot run; the covered filters and scorers run the same
-        kernel on the general path, so their arithmetic is written once."""
         # the leading table-only and mask-only filters are masks ANDed together, so the one pass may
         # fold all the table-only ones into the cached mask and apply the mask-only ones after it; the
         # general path keeps the configured order, since the first filter that empties the set names
@@ -101,7 +87,21 @@ class Router:
         lead = self.filters[:n_lead]
         self._fast_static = self._static_spec([f for f in lead if hasattr(f, "static_key")])
         self._pre_kernel_filters = [f for f in lead if not hasattr(f, "static_key")]
-        kinds = [type(f) for f in self.filters[n_lead:]]
+        self._fast = self._fast_path(self.filters[n_lead:])
+        if self._fast is not None:
+            kernel.warm_up()
+
+    def _fast_path(self, after_masks: Sequence[Filter]) -> tuple[kernel.Terms, float | None, bool] | None:
+        """(the scorers as the routing kernel's terms, the deadline filter's margin or None, whether the
+        preferred_site filter runs) when the whole decision after the folded table-only filters is
+        one kernel pass: the filters are table-only and mask-only ones (`mask_only`, e.g. radio
+        first's headroom) in any order, then `deadline` then `preferred_site` (either may be left
+        out), and every scorer is one the kernel computes, each at most once. Otherwise None, and each
+        decision takes the general path: filter by filter, scorer by scorer, each a column. Two paths
+        because the seam lets a config (or `airan.core.policies`) put its own filters and scorers in
+        any order, which one fixed pass cannot run; the covered filters and scorers run the same
+        kernel on the general path, so their arithmetic is written once."""
+        kinds = [type(f) for f in after_masks]
         if kinds not in ([], [DeadlineFilter], [PreferredSiteFilter], [DeadlineFilter, PreferredSiteFilter]):
             return None
         terms: dict = {}
@@ -112,7 +112,7 @@ class Router:
             if part is None or terms.keys() & part.keys():
                 return None
             terms.update(part)
-        deadline = next((f.margin for f in self._dynamic_filters if isinstance(f, DeadlineFilter)), None)
+        deadline = next((f.margin for f in after_masks if isinstance(f, DeadlineFilter)), None)
         return kernel.Terms(**terms), deadline, PreferredSiteFilter in kinds
 
     @classmethod
